@@ -1,0 +1,348 @@
+//! FHIR JSON: the Binary resource and searchset Bundles, parsed without copying `data`.
+
+use std::borrow::Cow;
+use std::time::SystemTime;
+
+use serde::Deserialize;
+
+use crate::source::Meta;
+
+/// The FHIR JSON media type; `application/json` is accepted as its alias.
+pub const FHIR_JSON: &str = "application/fhir+json";
+
+/// The `meta.tag` code a server adds when it left elements (such as `data`) out.
+const SUBSETTED: &str = "SUBSETTED";
+
+#[derive(Deserialize)]
+struct RawResource<'a> {
+    #[serde(rename = "resourceType", borrow)]
+    resource_type: Option<Cow<'a, str>>,
+    id: Option<String>,
+    meta: Option<RawMeta>,
+    #[serde(rename = "contentType")]
+    content_type: Option<String>,
+    #[serde(rename = "securityContext")]
+    security_context: Option<RawReference>,
+    // Borrowed when the JSON string has no escapes (the common case); owned when a server
+    // escapes `/` as `\/`.
+    #[serde(borrow)]
+    data: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct RawMeta {
+    #[serde(rename = "versionId")]
+    version_id: Option<String>,
+    #[serde(rename = "lastUpdated")]
+    last_updated: Option<String>,
+    #[serde(default)]
+    tag: Vec<RawCoding>,
+}
+
+#[derive(Deserialize)]
+struct RawCoding {
+    code: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawReference {
+    reference: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawBundle<'a> {
+    #[serde(rename = "resourceType")]
+    resource_type: Option<String>,
+    #[serde(default)]
+    link: Vec<RawLink>,
+    #[serde(default, borrow)]
+    entry: Vec<RawEntry<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RawLink {
+    relation: Option<String>,
+    url: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawEntry<'a> {
+    #[serde(borrow)]
+    resource: Option<RawResource<'a>>,
+}
+
+impl RawResource<'_> {
+    fn meta(&self) -> Meta {
+        let raw = self.meta.as_ref();
+        Meta {
+            version_id: raw.and_then(|m| m.version_id.clone()),
+            last_updated: raw
+                .and_then(|m| m.last_updated.as_deref())
+                .and_then(parse_instant),
+            content_type: self.content_type.clone(),
+            security_context: self
+                .security_context
+                .as_ref()
+                .and_then(|r| r.reference.clone()),
+            size: None,
+        }
+    }
+
+    fn subsetted(&self) -> bool {
+        self.meta
+            .as_ref()
+            .is_some_and(|m| m.tag.iter().any(|t| t.code.as_deref() == Some(SUBSETTED)))
+    }
+
+    fn is_binary(&self) -> bool {
+        self.resource_type.as_deref() == Some("Binary")
+    }
+}
+
+/// A Binary resource read from its JSON form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binary {
+    /// The resource id, when the JSON has one.
+    pub id: Option<String>,
+    /// Version, time, type; `size` is set when `data` was present.
+    pub meta: Meta,
+    /// The decoded `data`, or `None` when the element is absent.
+    pub data: Option<Vec<u8>>,
+    /// The server marked the resource as a subset (elements such as `data` were left out).
+    pub subsetted: bool,
+}
+
+/// Parses a Binary resource and decodes its `data` exactly once.
+pub fn parse_binary(body: &[u8]) -> Result<Binary, String> {
+    let raw: RawResource<'_> =
+        serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
+    if !raw.is_binary() {
+        return Err(format!(
+            "resourceType is {:?}, not Binary",
+            raw.resource_type.as_deref().unwrap_or("(missing)")
+        ));
+    }
+    let data = raw.data.as_deref().map(decode_base64).transpose()?;
+    let mut meta = raw.meta();
+    meta.size = data.as_ref().map(|d| d.len() as u64);
+    Ok(Binary {
+        id: raw.id.clone(),
+        subsetted: raw.subsetted(),
+        meta,
+        data,
+    })
+}
+
+/// True when the body looks like a FHIR resource of type Binary (used for `application/json`,
+/// which some servers send for FHIR and others for raw JSON content).
+pub fn looks_like_binary(body: &[u8]) -> bool {
+    serde_json::from_slice::<RawResource<'_>>(body).is_ok_and(|r| r.is_binary())
+}
+
+/// One Binary found by a search.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The Binary id (already checked against the FHIR id pattern).
+    pub id: String,
+    /// Its metadata; `size` comes from the base64 length when the entry carried `data`.
+    pub meta: Meta,
+}
+
+/// One page of a search.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    /// The Binary entries of this page with valid ids.
+    pub entries: Vec<Listed>,
+    /// The `next` link, verbatim.
+    pub next: Option<String>,
+    /// Entries that were skipped (not Binary, or with an id outside the FHIR pattern).
+    pub skipped: usize,
+}
+
+/// Parses one searchset Bundle page.
+pub fn parse_bundle(body: &[u8]) -> Result<Page, String> {
+    let raw: RawBundle<'_> =
+        serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
+    if raw.resource_type.as_deref() != Some("Bundle") {
+        return Err(format!(
+            "resourceType is {:?}, not Bundle",
+            raw.resource_type.as_deref().unwrap_or("(missing)")
+        ));
+    }
+    let next = raw
+        .link
+        .into_iter()
+        .find(|l| l.relation.as_deref() == Some("next"))
+        .and_then(|l| l.url);
+    let mut page = Page {
+        next,
+        ..Page::default()
+    };
+    for resource in raw.entry.into_iter().filter_map(|e| e.resource) {
+        let id = resource.id.clone().filter(|id| crate::id::is_valid_id(id));
+        match id {
+            Some(id) if resource.is_binary() => {
+                let mut meta = resource.meta();
+                // A subset never tells the size; otherwise `data` gives it without decoding.
+                if !resource.subsetted() {
+                    meta.size = resource.data.as_deref().map(decoded_len);
+                }
+                page.entries.push(Listed { id, meta });
+            }
+            _ => page.skipped += 1,
+        }
+    }
+    Ok(page)
+}
+
+/// Decodes base64 (standard alphabet; whitespace and missing padding are tolerated).
+pub fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
+    base64_simd::forgiving_decode_to_vec(text.as_bytes()).map_err(|_| "invalid base64".to_owned())
+}
+
+/// The decoded length of base64 text, from its length and padding, without decoding.
+pub fn decoded_len(text: &str) -> u64 {
+    let bytes = text.as_bytes();
+    let significant = bytes.iter().filter(|b| !b.is_ascii_whitespace()).count() as u64;
+    let padding = bytes
+        .iter()
+        .rev()
+        .filter(|b| !b.is_ascii_whitespace())
+        .take(2);
+    let padding = padding.take_while(|&&b| b == b'=').count() as u64;
+    let chars = significant - padding;
+    // Every 4 characters carry 3 bytes; a tail of 2 or 3 characters carries 1 or 2.
+    chars / 4 * 3 + (chars % 4).saturating_sub(1)
+}
+
+/// Parses a FHIR `instant` (RFC 3339 with a time zone).
+pub fn parse_instant(text: &str) -> Option<SystemTime> {
+    let parsed = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339);
+    parsed.ok().map(SystemTime::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn b64(bytes: &[u8]) -> String {
+        base64_simd::STANDARD.encode_to_string(bytes)
+    }
+
+    #[test]
+    fn binary_with_data_is_decoded() {
+        let body = format!(
+            r#"{{"resourceType":"Binary","id":"a","meta":{{"versionId":"3",
+            "lastUpdated":"2024-05-06T07:08:09.123Z"}},"contentType":"text/plain",
+            "securityContext":{{"reference":"Patient/1"}},"data":"{}"}}"#,
+            b64(b"hello")
+        );
+        let bin = parse_binary(body.as_bytes()).unwrap();
+        assert_eq!(bin.data.as_deref(), Some(&b"hello"[..]));
+        assert_eq!(bin.meta.size, Some(5));
+        assert_eq!(bin.meta.version_id.as_deref(), Some("3"));
+        assert_eq!(bin.meta.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(bin.meta.security_context.as_deref(), Some("Patient/1"));
+        let expected = UNIX_EPOCH + Duration::from_millis(1_714_979_289_123);
+        assert_eq!(bin.meta.last_updated, Some(expected));
+    }
+
+    #[test]
+    fn escaped_slashes_in_data_decode_the_same() {
+        let raw = [0xfb_u8, 0xff, 0xbf, 0x3f];
+        let encoded = b64(&raw);
+        assert!(encoded.contains('/'));
+        let body = format!(
+            r#"{{"resourceType":"Binary","data":"{}"}}"#,
+            encoded.replace('/', "\\/")
+        );
+        assert_eq!(parse_binary(body.as_bytes()).unwrap().data.unwrap(), raw);
+    }
+
+    #[test]
+    fn absent_data_is_none_and_subset_is_flagged() {
+        let body = br#"{"resourceType":"Binary","meta":{"tag":[{"code":"SUBSETTED"}]}}"#;
+        let bin = parse_binary(body).unwrap();
+        assert_eq!(bin.data, None);
+        assert!(bin.subsetted);
+    }
+
+    #[test]
+    fn bad_bodies_are_errors() {
+        assert!(
+            parse_binary(b"{not json")
+                .unwrap_err()
+                .contains("malformed JSON")
+        );
+        assert!(parse_binary(br#"{"resourceType":"Binary","data":"#).is_err());
+        let patient = br#"{"resourceType":"Patient","id":"a"}"#;
+        assert!(parse_binary(patient).unwrap_err().contains("Patient"));
+        let bad = br#"{"resourceType":"Binary","data":"!!!!"}"#;
+        assert_eq!(parse_binary(bad).unwrap_err(), "invalid base64");
+        assert!(parse_binary(b"[]").is_err());
+    }
+
+    #[test]
+    fn decoded_len_matches_decoding() {
+        for n in 0..40 {
+            let bytes: Vec<u8> = (0..n).map(|i| (i * 37) as u8).collect();
+            let text = b64(&bytes);
+            assert_eq!(decoded_len(&text), n as u64, "padded {n}");
+            assert_eq!(
+                decoded_len(text.trim_end_matches('=')),
+                n as u64,
+                "unpadded {n}"
+            );
+            let wrapped: String = text.chars().flat_map(|c| [c, '\n']).collect();
+            assert_eq!(decoded_len(&wrapped), n as u64, "wrapped {n}");
+        }
+    }
+
+    #[test]
+    fn bundle_page_gives_entries_sizes_and_next_link_verbatim() {
+        let body = format!(
+            r#"{{"resourceType":"Bundle","type":"searchset",
+            "link":[{{"relation":"self","url":"http://x/Binary"}},
+                    {{"relation":"next","url":"http://x/Binary?_cursor=q%2Fz&x=1"}}],
+            "entry":[
+              {{"resource":{{"resourceType":"Binary","id":"a","contentType":"text/plain",
+                "data":"{}"}}}},
+              {{"resource":{{"resourceType":"Binary","id":"b","meta":{{"versionId":"2",
+                "tag":[{{"code":"SUBSETTED"}}]}}}}}},
+              {{"resource":{{"resourceType":"OperationOutcome","id":"o"}}}},
+              {{"resource":{{"resourceType":"Binary","id":"../etc"}}}}
+            ]}}"#,
+            b64(b"1234567")
+        );
+        let page = parse_bundle(body.as_bytes()).unwrap();
+        assert_eq!(
+            page.next.as_deref(),
+            Some("http://x/Binary?_cursor=q%2Fz&x=1")
+        );
+        let ids: Vec<_> = page.entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(page.entries[0].meta.size, Some(7));
+        assert_eq!(page.entries[1].meta.size, None);
+        assert_eq!(page.entries[1].meta.version_id.as_deref(), Some("2"));
+        assert_eq!(page.skipped, 2);
+    }
+
+    #[test]
+    fn a_listing_that_is_not_a_bundle_is_an_error() {
+        assert!(
+            parse_bundle(br#"{"resourceType":"Binary"}"#)
+                .unwrap_err()
+                .contains("Bundle")
+        );
+        assert!(parse_bundle(b"<html>").is_err());
+    }
+
+    #[test]
+    fn instants_with_offsets_parse() {
+        let a = parse_instant("2024-01-01T00:00:00Z").unwrap();
+        let b = parse_instant("2024-01-01T02:00:00+02:00").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(parse_instant("yesterday"), None);
+    }
+}
