@@ -1,0 +1,219 @@
+//! Command-line options, and turning them into the settings of each part.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use url::Url;
+
+use crate::fs::FsConfig;
+use crate::http::Secret;
+
+/// Environment variable that may hold the bearer token.
+pub const TOKEN_ENV: &str = "FHIRFS_TOKEN";
+
+/// Mount a FHIR server's Binary resources as a read-only folder.
+///
+/// The bearer token comes from the environment variable FHIRFS_TOKEN or from --token-file,
+/// never from the command line.
+#[derive(Debug, Parser)]
+#[command(name = "fhirfs", version, about, long_about = None)]
+#[command(
+    override_usage = "fhirfs [OPTIONS] <BASE_URL> <MOUNTPOINT>\n       fhirfs --demo <MOUNTPOINT>"
+)]
+pub struct Args {
+    /// FHIR base URL, e.g. https://host/fhir (with --demo: the mountpoint).
+    #[arg(value_name = "BASE_URL")]
+    pub base_url: String,
+
+    /// An existing, empty folder to mount on.
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mountpoint: Option<PathBuf>,
+
+    /// Mount a built-in demo server with sample files instead of a real one.
+    #[arg(long)]
+    pub demo: bool,
+
+    /// Read the bearer token from this file (whitespace trimmed).
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// Seconds a listing and the metadata it brings are trusted.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub dir_ttl: u64,
+
+    /// Seconds fetched content is served before the server is asked again.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub cache_ttl: u64,
+
+    /// Memory for cached content, e.g. 512MiB or 2GiB.
+    #[arg(long, value_name = "SIZE", default_value = "512MiB")]
+    pub cache_size: bytesize::ByteSize,
+
+    /// Seconds one fetch (or one listing page) may take as a whole before it fails with EIO.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+
+    /// Binaries asked for per search page (`_count`).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub page_size: u32,
+
+    /// Largest Binary served; larger ones fail with EFBIG.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB")]
+    pub max_size: bytesize::ByteSize,
+
+    /// Owner of the files [default: the mounting user].
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+
+    /// Group of the files [default: the mounting user's group].
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<u32>,
+
+    /// Let other users see the mount (needs user_allow_other in /etc/fuse.conf for non-root).
+    #[arg(long)]
+    pub allow_other: bool,
+
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Where the Binaries come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A FHIR server at this base URL.
+    Server(Url),
+    /// The built-in demo server.
+    Demo,
+}
+
+impl Args {
+    /// The server (or demo) and the mountpoint, checked.
+    pub fn target(&self) -> anyhow::Result<(Target, PathBuf)> {
+        if self.demo {
+            if self.mountpoint.is_some() {
+                bail!("--demo takes only a mountpoint, not a base URL");
+            }
+            return Ok((Target::Demo, PathBuf::from(&self.base_url)));
+        }
+        let Some(mountpoint) = self.mountpoint.clone() else {
+            bail!("missing MOUNTPOINT (usage: fhirfs [OPTIONS] <BASE_URL> <MOUNTPOINT>)");
+        };
+        let url = Url::parse(&self.base_url)
+            .with_context(|| format!("bad base URL {:?}", self.base_url))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            bail!(
+                "bad base URL {:?}: it must be an http or https URL with a host",
+                self.base_url
+            );
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            bail!(
+                "bad base URL {:?}: it must not have a query or fragment",
+                self.base_url
+            );
+        }
+        Ok((Target::Server(url), mountpoint))
+    }
+
+    /// The token from --token-file, else from FHIRFS_TOKEN, else none.
+    pub fn token(&self) -> anyhow::Result<Option<Secret>> {
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?;
+            let Some(token) = Secret::new(&text) else {
+                bail!("the token file {} is empty", path.display());
+            };
+            return Ok(Some(token));
+        }
+        Ok(std::env::var(TOKEN_ENV)
+            .ok()
+            .as_deref()
+            .and_then(Secret::new))
+    }
+
+    /// Settings of the core.
+    pub fn fs_config(&self) -> FsConfig {
+        // SAFETY: getuid and getgid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        FsConfig {
+            dir_ttl: Duration::from_secs(self.dir_ttl),
+            cache_ttl: Duration::from_secs(self.cache_ttl),
+            cache_bytes: self.cache_size.as_u64(),
+            uid: self.uid.unwrap_or(uid),
+            gid: self.gid.unwrap_or(gid),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("fhirfs").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let args = parse(&["https://h/fhir", "/mnt"]);
+        assert_eq!(args.dir_ttl, 60);
+        assert_eq!(args.cache_ttl, 300);
+        assert_eq!(args.cache_size.as_u64(), 512 << 20);
+        assert_eq!(args.max_size.as_u64(), 1 << 30);
+        assert_eq!(args.timeout, 30);
+        assert!(!args.allow_other);
+        let (target, mnt) = args.target().unwrap();
+        assert_eq!(
+            target,
+            Target::Server(Url::parse("https://h/fhir").unwrap())
+        );
+        assert_eq!(mnt, PathBuf::from("/mnt"));
+    }
+
+    #[test]
+    fn demo_takes_just_a_mountpoint() {
+        let (target, mnt) = parse(&["--demo", "/mnt"]).target().unwrap();
+        assert_eq!((target, mnt), (Target::Demo, PathBuf::from("/mnt")));
+        assert!(parse(&["--demo", "http://h", "/mnt"]).target().is_err());
+    }
+
+    #[test]
+    fn bad_urls_are_refused_with_the_url_in_the_message() {
+        for url in [
+            "not a url",
+            "ftp://h/fhir",
+            "https://h/fhir?x=1",
+            "file:///tmp",
+        ] {
+            let err = parse(&[url, "/mnt"]).target().unwrap_err();
+            assert!(
+                format!("{err:#}").contains("bad base URL"),
+                "{url}: {err:#}"
+            );
+        }
+        assert!(parse(&["https://h/fhir"]).target().is_err());
+    }
+
+    #[test]
+    fn there_is_no_token_argument() {
+        let args = ["fhirfs", "--token", "x", "https://h", "/mnt"];
+        assert!(Args::try_parse_from(args).is_err());
+    }
+
+    #[test]
+    fn sizes_take_units() {
+        let args = parse(&[
+            "--cache-size",
+            "2GiB",
+            "--max-size",
+            "10MB",
+            "https://h",
+            "/m",
+        ]);
+        assert_eq!(args.cache_size.as_u64(), 2 << 30);
+        assert_eq!(args.max_size.as_u64(), 10_000_000);
+    }
+}

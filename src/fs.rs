@@ -1,0 +1,648 @@
+//! The filesystem core: inodes, metadata, the listing and the content cache, over any `Source`.
+//!
+//! Methods are named after the FUSE operations and return plain structs; the FUSE adapter is
+//! the only caller that knows about the kernel. Everything here can be driven from tests with a
+//! `MemorySource`.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use tracing::{debug, warn};
+
+use crate::error::{FsError, SourceError};
+use crate::fhir::Listed;
+use crate::id::id_from_name;
+use crate::source::{Fetched, Meta, Source};
+
+/// The inode of the mount's root folder (fixed by FUSE).
+pub const ROOT_INO: u64 = 1;
+
+/// The longest time the kernel may trust an attribute or a name before asking again. Kept short
+/// so that a changed Binary shows up soon after the core learns about it.
+pub const MAX_KERNEL_TTL: Duration = Duration::from_secs(1);
+
+/// Block size reported by `stat`; `st_blocks` counts 512-byte units as POSIX says.
+pub const BLOCK_SIZE: u32 = 4096;
+
+/// Settings of the core.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// How long a listing (and the metadata it brought) is trusted.
+    pub dir_ttl: Duration,
+    /// How long fetched content is served without asking the server again.
+    pub cache_ttl: Duration,
+    /// The content cache's capacity in bytes.
+    pub cache_bytes: u64,
+    /// Owner of every file and of the folder.
+    pub uid: u32,
+    /// Group of every file and of the folder.
+    pub gid: u32,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        Self {
+            dir_ttl: Duration::from_secs(60),
+            cache_ttl: Duration::from_secs(300),
+            cache_bytes: 512 << 20,
+            uid: 0,
+            gid: 0,
+        }
+    }
+}
+
+/// File or folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The root folder.
+    Dir,
+    /// A Binary.
+    File,
+}
+
+/// Attributes of one inode, as `stat` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number, stable for an id within a mount.
+    pub ino: u64,
+    /// File or folder.
+    pub kind: Kind,
+    /// Exact size in bytes.
+    pub size: u64,
+    /// 512-byte blocks.
+    pub blocks: u64,
+    /// `meta.lastUpdated`; also used as ctime.
+    pub mtime: SystemTime,
+    /// Permission bits: 0444 for files, 0555 for the folder.
+    pub perm: u16,
+    /// Link count.
+    pub nlink: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+}
+
+/// The result of `open`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// The file handle for `read` and `release`.
+    pub fh: u64,
+    /// The kernel may keep its page cache: the content is the same as at the last open.
+    pub keep_cache: bool,
+}
+
+/// One entry of `readdir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Its inode.
+    pub ino: u64,
+    /// The offset to resume after this entry.
+    pub next_offset: u64,
+    /// File or folder.
+    pub kind: Kind,
+    /// Its name.
+    pub name: String,
+}
+
+/// Fetched bytes of one version of a Binary.
+#[derive(Debug)]
+pub struct Content {
+    /// The decoded bytes.
+    pub bytes: Bytes,
+    /// The version they belong to, when the server names versions.
+    pub version_id: Option<String>,
+    /// Changes whenever the bytes may have changed; equal generations mean equal bytes.
+    pub generation: u64,
+    /// When the server last confirmed these bytes.
+    pub validated: Instant,
+}
+
+struct Node {
+    id: String,
+    meta: Meta,
+    /// When the server last confirmed `meta` (by a listing or a fetch).
+    checked: Option<Instant>,
+    /// When a listing last confirmed `meta`.
+    listed: Option<Instant>,
+    /// The content generation the kernel's page cache holds, from the last open.
+    kernel_generation: Option<u64>,
+}
+
+#[derive(Default)]
+struct Nodes {
+    by_ino: HashMap<u64, Node>,
+    by_id: HashMap<String, u64>,
+}
+
+impl Nodes {
+    fn ino_of(&mut self, id: &str) -> u64 {
+        if let Some(&ino) = self.by_id.get(id) {
+            return ino;
+        }
+        // Inodes count up from 2 and are never reused within a mount.
+        let ino = self.by_ino.len() as u64 + ROOT_INO + 1;
+        let node = Node {
+            id: id.to_owned(),
+            meta: Meta::default(),
+            checked: None,
+            listed: None,
+            kernel_generation: None,
+        };
+        self.by_ino.insert(ino, node);
+        self.by_id.insert(id.to_owned(), ino);
+        ino
+    }
+}
+
+type Snapshot = Arc<Vec<(u64, String)>>;
+
+struct Listing {
+    at: Instant,
+    entries: Snapshot,
+}
+
+enum Handle {
+    File(Arc<Content>),
+    Dir(Snapshot),
+}
+
+type SharedFetch = Shared<BoxFuture<'static, Result<Arc<Content>, SourceError>>>;
+
+/// Called with an inode whose attributes or bytes changed, so the kernel can drop its caches.
+pub type Invalidator = Box<dyn Fn(u64) + Send + Sync>;
+
+/// The filesystem core.
+pub struct FhirFs<S: Source> {
+    source: Arc<S>,
+    config: FsConfig,
+    nodes: Mutex<Nodes>,
+    // A tokio mutex, held across the search: concurrent listings wait for one request.
+    listing: tokio::sync::Mutex<Option<Listing>>,
+    content: moka::sync::Cache<String, Arc<Content>>,
+    inflight: Mutex<HashMap<String, SharedFetch>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    next_generation: AtomicU64,
+    invalidator: OnceLock<Invalidator>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not take the whole mount down with a poisoned lock.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn is_fresh(at: Option<Instant>, ttl: Duration) -> bool {
+    at.is_some_and(|at| at.elapsed() < ttl)
+}
+
+impl<S: Source> FhirFs<S> {
+    /// A core over `source`.
+    pub fn new(source: S, config: FsConfig) -> Arc<Self> {
+        let content = moka::sync::Cache::builder()
+            .max_capacity(config.cache_bytes)
+            .weigher(|_id: &String, c: &Arc<Content>| {
+                u32::try_from(c.bytes.len()).unwrap_or(u32::MAX)
+            })
+            .build();
+        Arc::new(Self {
+            source: Arc::new(source),
+            config,
+            nodes: Mutex::default(),
+            listing: tokio::sync::Mutex::new(None),
+            content,
+            inflight: Mutex::default(),
+            handles: Mutex::default(),
+            next_fh: AtomicU64::new(1),
+            next_generation: AtomicU64::new(1),
+            invalidator: OnceLock::new(),
+        })
+    }
+
+    /// The source behind this core.
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    /// Sets the hook that tells the kernel to drop cached attributes and pages of an inode.
+    pub fn set_invalidator(&self, invalidator: Invalidator) {
+        let _ = self.invalidator.set(invalidator);
+    }
+
+    /// How long the kernel may cache attributes and names.
+    pub fn kernel_ttl(&self) -> Duration {
+        self.config.dir_ttl.min(MAX_KERNEL_TTL)
+    }
+
+    fn invalidate_kernel(&self, ino: u64) {
+        if let Some(invalidate) = self.invalidator.get() {
+            invalidate(ino);
+        }
+    }
+
+    fn root_attr(&self) -> Attr {
+        Attr {
+            ino: ROOT_INO,
+            kind: Kind::Dir,
+            size: 0,
+            blocks: 0,
+            mtime: UNIX_EPOCH,
+            perm: 0o555,
+            nlink: 2,
+            uid: self.config.uid,
+            gid: self.config.gid,
+        }
+    }
+
+    fn file_attr(&self, ino: u64, meta: &Meta, size: u64) -> Attr {
+        Attr {
+            ino,
+            kind: Kind::File,
+            size,
+            blocks: size.div_ceil(512),
+            // Without lastUpdated or Last-Modified, the epoch at least stays stable.
+            mtime: meta.last_updated.unwrap_or(UNIX_EPOCH),
+            perm: 0o444,
+            nlink: 1,
+            uid: self.config.uid,
+            gid: self.config.gid,
+        }
+    }
+
+    /// Attributes of `id` when its size is known and its metadata is fresh.
+    fn fresh_attr(&self, id: &str) -> Option<Attr> {
+        let nodes = lock(&self.nodes);
+        let ino = *nodes.by_id.get(id)?;
+        let node = nodes.by_ino.get(&ino)?;
+        let size = node.meta.size?;
+        is_fresh(node.checked, self.config.dir_ttl).then(|| self.file_attr(ino, &node.meta, size))
+    }
+
+    /// Records what the server said about `id`; returns its inode. A new version drops the
+    /// cached bytes and tells the kernel to drop its caches.
+    fn apply_meta(&self, id: &str, meta: Meta, from_listing: bool) -> u64 {
+        let now = Instant::now();
+        let mut nodes = lock(&self.nodes);
+        let ino = nodes.ino_of(id);
+        let Some(node) = nodes.by_ino.get_mut(&ino) else {
+            return ino;
+        };
+        let old = &node.meta;
+        let version_changed = match (&old.version_id, &meta.version_id) {
+            (Some(a), Some(b)) => a != b,
+            _ => false,
+        };
+        let size_changed = matches!((old.size, meta.size), (Some(a), Some(b)) if a != b);
+        let was_known = old.size.is_some() || old.version_id.is_some();
+        if version_changed || size_changed {
+            node.meta = meta;
+            node.kernel_generation = None;
+        } else {
+            let size = meta.size.or(old.size);
+            let security_context = meta
+                .security_context
+                .or_else(|| old.security_context.clone());
+            let last_updated = meta.last_updated.or(old.last_updated);
+            node.meta = Meta {
+                size,
+                security_context,
+                last_updated,
+                ..meta
+            };
+        }
+        node.checked = Some(now);
+        if from_listing {
+            node.listed = Some(now);
+        }
+        drop(nodes);
+        if was_known && (version_changed || size_changed) {
+            debug!(id, "binary changed on the server");
+            if from_listing {
+                self.content.invalidate(id);
+            }
+            self.invalidate_kernel(ino);
+        }
+        ino
+    }
+
+    /// Forgets what was known about `id` after the server said it is not there.
+    fn forget_content(&self, id: &str) {
+        self.content.invalidate(id);
+        let mut nodes = lock(&self.nodes);
+        if let Some(node) = nodes
+            .by_id
+            .get(id)
+            .copied()
+            .and_then(|i| nodes.by_ino.get_mut(&i))
+        {
+            node.meta = Meta::default();
+            node.checked = None;
+            node.listed = None;
+        }
+    }
+
+    /// Cached content of `id` that needs no revalidation.
+    fn fresh_content(&self, id: &str) -> Option<Arc<Content>> {
+        let content = self.content.get(id)?;
+        if content.validated.elapsed() < self.config.cache_ttl {
+            return Some(content);
+        }
+        // A listing within the TTL that still names the same version vouches for the bytes.
+        let nodes = lock(&self.nodes);
+        let node = nodes.by_id.get(id).and_then(|ino| nodes.by_ino.get(ino))?;
+        let confirmed = is_fresh(node.listed, self.config.dir_ttl)
+            && content.version_id.is_some()
+            && node.meta.version_id == content.version_id;
+        confirmed.then_some(content)
+    }
+
+    /// The content of `id`: from the cache, or fetched once however many callers ask at once.
+    pub async fn content(self: &Arc<Self>, id: &str) -> Result<Arc<Content>, FsError> {
+        let shared = {
+            let mut inflight = lock(&self.inflight);
+            // Checked under the lock: a fetch that just finished has filled the cache already.
+            if let Some(content) = self.fresh_content(id) {
+                return Ok(content);
+            }
+            match inflight.get(id) {
+                Some(fetch) => fetch.clone(),
+                None => {
+                    let this = Arc::clone(self);
+                    let owned = id.to_owned();
+                    let fetch = async move {
+                        let result = this.fetch_now(&owned).await;
+                        lock(&this.inflight).remove(&owned);
+                        result
+                    };
+                    let fetch = fetch.boxed().shared();
+                    inflight.insert(id.to_owned(), fetch.clone());
+                    // Runs to the end even if every caller gives up, so the map is cleaned up.
+                    tokio::spawn(fetch.clone());
+                    fetch
+                }
+            }
+        };
+        shared.await.map_err(|e| FsError::source(id, e))
+    }
+
+    async fn fetch_now(&self, id: &str) -> Result<Arc<Content>, SourceError> {
+        let cached = self.content.get(id);
+        let known_version = cached.as_ref().and_then(|c| c.version_id.clone());
+        let started = Instant::now();
+        let fetched = self.source.fetch(id, known_version.as_deref()).await;
+        let content = match fetched {
+            Ok(Fetched::NotModified) => {
+                let Some(cached) = cached else {
+                    return Err(SourceError::BadBody(
+                        "304 for a version not asked for".into(),
+                    ));
+                };
+                let meta = Meta {
+                    size: Some(cached.bytes.len() as u64),
+                    version_id: cached.version_id.clone(),
+                    ..Meta::default()
+                };
+                self.apply_meta(id, meta, false);
+                Arc::new(Content {
+                    validated: Instant::now(),
+                    ..Content::clone_of(&cached)
+                })
+            }
+            Ok(Fetched::Content { mut meta, bytes }) => {
+                meta.size = Some(bytes.len() as u64);
+                let same = cached.as_ref().filter(|c| {
+                    c.version_id.is_some() && c.version_id == meta.version_id && c.bytes == bytes
+                });
+                let generation = match same {
+                    Some(c) => c.generation,
+                    None => self.next_generation.fetch_add(1, Ordering::Relaxed),
+                };
+                let version_id = meta.version_id.clone();
+                self.apply_meta(id, meta, false);
+                Arc::new(Content {
+                    bytes,
+                    version_id,
+                    generation,
+                    validated: Instant::now(),
+                })
+            }
+            Err(e) => {
+                if matches!(e, SourceError::NotFound | SourceError::Gone) {
+                    debug!(id, error = %e, "binary not found");
+                    self.forget_content(id);
+                } else {
+                    warn!(id, error = %e, elapsed = ?started.elapsed(), "fetch failed");
+                }
+                return Err(e);
+            }
+        };
+        self.content.insert(id.to_owned(), Arc::clone(&content));
+        Ok(content)
+    }
+
+    /// The listing, from the cache or the source (one search however many callers ask).
+    async fn listing(&self) -> Result<Snapshot, FsError> {
+        let mut cached = self.listing.lock().await;
+        if let Some(listing) = cached
+            .as_ref()
+            .filter(|l| l.at.elapsed() < self.config.dir_ttl)
+        {
+            return Ok(Arc::clone(&listing.entries));
+        }
+        let listed = match self.source.list().await {
+            Ok(listed) => listed,
+            // Binary is not searchable by the spec, and many servers refuse: lookups by id
+            // still work, so the folder is just empty.
+            Err(SourceError::Status(status)) if (400..500).contains(&status) => {
+                debug!(
+                    status,
+                    "the server refuses to list Binary; the folder stays empty"
+                );
+                Vec::new()
+            }
+            Err(e @ (SourceError::NotFound | SourceError::Gone)) => {
+                debug!(error = %e, "the server cannot list Binary; the folder stays empty");
+                Vec::new()
+            }
+            Err(e) => {
+                warn!(error = %e, "listing failed");
+                return Err(FsError::source("Binary?", e));
+            }
+        };
+        let entries = self.apply_listing(listed);
+        *cached = Some(Listing {
+            at: Instant::now(),
+            entries: Arc::clone(&entries),
+        });
+        Ok(entries)
+    }
+
+    fn apply_listing(&self, listed: Vec<Listed>) -> Snapshot {
+        let mut seen = std::collections::HashSet::with_capacity(listed.len());
+        let mut entries = Vec::with_capacity(listed.len());
+        for Listed { id, meta } in listed {
+            // A server whose pages shift under us may repeat an id; a folder must not.
+            if seen.insert(id.clone()) {
+                let ino = self.apply_meta(&id, meta, true);
+                entries.push((ino, id));
+            }
+        }
+        Arc::new(entries)
+    }
+
+    /// Attributes of the Binary `id`, fetching it when its size is not known yet.
+    async fn attr_of_id(self: &Arc<Self>, id: &str) -> Result<Attr, FsError> {
+        if let Some(attr) = self.fresh_attr(id) {
+            return Ok(attr);
+        }
+        let listed_before = {
+            let nodes = lock(&self.nodes);
+            nodes
+                .by_id
+                .get(id)
+                .and_then(|i| nodes.by_ino.get(i))
+                .is_some_and(|n| n.listed.is_some())
+        };
+        // One search revalidates every listed file; cheaper than a fetch per file.
+        if listed_before && !self.config.dir_ttl.is_zero() {
+            self.listing().await?;
+            if let Some(attr) = self.fresh_attr(id) {
+                return Ok(attr);
+            }
+        }
+        let content = self.content(id).await?;
+        let nodes = lock(&self.nodes);
+        let ino = *nodes.by_id.get(id).ok_or(FsError::NoEntry)?;
+        let node = nodes.by_ino.get(&ino).ok_or(FsError::NoEntry)?;
+        Ok(self.file_attr(ino, &node.meta, content.bytes.len() as u64))
+    }
+
+    fn id_of(&self, ino: u64) -> Result<String, FsError> {
+        let nodes = lock(&self.nodes);
+        nodes
+            .by_ino
+            .get(&ino)
+            .map(|n| n.id.clone())
+            .ok_or(FsError::NoEntry)
+    }
+
+    /// Looks up `name` in the folder `parent`. Any valid FHIR id can be looked up, listed or not;
+    /// any other name is ENOENT without a request.
+    pub async fn lookup(self: &Arc<Self>, parent: u64, name: &OsStr) -> Result<Attr, FsError> {
+        if parent != ROOT_INO {
+            return Err(FsError::NotDir);
+        }
+        let id = id_from_name(name).ok_or(FsError::NoEntry)?;
+        self.attr_of_id(id).await
+    }
+
+    /// Attributes of an inode.
+    pub async fn getattr(self: &Arc<Self>, ino: u64) -> Result<Attr, FsError> {
+        if ino == ROOT_INO {
+            return Ok(self.root_attr());
+        }
+        let id = self.id_of(ino)?;
+        self.attr_of_id(&id).await
+    }
+
+    /// Opens a file for reading; writing is refused.
+    pub async fn open(self: &Arc<Self>, ino: u64, write: bool) -> Result<Opened, FsError> {
+        if ino == ROOT_INO {
+            return Err(FsError::IsDir);
+        }
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        let id = self.id_of(ino)?;
+        let content = self.content(&id).await?;
+        let keep_cache = {
+            let mut nodes = lock(&self.nodes);
+            let node = nodes.by_ino.get_mut(&ino).ok_or(FsError::NoEntry)?;
+            let same = node.kernel_generation == Some(content.generation);
+            node.kernel_generation = Some(content.generation);
+            same
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, Handle::File(content));
+        Ok(Opened { fh, keep_cache })
+    }
+
+    /// Reads from an open file; offsets past the end give no bytes.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
+        let handles = lock(&self.handles);
+        let Some(Handle::File(content)) = handles.get(&fh) else {
+            return Err(FsError::BadHandle);
+        };
+        let len = content.bytes.len();
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(len);
+        let end = start.saturating_add(size as usize).min(len);
+        Ok(content.bytes.slice(start..end))
+    }
+
+    /// Closes a file or folder handle.
+    pub fn release(&self, fh: u64) {
+        lock(&self.handles).remove(&fh);
+    }
+
+    /// Opens the folder: takes a snapshot of the listing for the following `readdir` calls.
+    pub async fn opendir(self: &Arc<Self>, ino: u64) -> Result<u64, FsError> {
+        if ino != ROOT_INO {
+            return Err(FsError::NotDir);
+        }
+        let entries = self.listing().await?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, Handle::Dir(entries));
+        Ok(fh)
+    }
+
+    /// Entries of an open folder from `offset` on (`.` and `..` first).
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<DirEntry>, FsError> {
+        let handles = lock(&self.handles);
+        let Some(Handle::Dir(entries)) = handles.get(&fh) else {
+            return Err(FsError::BadHandle);
+        };
+        let dots = [(ROOT_INO, "."), (ROOT_INO, "..")];
+        let dots = dots.into_iter().map(|(ino, name)| (ino, Kind::Dir, name));
+        let files = entries
+            .iter()
+            .map(|(ino, id)| (*ino, Kind::File, id.as_str()));
+        let all = dots
+            .chain(files)
+            .enumerate()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX));
+        let entries = all.map(|(i, (ino, kind, name))| DirEntry {
+            ino,
+            next_offset: i as u64 + 1,
+            kind,
+            name: name.to_owned(),
+        });
+        Ok(entries.collect())
+    }
+
+    /// How many Binaries the mount knows of.
+    pub fn file_count(&self) -> u64 {
+        lock(&self.nodes).by_ino.len() as u64
+    }
+}
+
+impl Content {
+    fn clone_of(other: &Content) -> Content {
+        Content {
+            bytes: other.bytes.clone(),
+            version_id: other.version_id.clone(),
+            generation: other.generation,
+            validated: other.validated,
+        }
+    }
+}

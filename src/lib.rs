@@ -1,0 +1,24 @@
+//! fhirfs: a FHIR server's Binary resources as a read-only folder.
+//!
+//! The modules, from the kernel inwards:
+//! - [`fuse`]: the only place that speaks fuser; forwards each operation to the core.
+//! - [`fs`]: the core (`FhirFs`): inodes, metadata, listing and content caches.
+//! - [`source`]: the `Source` trait and the in-memory source.
+//! - [`http`]: the HTTP source (`HttpSource`) that talks to a FHIR server.
+//! - [`fhir`]: parsing of Binary resources and searchset Bundles.
+//! - [`id`]: which names are FHIR ids.
+//! - [`error`]: error types and the errno table.
+//! - [`run`]: the runtime, the mount, signals and readiness.
+//! - [`cli`]: command-line options.
+//! - [`loopback`]: an in-process FHIR server for the demo and the tests.
+
+pub mod cli;
+pub mod error;
+pub mod fhir;
+pub mod fs;
+pub mod fuse;
+pub mod http;
+pub mod id;
+pub mod loopback;
+pub mod run;
+pub mod source;

@@ -1,0 +1,184 @@
+//! Wiring: the tokio runtime, the source, the mount, readiness and shutdown.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fuser::{Config, INodeNo, MountOption, Session, SessionACL};
+use sd_notify::NotifyState;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::cli::{Args, Target};
+use crate::fs::FhirFs;
+use crate::fuse::FuseAdapter;
+use crate::http::{HttpConfig, HttpSource};
+use crate::loopback;
+use crate::source::Source;
+
+/// tokio worker threads: the work is I/O and base64 decoding; two per core is plenty.
+const WORKER_THREADS: usize = 4;
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// Where.
+    pub mountpoint: PathBuf,
+    /// Shown as the source in `mount` and /proc/mounts.
+    pub fsname: String,
+    /// Let other users in.
+    pub allow_other: bool,
+}
+
+impl MountConfig {
+    fn fuser_config(&self) -> Config {
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::FSName(self.fsname.clone()),
+            MountOption::Subtype("fhirfs".into()),
+            MountOption::RO,
+            // Content is untrusted: no set-uid, no devices, no execution from the mount.
+            MountOption::NoSuid,
+            MountOption::NoDev,
+            MountOption::NoExec,
+            MountOption::DefaultPermissions,
+            MountOption::NoAtime,
+        ];
+        if self.allow_other {
+            config.acl = SessionACL::All;
+        }
+        config
+    }
+}
+
+/// Checks that the mountpoint is an empty folder and that FUSE is there, with clear messages.
+pub fn check_mountpoint(mountpoint: &Path) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(mountpoint)
+        .with_context(|| format!("mountpoint {} is not usable", mountpoint.display()))?;
+    if !meta.is_dir() {
+        bail!("mountpoint {} is not a folder", mountpoint.display());
+    }
+    let mut entries = std::fs::read_dir(mountpoint)
+        .with_context(|| format!("cannot read mountpoint {}", mountpoint.display()))?;
+    if entries.next().is_some() {
+        bail!("mountpoint {} is not empty", mountpoint.display());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        bail!(
+            "/dev/fuse is missing: load the fuse module (modprobe fuse) or give the container the device"
+        );
+    }
+    Ok(())
+}
+
+/// Mounts `fs`, tells a service manager that it is ready, and serves until `shutdown`
+/// resolves (then unmounts) or until the mount is unmounted from outside.
+pub async fn serve<S: Source>(
+    fs: Arc<FhirFs<S>>,
+    mount: &MountConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (unmounted_tx, unmounted) = oneshot::channel();
+    let adapter = FuseAdapter::new(
+        Arc::clone(&fs),
+        tokio::runtime::Handle::current(),
+        unmounted_tx,
+    );
+    let config = mount.fuser_config();
+    let mountpoint = mount.mountpoint.clone();
+    // Mounting and the FUSE handshake are blocking system calls.
+    let session = tokio::task::spawn_blocking(move || Session::new(adapter, &mountpoint, &config))
+        .await?
+        .with_context(|| format!("cannot mount on {}", mount.mountpoint.display()))?;
+    let notifier = session.notifier();
+    fs.set_invalidator(Box::new(move |ino| {
+        // ENOENT means the kernel has no cache for that inode: nothing to drop.
+        let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+    }));
+    let background = session.spawn().context("cannot start the FUSE session")?;
+
+    // Ready only once the mount answers: stat the root through the kernel.
+    let probe = mount.mountpoint.clone();
+    tokio::task::spawn_blocking(move || std::fs::metadata(probe))
+        .await?
+        .context("the new mount does not answer")?;
+    info!(mountpoint = %mount.mountpoint.display(), "mounted");
+    if let Err(e) = sd_notify::notify(&[NotifyState::Ready]) {
+        warn!(error = %e, "cannot tell the service manager that the mount is ready");
+    }
+
+    tokio::select! {
+        () = shutdown => {
+            info!("unmounting");
+            let _ = sd_notify::notify(&[NotifyState::Stopping]);
+            tokio::task::spawn_blocking(move || background.umount_and_join())
+                .await?
+                .context("unmount failed")?;
+        }
+        _ = unmounted => {
+            info!("unmounted from outside");
+            let _ = sd_notify::notify(&[NotifyState::Stopping]);
+            tokio::task::spawn_blocking(move || background.join()).await?.ok();
+        }
+    }
+    Ok(())
+}
+
+/// A future that resolves on SIGTERM or SIGINT. The handlers are installed at once, so a
+/// signal that comes right after the mount is up is not lost.
+pub fn termination() -> anyhow::Result<impl Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM"),
+            _ = int.recv() => info!("SIGINT"),
+        }
+    })
+}
+
+/// The whole program after argument parsing.
+pub fn main(args: Args) -> anyhow::Result<()> {
+    let (target, mountpoint) = args.target()?;
+    let token = args.token()?;
+    check_mountpoint(&mountpoint)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
+        .thread_name("fhirfs-io")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = termination()?;
+        let (base, token, _demo) = match target {
+            Target::Server(url) => (url, token, None),
+            Target::Demo => {
+                let server = loopback::demo()
+                    .await
+                    .context("cannot start the demo server")?;
+                info!(base = %server.base_url(), "demo server started");
+                let url = url::Url::parse(&server.base_url())?;
+                (url, None, Some(server))
+            }
+        };
+        let mut http = HttpConfig::new(base.clone());
+        http.token = token;
+        http.timeout = Duration::from_secs(args.timeout.max(1));
+        http.page_size = args.page_size.max(1);
+        http.max_size = args.max_size.as_u64();
+        let source = HttpSource::new(http).context("cannot set up the HTTP client")?;
+        let fs = FhirFs::new(source, args.fs_config());
+        let mount = MountConfig {
+            mountpoint,
+            fsname: format!("fhirfs:{}", base.as_str().trim_end_matches('/')),
+            allow_other: args.allow_other,
+        };
+        serve(fs, &mount, shutdown).await
+    })?;
+    // Tasks still waiting on a dead server must not hold up the exit.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}
