@@ -1,0 +1,298 @@
+//! The core without a kernel: `FhirFs` over a `MemorySource`.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fhirfs::error::{FsError, SourceError};
+use fhirfs::fs::{FhirFs, FsConfig, Kind, ROOT_INO};
+use fhirfs::source::MemorySource;
+
+fn core(source: MemorySource) -> Arc<FhirFs<MemorySource>> {
+    FhirFs::new(source, FsConfig::default())
+}
+
+fn core_with(source: MemorySource, config: FsConfig) -> Arc<FhirFs<MemorySource>> {
+    FhirFs::new(source, config)
+}
+
+async fn read_all(fs: &Arc<FhirFs<MemorySource>>, ino: u64) -> Vec<u8> {
+    let opened = fs.open(ino, false).await.unwrap();
+    let mut out = Vec::new();
+    loop {
+        let chunk = fs.read(opened.fh, out.len() as u64, 4096).unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&chunk);
+    }
+    fs.release(opened.fh);
+    out
+}
+
+fn names(fs: &Arc<FhirFs<MemorySource>>, fh: u64) -> Vec<String> {
+    fs.readdir(fh, 0)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect()
+}
+
+#[tokio::test]
+async fn listing_shows_every_binary_with_dots_first() {
+    let source = MemorySource::new();
+    source.put("b", "text/plain", "bb");
+    source.put("a", "text/plain", "a");
+    let fs = core(source);
+    let fh = fs.opendir(ROOT_INO).await.unwrap();
+    assert_eq!(names(&fs, fh), [".", "..", "a", "b"]);
+    // Resuming from an offset skips what was returned.
+    let rest = fs.readdir(fh, 3).unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].name, "b");
+    assert_eq!(rest[0].kind, Kind::File);
+}
+
+#[tokio::test]
+async fn listing_is_cached_for_the_dir_ttl() {
+    let source = MemorySource::new();
+    source.put("a", "text/plain", "a");
+    let fs = core(source);
+    fs.opendir(ROOT_INO).await.unwrap();
+    fs.opendir(ROOT_INO).await.unwrap();
+    assert_eq!(fs.source().list_count(), 1);
+
+    let source = MemorySource::new();
+    let fs = core_with(
+        source,
+        FsConfig {
+            dir_ttl: Duration::ZERO,
+            ..FsConfig::default()
+        },
+    );
+    fs.opendir(ROOT_INO).await.unwrap();
+    fs.opendir(ROOT_INO).await.unwrap();
+    assert_eq!(fs.source().list_count(), 2);
+}
+
+#[tokio::test]
+async fn listed_sizes_need_no_fetch() {
+    let source = MemorySource::new();
+    source.put("a", "text/plain", "12345");
+    let fs = core(source);
+    fs.opendir(ROOT_INO).await.unwrap();
+    let attr = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap();
+    assert_eq!(attr.size, 5);
+    assert_eq!(attr.perm, 0o444);
+    assert_eq!(fs.source().fetch_count(), 0);
+}
+
+#[tokio::test]
+async fn unlisted_ids_are_looked_up_with_their_exact_size() {
+    let source = MemorySource::new();
+    source.put("hidden", "application/pdf", vec![7u8; 1234]);
+    source.set_list_error(Some(SourceError::Status(400)));
+    let fs = core(source);
+    let fh = fs.opendir(ROOT_INO).await.unwrap();
+    assert_eq!(
+        names(&fs, fh),
+        [".", ".."],
+        "a refused search is an empty folder"
+    );
+    let attr = fs.lookup(ROOT_INO, OsStr::new("hidden")).await.unwrap();
+    assert_eq!(attr.size, 1234);
+    assert_eq!(read_all(&fs, attr.ino).await, vec![7u8; 1234]);
+    assert_eq!(
+        fs.source().fetch_count(),
+        1,
+        "lookup and open share one fetch"
+    );
+}
+
+#[tokio::test]
+async fn names_outside_the_id_pattern_make_no_request() {
+    let fs = core(MemorySource::new());
+    for name in ["a b", ".", "..", "x_y", &"z".repeat(65)] {
+        let err = fs.lookup(ROOT_INO, OsStr::new(name)).await.unwrap_err();
+        assert_eq!(err.errno(), libc::ENOENT, "{name}");
+    }
+    assert_eq!(fs.source().fetch_count(), 0);
+}
+
+#[tokio::test]
+async fn errors_map_to_errno() {
+    let source = MemorySource::new();
+    for (id, error) in [
+        ("u", SourceError::Unauthorized),
+        ("f", SourceError::Forbidden),
+        ("g", SourceError::Gone),
+        ("s", SourceError::Status(500)),
+        ("b", SourceError::BadBody("bad base64".into())),
+    ] {
+        source.put(id, "text/plain", "x");
+        source.set_error(id, Some(error));
+    }
+    let fs = core(source);
+    for (id, errno) in [
+        ("u", libc::EACCES),
+        ("f", libc::EACCES),
+        ("g", libc::ENOENT),
+        ("s", libc::EIO),
+        ("b", libc::EIO),
+        ("missing", libc::ENOENT),
+    ] {
+        let err = fs.lookup(ROOT_INO, OsStr::new(id)).await.unwrap_err();
+        assert_eq!(err.errno(), errno, "{id}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_fetch_is_not_cached() {
+    let source = MemorySource::new();
+    source.put("a", "text/plain", "abc");
+    source.set_error("a", Some(SourceError::Status(503)));
+    let fs = core(source);
+    assert!(fs.lookup(ROOT_INO, OsStr::new("a")).await.is_err());
+    fs.source().set_error("a", None);
+    let attr = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap();
+    assert_eq!(read_all(&fs, attr.ino).await, b"abc");
+    assert_eq!(fs.source().fetch_count(), 2);
+}
+
+#[tokio::test]
+async fn reads_past_the_end_are_empty() {
+    let source = MemorySource::new();
+    source.put("a", "text/plain", "abc");
+    let fs = core(source);
+    let attr = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap();
+    let opened = fs.open(attr.ino, false).await.unwrap();
+    assert_eq!(&fs.read(opened.fh, 1, 100).unwrap()[..], b"bc");
+    assert!(fs.read(opened.fh, 3, 100).unwrap().is_empty());
+    assert!(fs.read(opened.fh, u64::MAX, u32::MAX).unwrap().is_empty());
+    fs.release(opened.fh);
+    assert_eq!(fs.read(opened.fh, 0, 1).unwrap_err(), FsError::BadHandle);
+}
+
+#[tokio::test]
+async fn writes_are_refused_read_only() {
+    let source = MemorySource::new();
+    source.put("a", "text/plain", "abc");
+    let fs = core(source);
+    let attr = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap();
+    assert_eq!(
+        fs.open(attr.ino, true).await.unwrap_err().errno(),
+        libc::EROFS
+    );
+    assert_eq!(
+        fs.open(ROOT_INO, false).await.unwrap_err().errno(),
+        libc::EISDIR
+    );
+}
+
+// A current-thread runtime polls every spawned task before the test task resumes, so all
+// eight opens are waiting when the fetch is released.
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_opens_of_one_cold_id_make_one_fetch() {
+    let source = MemorySource::new();
+    source.put("a", "text/plain", "payload");
+    let fs = core(source);
+    fs.opendir(ROOT_INO).await.unwrap();
+    let ino = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
+    fs.source().hold();
+    let opens: Vec<_> = (0..8)
+        .map(|_| {
+            let fs = Arc::clone(&fs);
+            tokio::spawn(async move { fs.open(ino, false).await })
+        })
+        .collect();
+    fs.source().wait_for_fetches(1).await;
+    for _ in 0..8 {
+        tokio::task::yield_now().await;
+    }
+    fs.source().release();
+    for open in opens {
+        let opened = open.await.unwrap().unwrap();
+        assert_eq!(&fs.read(opened.fh, 0, 100).unwrap()[..], b"payload");
+    }
+    assert_eq!(fs.source().fetch_count(), 1);
+}
+
+#[tokio::test]
+async fn a_new_version_is_served_after_the_ttl_and_the_kernel_is_told() {
+    let source = MemorySource::new();
+    source.put("a", "text/plain", "old");
+    let config = FsConfig {
+        dir_ttl: Duration::ZERO,
+        cache_ttl: Duration::ZERO,
+        ..FsConfig::default()
+    };
+    let fs = core_with(source, config);
+    let invalidated = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&invalidated);
+    fs.set_invalidator(Box::new(move |ino| seen.lock().unwrap().push(ino)));
+    let attr = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap();
+    let first = fs.open(attr.ino, false).await.unwrap();
+    assert!(!first.keep_cache);
+    fs.release(first.fh);
+
+    // Same version again: revalidated (304), and the kernel may keep its pages.
+    let second = fs.open(attr.ino, false).await.unwrap();
+    assert!(second.keep_cache);
+    fs.release(second.fh);
+
+    fs.source().put("a", "text/plain", "newer");
+    let attr2 = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap();
+    assert_eq!(attr2.ino, attr.ino, "inodes are stable per id");
+    assert_eq!(attr2.size, 5);
+    let third = fs.open(attr.ino, false).await.unwrap();
+    assert!(
+        !third.keep_cache,
+        "new bytes: the kernel must drop its pages"
+    );
+    assert_eq!(&fs.read(third.fh, 0, 100).unwrap()[..], b"newer");
+    assert_eq!(invalidated.lock().unwrap().as_slice(), [attr.ino]);
+}
+
+#[tokio::test]
+async fn an_open_handle_keeps_its_version() {
+    let source = MemorySource::new();
+    source.put("a", "text/plain", "old bytes");
+    let config = FsConfig {
+        dir_ttl: Duration::ZERO,
+        cache_ttl: Duration::ZERO,
+        ..FsConfig::default()
+    };
+    let fs = core_with(source, config);
+    let ino = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
+    let old = fs.open(ino, false).await.unwrap();
+    fs.source().put("a", "text/plain", "new bytes!");
+    let new = fs.open(ino, false).await.unwrap();
+    assert_eq!(&fs.read(old.fh, 0, 100).unwrap()[..], b"old bytes");
+    assert_eq!(&fs.read(new.fh, 0, 100).unwrap()[..], b"new bytes!");
+}
+
+#[tokio::test]
+async fn content_larger_than_the_cache_is_still_served() {
+    let source = MemorySource::new();
+    source.put("big", "application/octet-stream", vec![1u8; 4096]);
+    let config = FsConfig {
+        cache_bytes: 1024,
+        ..FsConfig::default()
+    };
+    let fs = core_with(source, config);
+    let ino = fs.lookup(ROOT_INO, OsStr::new("big")).await.unwrap().ino;
+    assert_eq!(read_all(&fs, ino).await.len(), 4096);
+}
+
+#[tokio::test]
+async fn listing_errors_other_than_refusal_fail() {
+    let source = MemorySource::new();
+    source.set_list_error(Some(SourceError::Unauthorized));
+    let fs = core(source);
+    assert_eq!(
+        fs.opendir(ROOT_INO).await.unwrap_err().errno(),
+        libc::EACCES
+    );
+    fs.source().set_list_error(Some(SourceError::Status(502)));
+    assert_eq!(fs.opendir(ROOT_INO).await.unwrap_err().errno(), libc::EIO);
+}
