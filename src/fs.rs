@@ -313,7 +313,9 @@ impl<S: Source> FhirFs<S> {
             let security_context = meta
                 .security_context
                 .or_else(|| old.security_context.clone());
-            let last_updated = meta.last_updated.or(old.last_updated);
+            // The same version keeps its time: a listing's `meta.lastUpdated` has milliseconds,
+            // a raw response's `Last-Modified` only seconds, and mtime must not flap.
+            let last_updated = old.last_updated.or(meta.last_updated);
             node.meta = Meta {
                 size,
                 security_context,
