@@ -304,8 +304,14 @@ impl<S: Source> FhirFs<S> {
             _ => false,
         };
         let size_changed = matches!((old.size, meta.size), (Some(a), Some(b)) if a != b);
+        // Without versions, a newer time is the only sign of a change. Whole seconds, since
+        // `Last-Modified` drops the milliseconds that `meta.lastUpdated` has.
+        let time_changed = old.version_id.is_none()
+            && meta.version_id.is_none()
+            && matches!((old.last_updated, meta.last_updated), (Some(a), Some(b))
+                if a.duration_since(b).unwrap_or_else(|e| e.duration()) >= Duration::from_secs(1));
         let was_known = old.size.is_some() || old.version_id.is_some();
-        if version_changed || size_changed {
+        if version_changed || size_changed || time_changed {
             node.meta = meta;
             node.kernel_generation = None;
         } else {
@@ -328,7 +334,7 @@ impl<S: Source> FhirFs<S> {
             node.listed = Some(now);
         }
         drop(nodes);
-        if was_known && (version_changed || size_changed) {
+        if was_known && (version_changed || size_changed || time_changed) {
             debug!(id, "binary changed on the server");
             if from_listing {
                 self.content.invalidate(id);
