@@ -39,21 +39,21 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 
-    /// Seconds a listing and the metadata it brings are trusted.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
-    pub dir_ttl: u64,
+    /// Seconds a listing and the metadata it brings are trusted (fractions allowed).
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = seconds)]
+    pub dir_ttl: Duration,
 
-    /// Seconds fetched content is served before the server is asked again.
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
-    pub cache_ttl: u64,
+    /// Seconds fetched content is served before the server is asked again (fractions allowed).
+    #[arg(long, value_name = "SECS", default_value = "300", value_parser = seconds)]
+    pub cache_ttl: Duration,
 
     /// Memory for cached content, e.g. 512MiB or 2GiB.
     #[arg(long, value_name = "SIZE", default_value = "512MiB")]
     pub cache_size: bytesize::ByteSize,
 
     /// Seconds one fetch (or one listing page) may take as a whole before it fails with EIO.
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
-    pub timeout: u64,
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = seconds)]
+    pub timeout: Duration,
 
     /// Binaries asked for per search page (`_count`).
     #[arg(long, value_name = "N", default_value_t = 1000)]
@@ -70,6 +70,10 @@ pub struct Args {
     /// Group of the files [default: the mounting user's group].
     #[arg(long, value_name = "GID")]
     pub gid: Option<u32>,
+
+    /// Name files `<id>.<ext>` after their contentType (the bare id opens them too).
+    #[arg(long)]
+    pub extensions: bool,
 
     /// Let other users see the mount (needs user_allow_other in /etc/fuse.conf for non-root).
     #[arg(long)]
@@ -139,13 +143,23 @@ impl Args {
         // SAFETY: getuid and getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         FsConfig {
-            dir_ttl: Duration::from_secs(self.dir_ttl),
-            cache_ttl: Duration::from_secs(self.cache_ttl),
+            dir_ttl: self.dir_ttl,
+            cache_ttl: self.cache_ttl,
             cache_bytes: self.cache_size.as_u64(),
             uid: self.uid.unwrap_or(uid),
             gid: self.gid.unwrap_or(gid),
+            extensions: self.extensions,
         }
     }
+}
+
+/// Parses a number of seconds, fractions allowed ("0.5", "60").
+fn seconds(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{text:?} is not a duration in seconds"))
 }
 
 #[cfg(test)]
@@ -159,11 +173,12 @@ mod tests {
     #[test]
     fn defaults_are_the_documented_ones() {
         let args = parse(&["https://h/fhir", "/mnt"]);
-        assert_eq!(args.dir_ttl, 60);
-        assert_eq!(args.cache_ttl, 300);
+        assert_eq!(args.dir_ttl, Duration::from_secs(60));
+        assert_eq!(args.cache_ttl, Duration::from_secs(300));
         assert_eq!(args.cache_size.as_u64(), 512 << 20);
         assert_eq!(args.max_size.as_u64(), 1 << 30);
-        assert_eq!(args.timeout, 30);
+        assert_eq!(args.timeout, Duration::from_secs(30));
+        assert!(!args.extensions);
         assert!(!args.allow_other);
         let (target, mnt) = args.target().unwrap();
         assert_eq!(
@@ -201,6 +216,17 @@ mod tests {
     fn there_is_no_token_argument() {
         let args = ["fhirfs", "--token", "x", "https://h", "/mnt"];
         assert!(Args::try_parse_from(args).is_err());
+    }
+
+    #[test]
+    fn ttls_take_fractions_and_refuse_nonsense() {
+        let args = parse(&["--dir-ttl", "0.25", "--cache-ttl", "0", "https://h", "/m"]);
+        assert_eq!(args.dir_ttl, Duration::from_millis(250));
+        assert_eq!(args.cache_ttl, Duration::ZERO);
+        for bad in ["-1", "soon", "NaN"] {
+            let argv = ["fhirfs", "--dir-ttl", bad, "https://h", "/m"];
+            assert!(Args::try_parse_from(argv).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -221,6 +221,16 @@ pub fn parse_instant(text: &str) -> Option<SystemTime> {
     parsed.ok().map(SystemTime::from)
 }
 
+/// Formats a time as a FHIR `instant` in UTC with milliseconds.
+pub fn format_instant(time: SystemTime) -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    let utc = time::OffsetDateTime::from(time);
+    // Years 0..=9999 always format; anything else falls back to the RFC 3339 form.
+    utc.format(&format).unwrap_or_else(|_| utc.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,5 +354,11 @@ mod tests {
         let b = parse_instant("2024-01-01T02:00:00+02:00").unwrap();
         assert_eq!(a, b);
         assert_eq!(parse_instant("yesterday"), None);
+    }
+
+    #[test]
+    fn instants_round_trip_with_milliseconds() {
+        let text = "2024-05-06T07:08:09.123Z";
+        assert_eq!(format_instant(parse_instant(text).unwrap()), text);
     }
 }

@@ -4,7 +4,7 @@
 //! the only caller that knows about the kernel. Everything here can be driven from tests with a
 //! `MemorySource`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -30,6 +30,14 @@ pub const MAX_KERNEL_TTL: Duration = Duration::from_secs(1);
 /// Block size reported by `stat`; `st_blocks` counts 512-byte units as POSIX says.
 pub const BLOCK_SIZE: u32 = 4096;
 
+/// How many listed files past the one being looked up get their size fetched ahead. `ls -l`,
+/// `find` and `rsync` stat the entries in listing order, so a window keeps the server busy in
+/// parallel instead of paying one round trip per file.
+pub const SIZE_READAHEAD: usize = 64;
+
+/// Fetches that size read-ahead may run at once.
+pub const PREFETCH_PARALLELISM: usize = 16;
+
 /// Settings of the core.
 #[derive(Debug, Clone)]
 pub struct FsConfig {
@@ -43,6 +51,8 @@ pub struct FsConfig {
     pub uid: u32,
     /// Group of every file and of the folder.
     pub gid: u32,
+    /// Name files `<id>.<ext>` after their contentType.
+    pub extensions: bool,
 }
 
 impl Default for FsConfig {
@@ -53,6 +63,7 @@ impl Default for FsConfig {
             cache_bytes: 512 << 20,
             uid: 0,
             gid: 0,
+            extensions: false,
         }
     }
 }
@@ -133,12 +144,18 @@ struct Node {
     listed: Option<Instant>,
     /// The content generation the kernel's page cache holds, from the last open.
     kernel_generation: Option<u64>,
+    /// Position in the latest listing.
+    index: Option<usize>,
+    /// A size read-ahead fetch is queued or running.
+    prefetching: bool,
 }
 
 #[derive(Default)]
 struct Nodes {
     by_ino: HashMap<u64, Node>,
     by_id: HashMap<String, u64>,
+    /// Listed names that are not bare ids (`<id>.<ext>` with --extensions).
+    by_name: HashMap<String, u64>,
 }
 
 impl Nodes {
@@ -154,6 +171,8 @@ impl Nodes {
             checked: None,
             listed: None,
             kernel_generation: None,
+            index: None,
+            prefetching: false,
         };
         self.by_ino.insert(ino, node);
         self.by_id.insert(id.to_owned(), ino);
@@ -188,6 +207,9 @@ pub struct FhirFs<S: Source> {
     content: moka::sync::Cache<String, Arc<Content>>,
     inflight: Mutex<HashMap<String, SharedFetch>>,
     handles: Mutex<HashMap<u64, Handle>>,
+    /// The latest listing, in order, for size read-ahead.
+    order: Mutex<Snapshot>,
+    prefetch_permits: Arc<tokio::sync::Semaphore>,
     next_fh: AtomicU64,
     next_generation: AtomicU64,
     invalidator: OnceLock<Invalidator>,
@@ -219,6 +241,8 @@ impl<S: Source> FhirFs<S> {
             content,
             inflight: Mutex::default(),
             handles: Mutex::default(),
+            order: Mutex::default(),
+            prefetch_permits: Arc::new(tokio::sync::Semaphore::new(PREFETCH_PARALLELISM)),
             next_fh: AtomicU64::new(1),
             next_generation: AtomicU64::new(1),
             invalidator: OnceLock::new(),
@@ -497,16 +521,86 @@ impl<S: Source> FhirFs<S> {
     }
 
     fn apply_listing(&self, listed: Vec<Listed>) -> Snapshot {
-        let mut seen = std::collections::HashSet::with_capacity(listed.len());
+        let mut seen = HashSet::with_capacity(listed.len());
         let mut entries = Vec::with_capacity(listed.len());
         for Listed { id, meta } in listed {
             // A server whose pages shift under us may repeat an id; a folder must not.
             if seen.insert(id.clone()) {
+                let name = self.listed_name(&id, meta.content_type.as_deref());
                 let ino = self.apply_meta(&id, meta, true);
-                entries.push((ino, id));
+                entries.push((ino, id, name));
             }
         }
-        Arc::new(entries)
+        let mut nodes = lock(&self.nodes);
+        nodes.by_name.clear();
+        let mut used = HashSet::with_capacity(entries.len());
+        let mut snapshot = Vec::with_capacity(entries.len());
+        for (index, (ino, id, name)) in entries.into_iter().enumerate() {
+            // `a` named `a.pdf` must not hide a Binary whose id is `a.pdf`, nor two files share
+            // a name: on a clash the bare id (unique by itself) is the name.
+            let name = match name {
+                Some(name) if !seen.contains(&name) && used.insert(name.clone()) => {
+                    nodes.by_name.insert(name.clone(), ino);
+                    name
+                }
+                _ => id,
+            };
+            if let Some(node) = nodes.by_ino.get_mut(&ino) {
+                node.index = Some(index);
+            }
+            snapshot.push((ino, name));
+        }
+        drop(nodes);
+        let snapshot = Arc::new(snapshot);
+        *lock(&self.order) = Arc::clone(&snapshot);
+        snapshot
+    }
+
+    /// The name with an extension for `id` when --extensions asks for one.
+    fn listed_name(&self, id: &str, content_type: Option<&str>) -> Option<String> {
+        if !self.config.extensions {
+            return None;
+        }
+        let essence = content_type?.split(';').next()?.trim().to_ascii_lowercase();
+        let ext = mime2ext::mime2ext(&essence)?;
+        let name = format!("{id}.{ext}");
+        (!id.ends_with(&format!(".{ext}")) && name.len() <= 255).then_some(name)
+    }
+
+    /// Starts size fetches for the listed files after `ino`, a window ahead of a reader that
+    /// stats them in order.
+    fn read_ahead_sizes(self: &Arc<Self>, ino: u64) {
+        let order = Arc::clone(&lock(&self.order));
+        let mut picked = Vec::new();
+        {
+            let mut nodes = lock(&self.nodes);
+            let Some(start) = nodes.by_ino.get(&ino).and_then(|n| n.index) else {
+                return;
+            };
+            for (next, _) in order.iter().skip(start + 1).take(SIZE_READAHEAD) {
+                if let Some(node) = nodes.by_ino.get_mut(next) {
+                    if node.meta.size.is_none() && !node.prefetching {
+                        node.prefetching = true;
+                        picked.push((*next, node.id.clone()));
+                    }
+                }
+            }
+        }
+        for (ino, id) in picked {
+            let this = Arc::clone(self);
+            let permits = Arc::clone(&self.prefetch_permits);
+            tokio::spawn(async move {
+                if let Ok(_permit) = permits.acquire_owned().await {
+                    // It may have been fetched by a reader meanwhile.
+                    if this.fresh_attr(&id).is_none() {
+                        let _ = this.content(&id).await;
+                    }
+                }
+                if let Some(node) = lock(&this.nodes).by_ino.get_mut(&ino) {
+                    node.prefetching = false;
+                }
+            });
+        }
     }
 
     /// Attributes of the Binary `id`, fetching it when its size is not known yet.
@@ -527,6 +621,12 @@ impl<S: Source> FhirFs<S> {
             self.listing().await?;
             if let Some(attr) = self.fresh_attr(id) {
                 return Ok(attr);
+            }
+        }
+        if listed_before {
+            let ino = lock(&self.nodes).by_id.get(id).copied();
+            if let Some(ino) = ino {
+                self.read_ahead_sizes(ino);
             }
         }
         let content = self.content(id).await?;
@@ -551,8 +651,38 @@ impl<S: Source> FhirFs<S> {
         if parent != ROOT_INO {
             return Err(FsError::NotDir);
         }
+        let named = name.to_str().and_then(|n| {
+            let nodes = lock(&self.nodes);
+            let ino = nodes.by_name.get(n)?;
+            nodes.by_ino.get(ino).map(|node| node.id.clone())
+        });
+        if let Some(id) = named {
+            return self.attr_of_id(&id).await;
+        }
         let id = id_from_name(name).ok_or(FsError::NoEntry)?;
-        self.attr_of_id(id).await
+        match self.attr_of_id(id).await {
+            // `<id>.<ext>` of a Binary not listed (yet): the id without the extension, if its
+            // contentType gives that extension.
+            Err(e) if self.config.extensions && e.errno() == libc::ENOENT => {
+                let Some((bare, ext)) = id.rsplit_once('.') else {
+                    return Err(e);
+                };
+                if bare.is_empty() {
+                    return Err(e);
+                }
+                let attr = self.attr_of_id(bare).await.map_err(|_| e.clone())?;
+                let matches = self.node_meta(attr.ino).is_some_and(|meta| {
+                    self.listed_name(bare, meta.content_type.as_deref())
+                        .is_some_and(|n| n.rsplit_once('.').is_some_and(|(_, e)| e == ext))
+                });
+                if matches { Ok(attr) } else { Err(e) }
+            }
+            other => other,
+        }
+    }
+
+    fn node_meta(&self, ino: u64) -> Option<Meta> {
+        lock(&self.nodes).by_ino.get(&ino).map(|n| n.meta.clone())
     }
 
     /// Attributes of an inode.
@@ -636,6 +766,33 @@ impl<S: Source> FhirFs<S> {
             name: name.to_owned(),
         });
         Ok(entries.collect())
+    }
+
+    /// Extended attributes of an inode: `user.mime_type` (the freedesktop name for the
+    /// contentType) and `user.fhir.*` for the version, the time and the security context.
+    pub async fn xattrs(
+        self: &Arc<Self>,
+        ino: u64,
+    ) -> Result<Vec<(&'static str, Vec<u8>)>, FsError> {
+        if ino == ROOT_INO {
+            return Ok(Vec::new());
+        }
+        let id = self.id_of(ino)?;
+        self.attr_of_id(&id).await?;
+        let meta = self.node_meta(ino).ok_or(FsError::NoEntry)?;
+        let values = [
+            ("user.mime_type", meta.content_type),
+            ("user.fhir.versionId", meta.version_id),
+            (
+                "user.fhir.lastUpdated",
+                meta.last_updated.map(crate::fhir::format_instant),
+            ),
+            ("user.fhir.securityContext", meta.security_context),
+        ];
+        let present = values
+            .into_iter()
+            .filter_map(|(name, v)| v.map(|v| (name, v.into_bytes())));
+        Ok(present.collect())
     }
 
     /// How many Binaries the mount knows of.

@@ -77,6 +77,18 @@ fn file_type(kind: Kind) -> FileType {
     }
 }
 
+/// Answers an xattr request: the size when asked for it (size 0), else the bytes if they fit.
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
+    let len = u32::try_from(value.len()).unwrap_or(u32::MAX);
+    if size == 0 {
+        reply.size(len);
+    } else if len > size {
+        reply.error(errno(&FsError::Range));
+    } else {
+        reply.data(value);
+    }
+}
+
 fn log_error(op: &str, ino: u64, e: &FsError) {
     // Misses are normal (shells probe for names); real failures are logged by the core.
     debug!(op, ino, error = %e, "failed");
@@ -251,23 +263,39 @@ impl<S: Source> Filesystem for FuseAdapter<S> {
         reply.statfs(0, 0, 0, files, 0, BLOCK_SIZE, MAX_NAME_LEN, BLOCK_SIZE);
     }
 
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
-        reply.error(Errno::from_i32(libc::ENODATA));
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let fs = Arc::clone(&self.fs);
+        let name = name.to_owned();
+        self.runtime.spawn(async move {
+            match fs.xattrs(ino.0).await {
+                Ok(values) => {
+                    let value = values.into_iter().find(|(n, _)| name == *n).map(|(_, v)| v);
+                    match value {
+                        Some(value) => reply_xattr(reply, size, &value),
+                        None => reply.error(errno(&FsError::NoAttr)),
+                    }
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
-        }
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let fs = Arc::clone(&self.fs);
+        self.runtime.spawn(async move {
+            match fs.xattrs(ino.0).await {
+                Ok(values) => {
+                    // Names, each NUL-terminated, as listxattr(2) returns them.
+                    let mut names = Vec::new();
+                    for (name, _) in values {
+                        names.extend_from_slice(name.as_bytes());
+                        names.push(0);
+                    }
+                    reply_xattr(reply, size, &names);
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     // Everything below changes the tree or a file: the mount is read-only.

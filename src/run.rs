@@ -166,7 +166,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         };
         let mut http = HttpConfig::new(base.clone());
         http.token = token;
-        http.timeout = Duration::from_secs(args.timeout.max(1));
+        http.timeout = args.timeout.max(Duration::from_millis(100));
         http.page_size = args.page_size.max(1);
         http.max_size = args.max_size.as_u64();
         let source = HttpSource::new(http).context("cannot set up the HTTP client")?;
