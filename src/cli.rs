@@ -7,8 +7,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use url::Url;
 
+use crate::auth::{Secret, TokenSource};
 use crate::fs::FsConfig;
-use crate::http::Secret;
 
 /// Environment variable that may hold the bearer token.
 pub const TOKEN_ENV: &str = "FHIRFS_TOKEN";
@@ -108,34 +108,27 @@ impl Args {
         let url = Url::parse(&self.base_url)
             .with_context(|| format!("bad base URL {:?}", self.base_url))?;
         if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-            bail!(
-                "bad base URL {:?}: it must be an http or https URL with a host",
-                self.base_url
-            );
+            bail!("bad base URL {:?}: it must be an http or https URL with a host", self.base_url);
         }
         if url.query().is_some() || url.fragment().is_some() {
-            bail!(
-                "bad base URL {:?}: it must not have a query or fragment",
-                self.base_url
-            );
+            bail!("bad base URL {:?}: it must not have a query or fragment", self.base_url);
         }
         Ok((Target::Server(url), mountpoint))
     }
 
-    /// The token from --token-file, else from FHIRFS_TOKEN, else none.
-    pub fn token(&self) -> anyhow::Result<Option<Secret>> {
+    /// The token source: --token-file (checked readable now, re-read when it changes), else
+    /// FHIRFS_TOKEN, else none.
+    pub fn token(&self) -> anyhow::Result<TokenSource> {
         if let Some(path) = &self.token_file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the token file {}", path.display()))?;
-            let Some(token) = Secret::new(&text) else {
+            if Secret::new(&text).is_none() {
                 bail!("the token file {} is empty", path.display());
-            };
-            return Ok(Some(token));
+            }
+            return Ok(TokenSource::File(path.clone()));
         }
-        Ok(std::env::var(TOKEN_ENV)
-            .ok()
-            .as_deref()
-            .and_then(Secret::new))
+        let token = std::env::var(TOKEN_ENV).ok().as_deref().and_then(Secret::new);
+        Ok(token.map_or(TokenSource::None, TokenSource::Static))
     }
 
     /// Settings of the core.
@@ -155,10 +148,8 @@ impl Args {
 
 /// Parses a number of seconds, fractions allowed ("0.5", "60").
 fn seconds(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    let secs: f64 =
+        text.trim().parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{text:?} is not a duration in seconds"))
 }
 
@@ -181,10 +172,7 @@ mod tests {
         assert!(!args.extensions);
         assert!(!args.allow_other);
         let (target, mnt) = args.target().unwrap();
-        assert_eq!(
-            target,
-            Target::Server(Url::parse("https://h/fhir").unwrap())
-        );
+        assert_eq!(target, Target::Server(Url::parse("https://h/fhir").unwrap()));
         assert_eq!(mnt, PathBuf::from("/mnt"));
     }
 
@@ -197,17 +185,9 @@ mod tests {
 
     #[test]
     fn bad_urls_are_refused_with_the_url_in_the_message() {
-        for url in [
-            "not a url",
-            "ftp://h/fhir",
-            "https://h/fhir?x=1",
-            "file:///tmp",
-        ] {
+        for url in ["not a url", "ftp://h/fhir", "https://h/fhir?x=1", "file:///tmp"] {
             let err = parse(&[url, "/mnt"]).target().unwrap_err();
-            assert!(
-                format!("{err:#}").contains("bad base URL"),
-                "{url}: {err:#}"
-            );
+            assert!(format!("{err:#}").contains("bad base URL"), "{url}: {err:#}");
         }
         assert!(parse(&["https://h/fhir"]).target().is_err());
     }
@@ -231,14 +211,7 @@ mod tests {
 
     #[test]
     fn sizes_take_units() {
-        let args = parse(&[
-            "--cache-size",
-            "2GiB",
-            "--max-size",
-            "10MB",
-            "https://h",
-            "/m",
-        ]);
+        let args = parse(&["--cache-size", "2GiB", "--max-size", "10MB", "https://h", "/m"]);
         assert_eq!(args.cache_size.as_u64(), 2 << 30);
         assert_eq!(args.max_size.as_u64(), 10_000_000);
     }

@@ -109,10 +109,7 @@ impl FsError {
 
     /// Wraps a source error with the id it concerns.
     pub fn source(id: &str, source: SourceError) -> Self {
-        Self::Source {
-            id: id.to_owned(),
-            source,
-        }
+        Self::Source { id: id.to_owned(), source }
     }
 }
 
@@ -144,10 +141,7 @@ mod tests {
         ] {
             assert_eq!(FsError::source("x", e).errno(), libc::EIO);
         }
-        assert_eq!(
-            FsError::source("x", SourceError::TooLarge { limit: 1 }).errno(),
-            libc::EFBIG
-        );
+        assert_eq!(FsError::source("x", SourceError::TooLarge { limit: 1 }).errno(), libc::EFBIG);
         assert_eq!(FsError::ReadOnly.errno(), libc::EROFS);
         assert_eq!(FsError::NoEntry.errno(), libc::ENOENT);
     }

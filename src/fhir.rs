@@ -76,14 +76,9 @@ impl RawResource<'_> {
         let raw = self.meta.as_ref();
         Meta {
             version_id: raw.and_then(|m| m.version_id.clone()),
-            last_updated: raw
-                .and_then(|m| m.last_updated.as_deref())
-                .and_then(parse_instant),
+            last_updated: raw.and_then(|m| m.last_updated.as_deref()).and_then(parse_instant),
             content_type: self.content_type.clone(),
-            security_context: self
-                .security_context
-                .as_ref()
-                .and_then(|r| r.reference.clone()),
+            security_context: self.security_context.as_ref().and_then(|r| r.reference.clone()),
             size: None,
         }
     }
@@ -125,12 +120,7 @@ pub fn parse_binary(body: &[u8]) -> Result<Binary, String> {
     let data = raw.data.as_deref().map(decode_base64).transpose()?;
     let mut meta = raw.meta();
     meta.size = data.as_ref().map(|d| d.len() as u64);
-    Ok(Binary {
-        id: raw.id.clone(),
-        subsetted: raw.subsetted(),
-        meta,
-        data,
-    })
+    Ok(Binary { id: raw.id.clone(), subsetted: raw.subsetted(), meta, data })
 }
 
 /// True when the body looks like a FHIR resource of type Binary (used for `application/json`,
@@ -169,15 +159,9 @@ pub fn parse_bundle(body: &[u8]) -> Result<Page, String> {
             raw.resource_type.as_deref().unwrap_or("(missing)")
         ));
     }
-    let next = raw
-        .link
-        .into_iter()
-        .find(|l| l.relation.as_deref() == Some("next"))
-        .and_then(|l| l.url);
-    let mut page = Page {
-        next,
-        ..Page::default()
-    };
+    let next =
+        raw.link.into_iter().find(|l| l.relation.as_deref() == Some("next")).and_then(|l| l.url);
+    let mut page = Page { next, ..Page::default() };
     for resource in raw.entry.into_iter().filter_map(|e| e.resource) {
         let id = resource.id.clone().filter(|id| crate::id::is_valid_id(id));
         match id {
@@ -204,11 +188,7 @@ pub fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
 pub fn decoded_len(text: &str) -> u64 {
     let bytes = text.as_bytes();
     let significant = bytes.iter().filter(|b| !b.is_ascii_whitespace()).count() as u64;
-    let padding = bytes
-        .iter()
-        .rev()
-        .filter(|b| !b.is_ascii_whitespace())
-        .take(2);
+    let padding = bytes.iter().rev().filter(|b| !b.is_ascii_whitespace()).take(2);
     let padding = padding.take_while(|&&b| b == b'=').count() as u64;
     let chars = significant - padding;
     // Every 4 characters carry 3 bytes; a tail of 2 or 3 characters carries 1 or 2.
@@ -263,10 +243,8 @@ mod tests {
         let raw = [0xfb_u8, 0xff, 0xbf, 0x3f];
         let encoded = b64(&raw);
         assert!(encoded.contains('/'));
-        let body = format!(
-            r#"{{"resourceType":"Binary","data":"{}"}}"#,
-            encoded.replace('/', "\\/")
-        );
+        let body =
+            format!(r#"{{"resourceType":"Binary","data":"{}"}}"#, encoded.replace('/', "\\/"));
         assert_eq!(parse_binary(body.as_bytes()).unwrap().data.unwrap(), raw);
     }
 
@@ -280,11 +258,7 @@ mod tests {
 
     #[test]
     fn bad_bodies_are_errors() {
-        assert!(
-            parse_binary(b"{not json")
-                .unwrap_err()
-                .contains("malformed JSON")
-        );
+        assert!(parse_binary(b"{not json").unwrap_err().contains("malformed JSON"));
         assert!(parse_binary(br#"{"resourceType":"Binary","data":"#).is_err());
         let patient = br#"{"resourceType":"Patient","id":"a"}"#;
         assert!(parse_binary(patient).unwrap_err().contains("Patient"));
@@ -299,11 +273,7 @@ mod tests {
             let bytes: Vec<u8> = (0..n).map(|i| (i * 37) as u8).collect();
             let text = b64(&bytes);
             assert_eq!(decoded_len(&text), n as u64, "padded {n}");
-            assert_eq!(
-                decoded_len(text.trim_end_matches('=')),
-                n as u64,
-                "unpadded {n}"
-            );
+            assert_eq!(decoded_len(text.trim_end_matches('=')), n as u64, "unpadded {n}");
             let wrapped: String = text.chars().flat_map(|c| [c, '\n']).collect();
             assert_eq!(decoded_len(&wrapped), n as u64, "wrapped {n}");
         }
@@ -326,10 +296,7 @@ mod tests {
             b64(b"1234567")
         );
         let page = parse_bundle(body.as_bytes()).unwrap();
-        assert_eq!(
-            page.next.as_deref(),
-            Some("http://x/Binary?_cursor=q%2Fz&x=1")
-        );
+        assert_eq!(page.next.as_deref(), Some("http://x/Binary?_cursor=q%2Fz&x=1"));
         let ids: Vec<_> = page.entries.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, ["a", "b"]);
         assert_eq!(page.entries[0].meta.size, Some(7));
@@ -340,11 +307,7 @@ mod tests {
 
     #[test]
     fn a_listing_that_is_not_a_bundle_is_an_error() {
-        assert!(
-            parse_bundle(br#"{"resourceType":"Binary"}"#)
-                .unwrap_err()
-                .contains("Bundle")
-        );
+        assert!(parse_bundle(br#"{"resourceType":"Binary"}"#).unwrap_err().contains("Bundle"));
         assert!(parse_bundle(b"<html>").is_err());
     }
 

@@ -340,18 +340,11 @@ impl<S: Source> FhirFs<S> {
             node.kernel_generation = None;
         } else {
             let size = meta.size.or(old.size);
-            let security_context = meta
-                .security_context
-                .or_else(|| old.security_context.clone());
+            let security_context = meta.security_context.or_else(|| old.security_context.clone());
             // The same version keeps its time: a listing's `meta.lastUpdated` has milliseconds,
             // a raw response's `Last-Modified` only seconds, and mtime must not flap.
             let last_updated = old.last_updated.or(meta.last_updated);
-            node.meta = Meta {
-                size,
-                security_context,
-                last_updated,
-                ..meta
-            };
+            node.meta = Meta { size, security_context, last_updated, ..meta };
         }
         node.checked = Some(now);
         if from_listing {
@@ -372,12 +365,7 @@ impl<S: Source> FhirFs<S> {
     fn forget_content(&self, id: &str) {
         self.content.invalidate(id);
         let mut nodes = lock(&self.nodes);
-        if let Some(node) = nodes
-            .by_id
-            .get(id)
-            .copied()
-            .and_then(|i| nodes.by_ino.get_mut(&i))
-        {
+        if let Some(node) = nodes.by_id.get(id).copied().and_then(|i| nodes.by_ino.get_mut(&i)) {
             node.meta = Meta::default();
             node.checked = None;
             node.listed = None;
@@ -436,9 +424,7 @@ impl<S: Source> FhirFs<S> {
         let content = match fetched {
             Ok(Fetched::NotModified) => {
                 let Some(cached) = cached else {
-                    return Err(SourceError::BadBody(
-                        "304 for a version not asked for".into(),
-                    ));
+                    return Err(SourceError::BadBody("304 for a version not asked for".into()));
                 };
                 let meta = Meta {
                     size: Some(cached.bytes.len() as u64),
@@ -446,10 +432,7 @@ impl<S: Source> FhirFs<S> {
                     ..Meta::default()
                 };
                 self.apply_meta(id, meta, false);
-                Arc::new(Content {
-                    validated: Instant::now(),
-                    ..Content::clone_of(&cached)
-                })
+                Arc::new(Content { validated: Instant::now(), ..Content::clone_of(&cached) })
             }
             Ok(Fetched::Content { mut meta, bytes }) => {
                 meta.size = Some(bytes.len() as u64);
@@ -462,12 +445,7 @@ impl<S: Source> FhirFs<S> {
                 };
                 let version_id = meta.version_id.clone();
                 self.apply_meta(id, meta, false);
-                Arc::new(Content {
-                    bytes,
-                    version_id,
-                    generation,
-                    validated: Instant::now(),
-                })
+                Arc::new(Content { bytes, version_id, generation, validated: Instant::now() })
             }
             Err(e) => {
                 if matches!(e, SourceError::NotFound | SourceError::Gone) {
@@ -486,10 +464,7 @@ impl<S: Source> FhirFs<S> {
     /// The listing, from the cache or the source (one search however many callers ask).
     async fn listing(&self) -> Result<Snapshot, FsError> {
         let mut cached = self.listing.lock().await;
-        if let Some(listing) = cached
-            .as_ref()
-            .filter(|l| l.at.elapsed() < self.config.dir_ttl)
-        {
+        if let Some(listing) = cached.as_ref().filter(|l| l.at.elapsed() < self.config.dir_ttl) {
             return Ok(Arc::clone(&listing.entries));
         }
         let listed = match self.source.list().await {
@@ -497,10 +472,7 @@ impl<S: Source> FhirFs<S> {
             // Binary is not searchable by the spec, and many servers refuse: lookups by id
             // still work, so the folder is just empty.
             Err(SourceError::Status(status)) if (400..500).contains(&status) => {
-                debug!(
-                    status,
-                    "the server refuses to list Binary; the folder stays empty"
-                );
+                debug!(status, "the server refuses to list Binary; the folder stays empty");
                 Vec::new()
             }
             Err(e @ (SourceError::NotFound | SourceError::Gone)) => {
@@ -513,10 +485,7 @@ impl<S: Source> FhirFs<S> {
             }
         };
         let entries = self.apply_listing(listed);
-        *cached = Some(Listing {
-            at: Instant::now(),
-            entries: Arc::clone(&entries),
-        });
+        *cached = Some(Listing { at: Instant::now(), entries: Arc::clone(&entries) });
         Ok(entries)
     }
 
@@ -638,11 +607,7 @@ impl<S: Source> FhirFs<S> {
 
     fn id_of(&self, ino: u64) -> Result<String, FsError> {
         let nodes = lock(&self.nodes);
-        nodes
-            .by_ino
-            .get(&ino)
-            .map(|n| n.id.clone())
-            .ok_or(FsError::NoEntry)
+        nodes.by_ino.get(&ino).map(|n| n.id.clone()).ok_or(FsError::NoEntry)
     }
 
     /// Looks up `name` in the folder `parent`. Any valid FHIR id can be looked up, listed or not;
@@ -752,13 +717,8 @@ impl<S: Source> FhirFs<S> {
         };
         let dots = [(ROOT_INO, "."), (ROOT_INO, "..")];
         let dots = dots.into_iter().map(|(ino, name)| (ino, Kind::Dir, name));
-        let files = entries
-            .iter()
-            .map(|(ino, id)| (*ino, Kind::File, id.as_str()));
-        let all = dots
-            .chain(files)
-            .enumerate()
-            .skip(usize::try_from(offset).unwrap_or(usize::MAX));
+        let files = entries.iter().map(|(ino, id)| (*ino, Kind::File, id.as_str()));
+        let all = dots.chain(files).enumerate().skip(usize::try_from(offset).unwrap_or(usize::MAX));
         let entries = all.map(|(i, (ino, kind, name))| DirEntry {
             ino,
             next_offset: i as u64 + 1,
@@ -783,15 +743,10 @@ impl<S: Source> FhirFs<S> {
         let values = [
             ("user.mime_type", meta.content_type),
             ("user.fhir.versionId", meta.version_id),
-            (
-                "user.fhir.lastUpdated",
-                meta.last_updated.map(crate::fhir::format_instant),
-            ),
+            ("user.fhir.lastUpdated", meta.last_updated.map(crate::fhir::format_instant)),
             ("user.fhir.securityContext", meta.security_context),
         ];
-        let present = values
-            .into_iter()
-            .filter_map(|(name, v)| v.map(|v| (name, v.into_bytes())));
+        let present = values.into_iter().filter_map(|(name, v)| v.map(|v| (name, v.into_bytes())));
         Ok(present.collect())
     }
 

@@ -38,11 +38,7 @@ impl<S: Source> FuseAdapter<S> {
     /// An adapter that runs the core's work on `runtime`; `unmounted` fires when the kernel
     /// ends the session (an external `umount`).
     pub fn new(fs: Arc<FhirFs<S>>, runtime: Handle, unmounted: oneshot::Sender<()>) -> Self {
-        Self {
-            fs,
-            runtime,
-            unmounted: Mutex::new(Some(unmounted)),
-        }
+        Self { fs, runtime, unmounted: Mutex::new(Some(unmounted)) }
     }
 }
 
@@ -108,11 +104,7 @@ impl<S: Source> Filesystem for FuseAdapter<S> {
     }
 
     fn destroy(&mut self) {
-        let sender = self
-            .unmounted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let sender = self.unmounted.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(sender) = sender {
             let _ = sender.send(());
         }

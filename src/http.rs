@@ -1,58 +1,46 @@
-//! The HTTP source: reads and searches Binary on a FHIR server with reqwest.
+//! The HTTP source: reads and searches Binary on a FHIR server with reqwest, with retries,
+//! deadlines and token renewal.
 
 use std::collections::HashSet;
-use std::fmt;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
+use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 use tracing::debug;
 use url::Url;
 
+pub use crate::auth::Secret;
+use crate::auth::{Auth, TokenSource};
 use crate::error::SourceError;
 use crate::fhir::{self, FHIR_JSON, Listed};
 use crate::source::{Fetched, Meta, Source};
 
-/// A bearer token. Its `Debug` never shows the value, so it cannot leak into logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a token, trimming surrounding whitespace (token files end with a newline).
-    pub fn new(token: &str) -> Option<Self> {
-        let token = token.trim();
-        (!token.is_empty()).then(|| Self(token.to_owned()))
-    }
-
-    fn bearer(&self) -> Result<HeaderValue, SourceError> {
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", self.0)).map_err(|_| {
-            SourceError::Transport("the token has characters a header cannot carry".into())
-        })?;
-        value.set_sensitive(true);
-        Ok(value)
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(..)")
-    }
-}
+/// First pause before a retry; doubled each time, with jitter.
+const RETRY_MIN_DELAY: Duration = Duration::from_millis(100);
+/// Longest pause between two tries (unless the server's Retry-After says more).
+const RETRY_MAX_DELAY: Duration = Duration::from_secs(4);
+/// Retries after the first try, at most. With the delays above they span about 1.5 s (3 s
+/// with jitter), so a server that is down gives EIO promptly, not at the deadline.
+const MAX_RETRIES: usize = 4;
 
 /// Settings of the HTTP source.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     /// The FHIR base URL, e.g. `https://host/fhir`.
     pub base: Url,
-    /// The bearer token; none sends no Authorization header.
-    pub token: Option<Secret>,
-    /// Deadline for one fetch or one listing page as a whole.
+    /// Where the bearer token comes from.
+    pub token: TokenSource,
+    /// Deadline for one fetch or one listing page as a whole, retries included.
     pub timeout: Duration,
     /// `_count` asked of searches.
     pub page_size: u32,
     /// Largest Binary accepted, in bytes.
     pub max_size: u64,
+    /// Extra CA certificates (PEM) to trust besides the system's.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl HttpConfig {
@@ -60,10 +48,11 @@ impl HttpConfig {
     pub fn new(base: Url) -> Self {
         Self {
             base,
-            token: None,
+            token: TokenSource::None,
             timeout: Duration::from_secs(30),
             page_size: 1000,
             max_size: 1 << 30,
+            ca_pem: None,
         }
     }
 }
@@ -72,8 +61,34 @@ impl HttpConfig {
 pub struct HttpSource {
     client: reqwest::Client,
     config: HttpConfig,
+    auth: Arc<Auth>,
     /// The base URL without a trailing slash.
     base: String,
+}
+
+/// One answer with its body read.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// A failed try, and whether trying again may help.
+#[derive(Debug)]
+struct Failure {
+    error: SourceError,
+    retryable: bool,
+    retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn fatal(error: SourceError) -> Self {
+        Self { error, retryable: false, retry_after: None }
+    }
+
+    fn transient(error: SourceError) -> Self {
+        Self { error, retryable: true, retry_after: None }
+    }
 }
 
 /// `W/"3"` → `3`.
@@ -84,32 +99,33 @@ fn version_from_etag(etag: &str) -> Option<String> {
 
 /// The media type of a response without parameters, lowercased.
 fn media_type(headers: &HeaderMap) -> String {
-    let value = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    value
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase()
+    let value = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    value.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
+fn header_text(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok())
 }
 
 fn header_meta(headers: &HeaderMap) -> Meta {
-    let text = |name| {
-        headers
-            .get(name)
-            .and_then(|v: &HeaderValue| v.to_str().ok())
-    };
     Meta {
-        version_id: text(header::ETAG).and_then(version_from_etag),
-        last_updated: text(header::LAST_MODIFIED).and_then(|d| httpdate::parse_http_date(d).ok()),
+        version_id: header_text(headers, header::ETAG).and_then(version_from_etag),
+        last_updated: header_text(headers, header::LAST_MODIFIED)
+            .and_then(|d| httpdate::parse_http_date(d).ok()),
         content_type: None,
-        security_context: text(header::HeaderName::from_static("x-security-context"))
-            .map(str::to_owned),
+        security_context: header_text(headers, "x-security-context").map(str::to_owned),
         size: None,
     }
+}
+
+/// `Retry-After` in seconds or as an HTTP date, as a wait from now.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let text = header_text(headers, header::RETRY_AFTER)?.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(text).ok()?;
+    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
 fn transport(e: reqwest::Error) -> SourceError {
@@ -117,20 +133,31 @@ fn transport(e: reqwest::Error) -> SourceError {
     SourceError::Transport(e.without_url().to_string())
 }
 
+/// Statuses worth another try: the server is busy or a gateway failed. Never other 4xx.
+fn is_transient(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 502 | 503 | 504)
+}
+
 impl HttpSource {
     /// A source for `config`.
     pub fn new(config: HttpConfig) -> Result<Self, SourceError> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(config.timeout)
-            .user_agent(concat!("fhirfs/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(transport)?;
+            .user_agent(concat!("fhirfs/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = &config.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| SourceError::Transport(format!("bad CA file: {e}")))?;
+            if certs.is_empty() {
+                return Err(SourceError::Transport("the CA file has no certificate".into()));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder.build().map_err(transport)?;
         let base = config.base.as_str().trim_end_matches('/').to_owned();
-        Ok(Self {
-            client,
-            config,
-            base,
-        })
+        let auth = Arc::new(Auth::new(config.token.clone()));
+        Ok(Self { client, config, auth, base })
     }
 
     /// True when `url` has the base URL's origin: only then may it carry the token.
@@ -138,46 +165,113 @@ impl HttpSource {
         url.origin() == self.config.base.origin()
     }
 
-    async fn send(
+    /// One try: send, check the status, read the body (up to `limit` bytes).
+    async fn attempt(
         &self,
-        url: Url,
+        url: &Url,
         accept: &str,
         if_none_match: Option<&str>,
-    ) -> Result<reqwest::Response, SourceError> {
-        let mut request = self
-            .client
-            .request(Method::GET, url.clone())
-            .header(header::ACCEPT, accept);
-        if let (Some(token), true) = (&self.config.token, self.same_origin(&url)) {
-            request = request.header(header::AUTHORIZATION, token.bearer()?);
+        token: Option<&Secret>,
+        limit: u64,
+    ) -> Result<Answer, Failure> {
+        let mut request =
+            self.client.request(Method::GET, url.clone()).header(header::ACCEPT, accept);
+        if let (Some(token), true) = (token, self.same_origin(url)) {
+            request =
+                request.header(header::AUTHORIZATION, token.bearer().map_err(Failure::fatal)?);
         }
         if let Some(version) = if_none_match {
             request = request.header(header::IF_NONE_MATCH, format!("W/\"{version}\""));
         }
-        request.send().await.map_err(transport)
+        // Connection errors are worth a retry; so is a body cut short.
+        let response = request.send().await.map_err(|e| Failure::transient(transport(e)))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        if is_transient(status) {
+            let error = SourceError::from_status(status.as_u16());
+            return Err(Failure { error, retryable: true, retry_after: retry_after(&headers) });
+        }
+        if !status.is_success() && status != StatusCode::NOT_MODIFIED {
+            return Err(Failure::fatal(SourceError::from_status(status.as_u16())));
+        }
+        let body = Self::body(response, limit).await?;
+        Ok(Answer { status, headers, body })
     }
 
     /// Reads a body into one buffer sized from `Content-Length`, refusing more than `limit`.
-    async fn body(mut response: reqwest::Response, limit: u64) -> Result<Bytes, SourceError> {
+    async fn body(mut response: reqwest::Response, limit: u64) -> Result<Bytes, Failure> {
+        let too_large = || Failure::fatal(SourceError::TooLarge { limit });
         let declared = response.content_length();
         if declared.is_some_and(|len| len > limit) {
-            return Err(SourceError::TooLarge { limit });
+            return Err(too_large());
         }
         let mut buf = Vec::with_capacity(declared.unwrap_or(0) as usize);
-        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+        while let Some(chunk) =
+            response.chunk().await.map_err(|e| Failure::transient(transport(e)))?
+        {
             if buf.len() as u64 + chunk.len() as u64 > limit {
-                return Err(SourceError::TooLarge { limit });
+                return Err(too_large());
             }
             buf.extend_from_slice(&chunk);
         }
-        if declared.is_some_and(|len| len != buf.len() as u64) {
-            return Err(SourceError::BadBody(format!(
-                "body has {} bytes, Content-Length said {}",
-                buf.len(),
-                declared.unwrap_or(0)
-            )));
+        if let Some(declared) = declared.filter(|&len| len != buf.len() as u64) {
+            let got = buf.len();
+            let error = format!("body has {got} bytes, Content-Length said {declared}");
+            return Err(Failure::transient(SourceError::BadBody(error)));
         }
         Ok(Bytes::from(buf))
+    }
+
+    /// GET with retries (transient statuses and connection errors, backing off, honouring
+    /// Retry-After, never past `deadline`) and one renewal of the token after a 401.
+    async fn get(
+        &self,
+        url: &Url,
+        accept: &str,
+        if_none_match: Option<&str>,
+        limit: u64,
+        deadline: Instant,
+    ) -> Result<Answer, SourceError> {
+        let token = self.auth.token().await;
+        match self.get_with(url, accept, if_none_match, token.as_ref(), limit, deadline).await {
+            Err(SourceError::Unauthorized) if self.auth.renew(token.as_ref()).await => {
+                debug!(%url, "401: trying once more with a renewed token");
+                let token = self.auth.token().await;
+                self.get_with(url, accept, if_none_match, token.as_ref(), limit, deadline).await
+            }
+            other => other,
+        }
+    }
+
+    async fn get_with(
+        &self,
+        url: &Url,
+        accept: &str,
+        if_none_match: Option<&str>,
+        token: Option<&Secret>,
+        limit: u64,
+        deadline: Instant,
+    ) -> Result<Answer, SourceError> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(RETRY_MIN_DELAY)
+            .with_max_delay(RETRY_MAX_DELAY)
+            .with_max_times(MAX_RETRIES)
+            .with_jitter();
+        let attempt = || self.attempt(url, accept, if_none_match, token, limit);
+        attempt
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|failure: &Failure| failure.retryable)
+            .adjust(|failure: &Failure, delay| {
+                let wait = failure.retry_after.or(delay)?;
+                // A wait that ends past the deadline is no use: give up now with this error.
+                (Instant::now() + wait < deadline).then_some(wait)
+            })
+            .notify(|failure: &Failure, wait| {
+                debug!(%url, error = %failure.error, ?wait, "retrying");
+            })
+            .await
+            .map_err(|failure| failure.error)
     }
 
     /// The largest JSON body that can hold a Binary of `max_size` bytes (base64 is 4/3 the
@@ -195,107 +289,82 @@ impl HttpSource {
         Ok(url)
     }
 
-    async fn fetch_inner(&self, id: &str, cached: Option<&str>) -> Result<Fetched, SourceError> {
+    fn check_size(&self, len: usize) -> Result<(), SourceError> {
+        if len as u64 > self.config.max_size {
+            return Err(SourceError::TooLarge { limit: self.config.max_size });
+        }
+        Ok(())
+    }
+
+    async fn fetch_inner(
+        &self,
+        id: &str,
+        cached: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Fetched, SourceError> {
         let url = self.binary_url(id)?;
-        let response = self.send(url.clone(), FHIR_JSON, cached).await?;
-        let status = response.status();
-        if status == StatusCode::NOT_MODIFIED {
+        let answer = self.get(&url, FHIR_JSON, cached, self.json_limit(), deadline).await?;
+        if answer.status == StatusCode::NOT_MODIFIED {
             return Ok(Fetched::NotModified);
         }
-        if !status.is_success() {
-            return Err(SourceError::from_status(status.as_u16()));
-        }
-        let headers = response.headers().clone();
-        let kind = media_type(&headers);
-        let body = Self::body(response, self.json_limit()).await?;
-        let from_headers = header_meta(&headers);
+        let kind = media_type(&answer.headers);
+        let from_headers = header_meta(&answer.headers);
         // Decide by what the server sent, not by what we asked for.
-        let is_fhir =
-            kind == FHIR_JSON || (kind == "application/json" && fhir::looks_like_binary(&body));
+        let is_fhir = kind == FHIR_JSON
+            || (kind == "application/json" && fhir::looks_like_binary(&answer.body));
         if !is_fhir {
-            return self.raw_content(body, &headers, from_headers);
+            self.check_size(answer.body.len())?;
+            let meta = Meta { content_type: (!kind.is_empty()).then_some(kind), ..from_headers };
+            return Ok(Fetched::Content { meta, bytes: answer.body });
         }
-        let binary = fhir::parse_binary(&body).map_err(SourceError::BadBody)?;
+        let binary = fhir::parse_binary(&answer.body).map_err(SourceError::BadBody)?;
         let mut meta = binary.meta;
         meta.version_id = meta.version_id.or(from_headers.version_id);
         meta.last_updated = meta.last_updated.or(from_headers.last_updated);
         meta.security_context = meta.security_context.or(from_headers.security_context);
         if let Some(data) = binary.data {
-            if data.len() as u64 > self.config.max_size {
-                return Err(SourceError::TooLarge {
-                    limit: self.config.max_size,
-                });
-            }
-            return Ok(Fetched::Content {
-                meta,
-                bytes: Bytes::from(data),
-            });
+            self.check_size(data.len())?;
+            return Ok(Fetched::Content { meta, bytes: Bytes::from(data) });
         }
         // No `data`: some servers keep the bytes outside the resource and only serve them raw.
         // Ask for the native form before calling the file empty.
-        self.fetch_raw(url, meta, binary.subsetted).await
+        self.fetch_raw(&url, meta, binary.subsetted, deadline).await
     }
 
     async fn fetch_raw(
         &self,
-        url: Url,
+        url: &Url,
         meta: Meta,
         subsetted: bool,
+        deadline: Instant,
     ) -> Result<Fetched, SourceError> {
-        let accept = meta
-            .content_type
-            .clone()
-            .unwrap_or_else(|| "*/*".to_owned());
-        let accept = if accept.contains("json") {
-            "*/*".to_owned()
-        } else {
-            accept
+        let accept = match meta.content_type.as_deref() {
+            Some(kind) if !kind.contains("json") => kind.to_owned(),
+            _ => "*/*".to_owned(),
         };
-        let response = self.send(url, &accept, None).await?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let kind = media_type(&headers);
-        if status.is_success() && kind != FHIR_JSON {
-            let body = Self::body(response, self.config.max_size).await?;
-            let from_headers = header_meta(&headers);
-            let merged = Meta {
-                version_id: meta.version_id.or(from_headers.version_id),
-                last_updated: meta.last_updated.or(from_headers.last_updated),
-                content_type: meta.content_type.or(Some(kind)),
-                security_context: meta.security_context.or(from_headers.security_context),
-                size: None,
-            };
-            return Ok(Fetched::Content {
-                meta: merged,
-                bytes: body,
-            });
+        let raw = self.get(url, &accept, None, self.config.max_size, deadline).await;
+        match raw {
+            Ok(answer) if media_type(&answer.headers) != FHIR_JSON => {
+                let from_headers = header_meta(&answer.headers);
+                let merged = Meta {
+                    version_id: meta.version_id.or(from_headers.version_id),
+                    last_updated: meta.last_updated.or(from_headers.last_updated),
+                    content_type: meta.content_type.or(Some(media_type(&answer.headers))),
+                    security_context: meta.security_context.or(from_headers.security_context),
+                    size: None,
+                };
+                Ok(Fetched::Content { meta: merged, bytes: answer.body })
+            }
+            Err(e @ SourceError::TooLarge { .. }) => Err(e),
+            _ if subsetted => {
+                Err(SourceError::BadBody("the server left `data` out of a full read".into()))
+            }
+            other => {
+                let status = other.as_ref().map(|a| a.status.as_u16()).ok();
+                debug!(?status, "no raw form either: the Binary is empty");
+                Ok(Fetched::Content { meta, bytes: Bytes::new() })
+            }
         }
-        if subsetted {
-            return Err(SourceError::BadBody(
-                "the server left `data` out of a full read".into(),
-            ));
-        }
-        debug!(%status, "no raw form either: the Binary is empty");
-        Ok(Fetched::Content {
-            meta,
-            bytes: Bytes::new(),
-        })
-    }
-
-    fn raw_content(
-        &self,
-        body: Bytes,
-        headers: &HeaderMap,
-        mut meta: Meta,
-    ) -> Result<Fetched, SourceError> {
-        if body.len() as u64 > self.config.max_size {
-            return Err(SourceError::TooLarge {
-                limit: self.config.max_size,
-            });
-        }
-        let kind = media_type(headers);
-        meta.content_type = (!kind.is_empty()).then_some(kind);
-        Ok(Fetched::Content { meta, bytes: body })
     }
 
     async fn list_inner(&self) -> Result<Vec<Listed>, SourceError> {
@@ -308,11 +377,10 @@ impl HttpSource {
         let mut listed = Vec::new();
         loop {
             if !seen.insert(url.to_string()) {
-                return Err(SourceError::BadBody(format!(
-                    "the next link loops back to {url}"
-                )));
+                return Err(SourceError::BadBody(format!("the next link loops back to {url}")));
             }
-            let page = tokio::time::timeout(self.config.timeout, self.page(url.clone()))
+            let deadline = Instant::now() + self.config.timeout;
+            let page = tokio::time::timeout(self.config.timeout, self.page(&url, deadline))
                 .await
                 .map_err(|_| SourceError::Timeout(self.config.timeout))??;
             if page.skipped > 0 {
@@ -331,14 +399,9 @@ impl HttpSource {
         Ok(listed)
     }
 
-    async fn page(&self, url: Url) -> Result<fhir::Page, SourceError> {
-        let response = self.send(url, FHIR_JSON, None).await?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(SourceError::from_status(status.as_u16()));
-        }
-        let body = Self::body(response, self.json_limit()).await?;
-        fhir::parse_bundle(&body).map_err(SourceError::BadBody)
+    async fn page(&self, url: &Url, deadline: Instant) -> Result<fhir::Page, SourceError> {
+        let answer = self.get(url, FHIR_JSON, None, self.json_limit(), deadline).await?;
+        fhir::parse_bundle(&answer.body).map_err(SourceError::BadBody)
     }
 }
 
@@ -348,7 +411,8 @@ impl Source for HttpSource {
     }
 
     async fn fetch(&self, id: &str, cached_version: Option<&str>) -> Result<Fetched, SourceError> {
-        tokio::time::timeout(self.config.timeout, self.fetch_inner(id, cached_version))
+        let deadline = Instant::now() + self.config.timeout;
+        tokio::time::timeout(self.config.timeout, self.fetch_inner(id, cached_version, deadline))
             .await
             .map_err(|_| SourceError::Timeout(self.config.timeout))?
     }
@@ -366,20 +430,35 @@ mod tests {
     }
 
     #[test]
-    fn secrets_do_not_show_in_debug() {
-        let s = Secret::new(" tok-123\n").unwrap();
-        assert_eq!(format!("{s:?}"), "Secret(..)");
-        assert_eq!(Secret::new("  \n"), None);
+    fn retry_after_takes_seconds_and_dates() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
+        let wait = retry_after(&headers).unwrap();
+        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30), "{wait:?}");
+        let past = "Wed, 21 Oct 2015 07:28:00 GMT";
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static(past));
+        assert_eq!(retry_after(&headers), Some(Duration::ZERO));
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn only_busy_and_gateway_statuses_are_retried() {
+        for status in [429, 502, 503, 504] {
+            assert!(is_transient(StatusCode::from_u16(status).unwrap()), "{status}");
+        }
+        for status in [400, 401, 403, 404, 405, 406, 410, 500, 501] {
+            assert!(!is_transient(StatusCode::from_u16(status).unwrap()), "{status}");
+        }
     }
 
     #[test]
     fn binary_urls_keep_the_base_path() {
-        let mut config = HttpConfig::new(Url::parse("http://h:1/fhir/r4/").unwrap());
-        config.token = None;
+        let config = HttpConfig::new(Url::parse("http://h:1/fhir/r4/").unwrap());
         let source = HttpSource::new(config).unwrap();
-        assert_eq!(
-            source.binary_url("a.b-1").unwrap().as_str(),
-            "http://h:1/fhir/r4/Binary/a.b-1"
-        );
+        assert_eq!(source.binary_url("a.b-1").unwrap().as_str(), "http://h:1/fhir/r4/Binary/a.b-1");
     }
 }

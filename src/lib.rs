@@ -5,6 +5,7 @@
 //! - [`fs`]: the core (`FhirFs`): inodes, metadata, listing and content caches.
 //! - [`source`]: the `Source` trait and the in-memory source.
 //! - [`http`]: the HTTP source (`HttpSource`) that talks to a FHIR server.
+//! - [`auth`]: the bearer token: fixed, from a file that is re-read, renewed after a 401.
 //! - [`fhir`]: parsing of Binary resources and searchset Bundles.
 //! - [`id`]: which names are FHIR ids.
 //! - [`error`]: error types and the errno table.
@@ -12,6 +13,7 @@
 //! - [`cli`]: command-line options.
 //! - [`loopback`]: an in-process FHIR server for the demo and the tests.
 
+pub mod auth;
 pub mod cli;
 pub mod error;
 pub mod fhir;

@@ -133,10 +133,7 @@ impl LoopbackServer {
     /// Binds 127.0.0.1:0 and serves on the current tokio runtime (tokio::spawn).
     pub async fn start() -> std::io::Result<LoopbackServer> {
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
-        let state = ServerState {
-            page_cap: DEFAULT_PAGE_CAP,
-            ..ServerState::default()
-        };
+        let state = ServerState { page_cap: DEFAULT_PAGE_CAP, ..ServerState::default() };
         let inner = Arc::new(Inner {
             addr: listener.local_addr()?,
             state: Mutex::new(state),
@@ -239,9 +236,7 @@ impl LoopbackServer {
     pub async fn wait_for_reads(&self, id: &str, n: u64) {
         let mut counts = self.inner.counts.subscribe();
         // The sender lives as long as `self`, so this only returns once the condition holds.
-        let _ = counts
-            .wait_for(|c| c.per_id.get(id).is_some_and(|&reads| reads >= n))
-            .await;
+        let _ = counts.wait_for(|c| c.per_id.get(id).is_some_and(|&reads| reads >= n)).await;
     }
 }
 
@@ -270,9 +265,7 @@ impl Inner {
     fn deny(&self, headers: &HeaderMap) -> Option<Response> {
         let state = self.lock();
         let token = state.token.as_ref()?;
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes);
+        let given = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
         if given.and_then(|v| v.strip_prefix(b"Bearer ")) == Some(token.as_bytes()) {
             return None;
         }
@@ -283,9 +276,7 @@ impl Inner {
 
 impl ServerState {
     fn live(&self) -> impl Iterator<Item = (&String, &Stored)> {
-        self.binaries
-            .iter()
-            .filter_map(|(id, entry)| entry.live.as_ref().map(|s| (id, s)))
+        self.binaries.iter().filter_map(|(id, entry)| entry.live.as_ref().map(|s| (id, s)))
     }
 
     /// The page a search asks for: a stored cursor, or a new search from its parameters.
@@ -303,12 +294,7 @@ impl ServerState {
             param("_elements").is_some_and(|v| !v.split(',').any(|e| e.trim() == "data"));
         let summary = param("_summary").is_some_and(|v| matches!(v, "true" | "text"));
         let ids = param("_id").map(|v| v.split(',').map(|id| id.trim().to_owned()).collect());
-        Ok(Page {
-            offset: 0,
-            count,
-            subsetted: no_data_element || summary,
-            ids,
-        })
+        Ok(Page { offset: 0, count, subsetted: no_data_element || summary, ids })
     }
 
     /// Stores `page` under a new random-looking token.
@@ -362,10 +348,7 @@ async fn search(
     let mut links = vec![json!({"relation": "self", "url": format!("http://{}{uri}", inner.addr)})];
     let next = page.offset + entries.len();
     if size > 0 && next < total {
-        let token = state.new_cursor(Page {
-            offset: next,
-            ..page
-        });
+        let token = state.new_cursor(Page { offset: next, ..page });
         links.push(json!({"relation": "next", "url": format!("{base}/Binary?_cursor={token}")}));
     }
     let bundle = json!({
@@ -417,10 +400,7 @@ async fn read(
     };
     let etag = format!("W/\"{}\"", stored.version_id);
     let modified = httpdate::fmt_http_date(stored.last_updated);
-    let validators = [
-        (header::ETAG, etag.clone()),
-        (header::LAST_MODIFIED, modified),
-    ];
+    let validators = [(header::ETAG, etag.clone()), (header::LAST_MODIFIED, modified)];
     if if_none_match(&headers, &etag) {
         inner.counts.send_modify(|c| c.not_modified += 1);
         return (StatusCode::NOT_MODIFIED, validators).into_response();
@@ -452,10 +432,7 @@ fn wants_json(headers: &HeaderMap, params: &[(String, String)]) -> bool {
 
 /// The first value of query parameter `name`.
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+    params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 /// Whether `If-None-Match` names `etag` (weak comparison) or `*`.
@@ -516,9 +493,7 @@ fn instant(t: SystemTime) -> String {
 }
 
 fn now_millis() -> SystemTime {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     UNIX_EPOCH + Duration::new(since.as_secs(), since.subsec_millis() * 1_000_000)
 }
 
@@ -567,18 +542,11 @@ mod tests {
             let Some(next) = next_link(&bundle) else {
                 break;
             };
-            assert!(
-                next.starts_with(&format!("{base}/Binary?_cursor=")),
-                "{next}"
-            );
+            assert!(next.starts_with(&format!("{base}/Binary?_cursor=")), "{next}");
             url = next;
         }
         assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [3, 3, 1]);
-        let ids: Vec<_> = pages
-            .iter()
-            .flatten()
-            .map(|e| e["resource"]["id"].clone())
-            .collect();
+        let ids: Vec<_> = pages.iter().flatten().map(|e| e["resource"]["id"].clone()).collect();
         assert_eq!(ids, ["b0", "b1", "b2", "b3", "b4", "b5", "b6"]);
         let first = &pages[0][0];
         assert_eq!(first["fullUrl"], format!("{base}/Binary/b0"));
@@ -612,11 +580,7 @@ mod tests {
         let resource: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(resource["data"], "aGVsbG8=");
         let last_updated = resource["meta"]["lastUpdated"].as_str().unwrap();
-        assert_eq!(
-            (last_updated.len(), &last_updated[19..20]),
-            (24, "."),
-            "{last_updated}"
-        );
+        assert_eq!((last_updated.len(), &last_updated[19..20]), (24, "."), "{last_updated}");
 
         let (status, headers, body) = get(&url, &[("if-none-match", "W/\"1\"")]).await;
         assert_eq!((status, body.len()), (304, 0));
@@ -626,10 +590,7 @@ mod tests {
         assert_eq!(status, 200);
         assert_eq!(headers[header::ETAG], "W/\"2\"");
         let counts = server.counts();
-        assert_eq!(
-            (counts.reads, counts.not_modified, counts.per_id["a"]),
-            (3, 1, 3)
-        );
+        assert_eq!((counts.reads, counts.not_modified, counts.per_id["a"]), (3, 1, 3));
     }
 
     #[tokio::test]
@@ -661,10 +622,7 @@ mod tests {
         let outcome: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(outcome["resourceType"], "OperationOutcome");
         assert_eq!(get(&url, &[]).await.0, 401);
-        assert_eq!(
-            get(&url, &[("authorization", "Bearer s3cret")]).await.0,
-            200
-        );
+        assert_eq!(get(&url, &[("authorization", "Bearer s3cret")]).await.0, 200);
         server.set_token(None);
         assert_eq!(get(&url, &[]).await.0, 200);
     }
@@ -713,13 +671,7 @@ mod tests {
         assert_eq!(get(&url, &[]).await.0, 503);
         let body = Bytes::from_static(b"{\"resourceType\":\"Patient\"");
         let content_type = FHIR_JSON.to_owned();
-        server.set_fault(
-            "a",
-            Some(Fault::Body {
-                content_type,
-                body: body.clone(),
-            }),
-        );
+        server.set_fault("a", Some(Fault::Body { content_type, body: body.clone() }));
         assert_eq!(get(&url, &[]).await.2, body);
         server.set_fault("a", Some(Fault::Raw));
         let (_, headers, body) = get(&url, &[("accept", FHIR_JSON)]).await;

@@ -12,6 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+use crate::auth::TokenSource;
 use crate::cli::{Args, Target};
 use crate::fs::FhirFs;
 use crate::fuse::FuseAdapter;
@@ -82,11 +83,8 @@ pub async fn serve<S: Source>(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (unmounted_tx, unmounted) = oneshot::channel();
-    let adapter = FuseAdapter::new(
-        Arc::clone(&fs),
-        tokio::runtime::Handle::current(),
-        unmounted_tx,
-    );
+    let adapter =
+        FuseAdapter::new(Arc::clone(&fs), tokio::runtime::Handle::current(), unmounted_tx);
     let config = mount.fuser_config();
     let mountpoint = mount.mountpoint.clone();
     // Mounting and the FUSE handshake are blocking system calls.
@@ -156,12 +154,10 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         let (base, token, _demo) = match target {
             Target::Server(url) => (url, token, None),
             Target::Demo => {
-                let server = loopback::demo()
-                    .await
-                    .context("cannot start the demo server")?;
+                let server = loopback::demo().await.context("cannot start the demo server")?;
                 info!(base = %server.base_url(), "demo server started");
                 let url = url::Url::parse(&server.base_url())?;
-                (url, None, Some(server))
+                (url, TokenSource::None, Some(server))
             }
         };
         let mut http = HttpConfig::new(base.clone());

@@ -97,10 +97,7 @@ impl MemorySource {
     pub fn put(&self, id: &str, content_type: &str, bytes: impl Into<Bytes>) {
         let bytes = bytes.into();
         let mut state = self.state();
-        let version = state
-            .binaries
-            .get(id)
-            .and_then(|(m, _)| m.version_id.clone());
+        let version = state.binaries.get(id).and_then(|(m, _)| m.version_id.clone());
         let version = version.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + 1;
         let meta = Meta {
             version_id: Some(version.to_string()),
@@ -166,10 +163,10 @@ impl Source for MemorySource {
         if let Some(e) = &state.list_error {
             return Err(e.clone());
         }
-        let listed = state.binaries.iter().map(|(id, (meta, _))| Listed {
-            id: id.clone(),
-            meta: meta.clone(),
-        });
+        let listed = state
+            .binaries
+            .iter()
+            .map(|(id, (meta, _))| Listed { id: id.clone(), meta: meta.clone() });
         Ok(listed.collect())
     }
 
@@ -186,9 +183,6 @@ impl Source for MemorySource {
         if cached_version.is_some() && cached_version == meta.version_id.as_deref() {
             return Ok(Fetched::NotModified);
         }
-        Ok(Fetched::Content {
-            meta: meta.clone(),
-            bytes: bytes.clone(),
-        })
+        Ok(Fetched::Content { meta: meta.clone(), bytes: bytes.clone() })
     }
 }

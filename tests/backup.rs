@@ -25,15 +25,9 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 /// Stores a varied set of Binaries and returns (id, content type, bytes).
 fn seed(server: &Server) -> Vec<(String, &'static str, Vec<u8>)> {
     let mut seeded = Vec::new();
-    let kinds = [
-        "application/pdf",
-        "image/png",
-        "text/plain",
-        "application/dicom",
-    ];
-    for (i, len) in [0, 1, 2, 3, 4095, 4096, 4097, 65_536, 300_000, 1_048_577]
-        .into_iter()
-        .enumerate()
+    let kinds = ["application/pdf", "image/png", "text/plain", "application/dicom"];
+    for (i, len) in
+        [0, 1, 2, 3, 4095, 4096, 4097, 65_536, 300_000, 1_048_577].into_iter().enumerate()
     {
         for (k, kind) in kinds.iter().enumerate() {
             let id = format!("f{i}-{k}");
@@ -47,11 +41,7 @@ fn seed(server: &Server) -> Vec<(String, &'static str, Vec<u8>)> {
 
 fn run(command: &mut Command) -> String {
     let output = command.output().expect("run");
-    assert!(
-        output.status.success(),
-        "{command:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{command:?}: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout).expect("utf-8")
 }
 
@@ -59,12 +49,7 @@ fn assert_same_tree(seeded: &[(String, &str, Vec<u8>)], copy: &Path) {
     let copied = std::fs::read_dir(copy).unwrap().count();
     assert_eq!(copied, seeded.len(), "files in {}", copy.display());
     for (id, _, bytes) in seeded {
-        assert_eq!(
-            &std::fs::read(copy.join(id)).unwrap(),
-            bytes,
-            "{id} in {}",
-            copy.display()
-        );
+        assert_eq!(&std::fs::read(copy.join(id)).unwrap(), bytes, "{id} in {}", copy.display());
     }
 }
 
@@ -76,10 +61,7 @@ fn cp_and_rsync_make_byte_identical_copies_with_server_times() {
     let out = tempfile::tempdir().unwrap();
 
     let cp_dst = out.path().join("cp");
-    run(Command::new("cp")
-        .arg("-r")
-        .arg(&mount.mountpoint)
-        .arg(&cp_dst));
+    run(Command::new("cp").arg("-r").arg(&mount.mountpoint).arg(&cp_dst));
     assert_same_tree(&seeded, &cp_dst);
 
     let rsync_dst = out.path().join("rsync");
@@ -90,23 +72,11 @@ fn cp_and_rsync_make_byte_identical_copies_with_server_times() {
     for (id, _, _) in &seeded {
         let stored = server.server.stored(id).unwrap().last_updated;
         let mounted = std::fs::metadata(mount.path(id)).unwrap();
-        assert_eq!(
-            mounted.modified().unwrap(),
-            stored,
-            "mtime of {id} is lastUpdated"
-        );
+        assert_eq!(mounted.modified().unwrap(), stored, "mtime of {id} is lastUpdated");
         assert_eq!(mounted.ctime(), mounted.mtime(), "ctime of {id}");
-        assert_eq!(
-            mounted.blocks(),
-            mounted.len().div_ceil(512),
-            "st_blocks of {id}"
-        );
+        assert_eq!(mounted.blocks(), mounted.len().div_ceil(512), "st_blocks of {id}");
         let copied = std::fs::metadata(rsync_dst.join(id)).unwrap();
-        assert_eq!(
-            copied.modified().unwrap(),
-            stored,
-            "rsync -a keeps the mtime of {id}"
-        );
+        assert_eq!(copied.modified().unwrap(), stored, "rsync -a keeps the mtime of {id}");
     }
 }
 
@@ -130,21 +100,10 @@ fn a_second_rsync_after_the_ttl_changes_nothing_and_fetches_no_content() {
 
     // Let both TTLs run out: the second run must revalidate, and do it by listing.
     std::thread::sleep(Duration::from_millis(400));
-    let changes = run(Command::new("rsync")
-        .arg("-a")
-        .arg("--itemize-changes")
-        .arg(&src)
-        .arg(&dst));
+    let changes = run(Command::new("rsync").arg("-a").arg("--itemize-changes").arg(&src).arg(&dst));
     assert_eq!(changes, "", "the second rsync changes nothing");
-    assert_eq!(
-        server.server.counts().reads,
-        reads,
-        "no content GET (not even a 304)"
-    );
-    assert!(
-        server.server.counts().searches > searches,
-        "the listing was revalidated"
-    );
+    assert_eq!(server.server.counts().reads, reads, "no content GET (not even a 304)");
+    assert!(server.server.counts().searches > searches, "the listing was revalidated");
 }
 
 #[test]
@@ -154,42 +113,18 @@ fn xattrs_carry_the_fhir_metadata_and_are_read_only() {
     let mount = Mount::new(&server.base_url());
     let path = mount.path("doc");
     let stored = server.server.stored("doc").unwrap();
-    let get = |name: &str| {
-        xattr::get(&path, name)
-            .unwrap()
-            .map(|v| String::from_utf8(v).unwrap())
-    };
+    let get = |name: &str| xattr::get(&path, name).unwrap().map(|v| String::from_utf8(v).unwrap());
     assert_eq!(get("user.mime_type").as_deref(), Some("application/pdf"));
     assert_eq!(get("user.fhir.versionId").as_deref(), Some("1"));
     let last_updated = fhirfs::fhir::format_instant(stored.last_updated);
     assert_eq!(get("user.fhir.lastUpdated"), Some(last_updated));
-    assert_eq!(
-        get("user.fhir.securityContext"),
-        None,
-        "absent when the Binary has none"
-    );
-    let mut names: Vec<_> = xattr::list(&path)
-        .unwrap()
-        .map(|n| n.into_string().unwrap())
-        .collect();
+    assert_eq!(get("user.fhir.securityContext"), None, "absent when the Binary has none");
+    let mut names: Vec<_> = xattr::list(&path).unwrap().map(|n| n.into_string().unwrap()).collect();
     names.sort();
-    assert_eq!(
-        names,
-        [
-            "user.fhir.lastUpdated",
-            "user.fhir.versionId",
-            "user.mime_type"
-        ]
-    );
+    assert_eq!(names, ["user.fhir.lastUpdated", "user.fhir.versionId", "user.mime_type"]);
 
-    assert_eq!(
-        errno(xattr::set(&path, "user.mime_type", b"text/plain").unwrap_err()),
-        libc::EROFS
-    );
-    assert_eq!(
-        errno(xattr::remove(&path, "user.mime_type").unwrap_err()),
-        libc::EROFS
-    );
+    assert_eq!(errno(xattr::set(&path, "user.mime_type", b"text/plain").unwrap_err()), libc::EROFS);
+    assert_eq!(errno(xattr::remove(&path, "user.mime_type").unwrap_err()), libc::EROFS);
 }
 
 #[test]
@@ -225,10 +160,7 @@ fn a_new_version_shows_new_size_time_and_bytes_never_stale_pages() {
     server.server.put("a", "text/plain", "BBBBBBBBBB");
     assert_eq!(std::fs::read(&path).unwrap(), b"BBBBBBBBBB");
     let meta = std::fs::metadata(&path).unwrap();
-    assert_eq!(
-        meta.modified().unwrap(),
-        server.server.stored("a").unwrap().last_updated
-    );
+    assert_eq!(meta.modified().unwrap(), server.server.stored("a").unwrap().last_updated);
 
     server.server.put("a", "text/plain", "CCCCCCCCCCCCCCCCCCCC");
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 20);
@@ -241,49 +173,28 @@ fn extensions_name_files_by_content_type_and_both_names_open() {
     let server = Server::start();
     server.server.put("report", "application/pdf", "%PDF");
     server.server.put("scan", "image/png", "\u{89}PNG");
-    server
-        .server
-        .put("note", "text/plain; charset=utf-8", "hello");
-    server
-        .server
-        .put("blob", "application/x-unknown-to-anyone", "??");
+    server.server.put("note", "text/plain; charset=utf-8", "hello");
+    server.server.put("blob", "application/x-unknown-to-anyone", "??");
     // An id that already looks like another file's name with its extension.
     server.server.put("twin", "application/pdf", "twin one");
     server.server.put("twin.pdf", "application/pdf", "twin two");
-    let mount = Mount::builder()
-        .arg("--extensions")
-        .mount(&server.base_url());
+    let mount = Mount::builder().arg("--extensions").mount(&server.base_url());
 
     let mut names: Vec<_> = std::fs::read_dir(&mount.mountpoint)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert_eq!(
-        names,
-        [
-            "blob",
-            "note.txt",
-            "report.pdf",
-            "scan.png",
-            "twin",
-            "twin.pdf"
-        ]
-    );
+    assert_eq!(names, ["blob", "note.txt", "report.pdf", "scan.png", "twin", "twin.pdf"]);
     assert_eq!(std::fs::read(mount.path("report.pdf")).unwrap(), b"%PDF");
     assert_eq!(std::fs::read(mount.path("report")).unwrap(), b"%PDF");
     assert_eq!(std::fs::read(mount.path("twin")).unwrap(), b"twin one");
     assert_eq!(std::fs::read(mount.path("twin.pdf")).unwrap(), b"twin two");
-    assert_eq!(
-        errno(std::fs::metadata(mount.path("report.png")).unwrap_err()),
-        libc::ENOENT
-    );
+    assert_eq!(errno(std::fs::metadata(mount.path("report.png")).unwrap_err()), libc::ENOENT);
 
     // Unlisted (a server that cannot search): the extension name still opens it.
     server.server.put("late", "image/png", "late png");
     server.server.set_search_status(Some(400));
-    let mount = Mount::builder()
-        .arg("--extensions")
-        .mount(&server.base_url());
+    let mount = Mount::builder().arg("--extensions").mount(&server.base_url());
     assert_eq!(std::fs::read(mount.path("late.png")).unwrap(), b"late png");
 }

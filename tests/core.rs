@@ -31,11 +31,7 @@ async fn read_all(fs: &Arc<FhirFs<MemorySource>>, ino: u64) -> Vec<u8> {
 }
 
 fn names(fs: &Arc<FhirFs<MemorySource>>, fh: u64) -> Vec<String> {
-    fs.readdir(fh, 0)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect()
+    fs.readdir(fh, 0).unwrap().into_iter().map(|e| e.name).collect()
 }
 
 #[tokio::test]
@@ -63,13 +59,7 @@ async fn listing_is_cached_for_the_dir_ttl() {
     assert_eq!(fs.source().list_count(), 1);
 
     let source = MemorySource::new();
-    let fs = core_with(
-        source,
-        FsConfig {
-            dir_ttl: Duration::ZERO,
-            ..FsConfig::default()
-        },
-    );
+    let fs = core_with(source, FsConfig { dir_ttl: Duration::ZERO, ..FsConfig::default() });
     fs.opendir(ROOT_INO).await.unwrap();
     fs.opendir(ROOT_INO).await.unwrap();
     assert_eq!(fs.source().list_count(), 2);
@@ -94,19 +84,11 @@ async fn unlisted_ids_are_looked_up_with_their_exact_size() {
     source.set_list_error(Some(SourceError::Status(400)));
     let fs = core(source);
     let fh = fs.opendir(ROOT_INO).await.unwrap();
-    assert_eq!(
-        names(&fs, fh),
-        [".", ".."],
-        "a refused search is an empty folder"
-    );
+    assert_eq!(names(&fs, fh), [".", ".."], "a refused search is an empty folder");
     let attr = fs.lookup(ROOT_INO, OsStr::new("hidden")).await.unwrap();
     assert_eq!(attr.size, 1234);
     assert_eq!(read_all(&fs, attr.ino).await, vec![7u8; 1234]);
-    assert_eq!(
-        fs.source().fetch_count(),
-        1,
-        "lookup and open share one fetch"
-    );
+    assert_eq!(fs.source().fetch_count(), 1, "lookup and open share one fetch");
 }
 
 #[tokio::test]
@@ -179,14 +161,8 @@ async fn writes_are_refused_read_only() {
     source.put("a", "text/plain", "abc");
     let fs = core(source);
     let attr = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap();
-    assert_eq!(
-        fs.open(attr.ino, true).await.unwrap_err().errno(),
-        libc::EROFS
-    );
-    assert_eq!(
-        fs.open(ROOT_INO, false).await.unwrap_err().errno(),
-        libc::EISDIR
-    );
+    assert_eq!(fs.open(attr.ino, true).await.unwrap_err().errno(), libc::EROFS);
+    assert_eq!(fs.open(ROOT_INO, false).await.unwrap_err().errno(), libc::EISDIR);
 }
 
 // A current-thread runtime polls every spawned task before the test task resumes, so all
@@ -221,11 +197,8 @@ async fn concurrent_opens_of_one_cold_id_make_one_fetch() {
 async fn a_new_version_is_served_after_the_ttl_and_the_kernel_is_told() {
     let source = MemorySource::new();
     source.put("a", "text/plain", "old");
-    let config = FsConfig {
-        dir_ttl: Duration::ZERO,
-        cache_ttl: Duration::ZERO,
-        ..FsConfig::default()
-    };
+    let config =
+        FsConfig { dir_ttl: Duration::ZERO, cache_ttl: Duration::ZERO, ..FsConfig::default() };
     let fs = core_with(source, config);
     let invalidated = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = Arc::clone(&invalidated);
@@ -245,10 +218,7 @@ async fn a_new_version_is_served_after_the_ttl_and_the_kernel_is_told() {
     assert_eq!(attr2.ino, attr.ino, "inodes are stable per id");
     assert_eq!(attr2.size, 5);
     let third = fs.open(attr.ino, false).await.unwrap();
-    assert!(
-        !third.keep_cache,
-        "new bytes: the kernel must drop its pages"
-    );
+    assert!(!third.keep_cache, "new bytes: the kernel must drop its pages");
     assert_eq!(&fs.read(third.fh, 0, 100).unwrap()[..], b"newer");
     assert_eq!(invalidated.lock().unwrap().as_slice(), [attr.ino]);
 }
@@ -257,11 +227,8 @@ async fn a_new_version_is_served_after_the_ttl_and_the_kernel_is_told() {
 async fn an_open_handle_keeps_its_version() {
     let source = MemorySource::new();
     source.put("a", "text/plain", "old bytes");
-    let config = FsConfig {
-        dir_ttl: Duration::ZERO,
-        cache_ttl: Duration::ZERO,
-        ..FsConfig::default()
-    };
+    let config =
+        FsConfig { dir_ttl: Duration::ZERO, cache_ttl: Duration::ZERO, ..FsConfig::default() };
     let fs = core_with(source, config);
     let ino = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
     let old = fs.open(ino, false).await.unwrap();
@@ -275,10 +242,7 @@ async fn an_open_handle_keeps_its_version() {
 async fn content_larger_than_the_cache_is_still_served() {
     let source = MemorySource::new();
     source.put("big", "application/octet-stream", vec![1u8; 4096]);
-    let config = FsConfig {
-        cache_bytes: 1024,
-        ..FsConfig::default()
-    };
+    let config = FsConfig { cache_bytes: 1024, ..FsConfig::default() };
     let fs = core_with(source, config);
     let ino = fs.lookup(ROOT_INO, OsStr::new("big")).await.unwrap().ino;
     assert_eq!(read_all(&fs, ino).await.len(), 4096);
@@ -289,10 +253,7 @@ async fn listing_errors_other_than_refusal_fail() {
     let source = MemorySource::new();
     source.set_list_error(Some(SourceError::Unauthorized));
     let fs = core(source);
-    assert_eq!(
-        fs.opendir(ROOT_INO).await.unwrap_err().errno(),
-        libc::EACCES
-    );
+    assert_eq!(fs.opendir(ROOT_INO).await.unwrap_err().errno(), libc::EACCES);
     fs.source().set_list_error(Some(SourceError::Status(502)));
     assert_eq!(fs.opendir(ROOT_INO).await.unwrap_err().errno(), libc::EIO);
 }

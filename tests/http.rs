@@ -1,15 +1,16 @@
 //! The HTTP source against the in-process loopback FHIR server.
 
 use bytes::Bytes;
+use fhirfs::auth::{Secret, TokenSource};
 use fhirfs::error::SourceError;
-use fhirfs::http::{HttpConfig, HttpSource, Secret};
+use fhirfs::http::{HttpConfig, HttpSource};
 use fhirfs::loopback::{Fault, LoopbackServer};
 use fhirfs::source::{Fetched, Source};
 use url::Url;
 
 fn source(server: &LoopbackServer, token: Option<&str>) -> HttpSource {
     let mut config = HttpConfig::new(Url::parse(&server.base_url()).unwrap());
-    config.token = token.and_then(Secret::new);
+    config.token = token.and_then(Secret::new).map_or(TokenSource::None, TokenSource::Static);
     config.page_size = 1000;
     HttpSource::new(config).unwrap()
 }
@@ -41,11 +42,7 @@ async fn paging_follows_opaque_next_links_to_the_end() {
     assert_eq!(server.counts().searches, 5, "30 at 7 a page");
     // `_elements` dropped `data`: sizes are not known from this listing.
     assert!(listed.iter().all(|l| l.meta.size.is_none()));
-    assert!(
-        listed
-            .iter()
-            .all(|l| l.meta.version_id.as_deref() == Some("1"))
-    );
+    assert!(listed.iter().all(|l| l.meta.version_id.as_deref() == Some("1")));
 }
 
 #[tokio::test]
@@ -56,18 +53,9 @@ async fn listing_entries_with_data_carry_exact_sizes() {
         server.put(id, "application/octet-stream", vec![7u8; len]);
     }
     let listed = source(&server, None).list().await.unwrap();
-    let sizes: Vec<_> = listed
-        .iter()
-        .map(|l| (l.id.as_str(), l.meta.size))
-        .collect();
+    let sizes: Vec<_> = listed.iter().map(|l| (l.id.as_str(), l.meta.size)).collect();
     // An empty Binary has no `data`: its size is unknown until it is fetched.
-    let expected = [
-        ("a", None),
-        ("b", Some(1)),
-        ("c", Some(2)),
-        ("d", Some(3)),
-        ("e", Some(4097)),
-    ];
+    let expected = [("a", None), ("b", Some(1)), ("c", Some(2)), ("d", Some(3)), ("e", Some(4097))];
     assert_eq!(sizes, expected);
 }
 
@@ -97,18 +85,9 @@ async fn statuses_become_typed_errors() {
 async fn bad_bodies_are_bad_body_errors() {
     let server = LoopbackServer::start().await.unwrap();
     let faults = [
-        (
-            "malformed",
-            json_fault(r#"{"resourceType":"Binary","data":"AAA"#),
-        ),
-        (
-            "patient",
-            json_fault(r#"{"resourceType":"Patient","id":"patient"}"#),
-        ),
-        (
-            "base64",
-            json_fault(r#"{"resourceType":"Binary","data":"not*base64"}"#),
-        ),
+        ("malformed", json_fault(r#"{"resourceType":"Binary","data":"AAA"#)),
+        ("patient", json_fault(r#"{"resourceType":"Patient","id":"patient"}"#)),
+        ("base64", json_fault(r#"{"resourceType":"Binary","data":"not*base64"}"#)),
         ("array", json_fault("[1,2,3]")),
     ];
     for (id, fault) in faults {
@@ -135,16 +114,8 @@ async fn json_and_raw_responses_give_the_same_bytes() {
             panic!("{id}: expected content");
         };
         assert_eq!(got, bytes, "{id}");
-        assert_eq!(
-            meta.content_type.as_deref(),
-            Some("application/pdf"),
-            "{id}"
-        );
-        assert_eq!(
-            meta.version_id.as_deref(),
-            Some("1"),
-            "{id}: from meta or ETag"
-        );
+        assert_eq!(meta.content_type.as_deref(), Some("application/pdf"), "{id}");
+        assert_eq!(meta.version_id.as_deref(), Some("1"), "{id}: from meta or ETag");
         let stored = server.stored(id).unwrap().last_updated;
         let got = meta.last_updated.unwrap();
         if id == "json" {
@@ -165,10 +136,7 @@ async fn a_known_version_is_not_downloaded_again() {
     server.put("a", "text/plain", "v1");
     let source = source(&server, None);
     assert_eq!(content(source.fetch("a", None).await.unwrap()), "v1");
-    assert_eq!(
-        source.fetch("a", Some("1")).await.unwrap(),
-        Fetched::NotModified
-    );
+    assert_eq!(source.fetch("a", Some("1")).await.unwrap(), Fetched::NotModified);
     assert_eq!(server.counts().not_modified, 1);
     server.put("a", "text/plain", "v2");
     assert_eq!(content(source.fetch("a", Some("1")).await.unwrap()), "v2");
@@ -189,30 +157,17 @@ async fn the_token_is_sent_as_bearer() {
     let server = LoopbackServer::start().await.unwrap();
     server.set_token(Some("secret-1"));
     server.put("a", "text/plain", "x");
-    assert_eq!(
-        content(
-            source(&server, Some("secret-1"))
-                .fetch("a", None)
-                .await
-                .unwrap()
-        ),
-        "x"
-    );
-    let err = source(&server, Some("other"))
-        .fetch("a", None)
-        .await
-        .unwrap_err();
+    assert_eq!(content(source(&server, Some("secret-1")).fetch("a", None).await.unwrap()), "x");
+    let err = source(&server, Some("other")).fetch("a", None).await.unwrap_err();
     assert_eq!(err, SourceError::Unauthorized);
-    assert_eq!(
-        source(&server, None).list().await.unwrap_err(),
-        SourceError::Unauthorized
-    );
+    assert_eq!(source(&server, None).list().await.unwrap_err(), SourceError::Unauthorized);
 }
 
 #[tokio::test]
 async fn an_unreachable_server_is_a_transport_error_without_secrets() {
     let mut config = HttpConfig::new(Url::parse("http://127.0.0.1:1/fhir").unwrap());
-    config.token = Secret::new("tok-do-not-leak");
+    config.token = TokenSource::Static(Secret::new("tok-do-not-leak").unwrap());
+    config.timeout = std::time::Duration::from_secs(2);
     let source = HttpSource::new(config).unwrap();
     let err = source.fetch("a", None).await.unwrap_err();
     assert!(matches!(err, SourceError::Transport(_)), "{err:?}");

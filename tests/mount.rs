@@ -33,16 +33,12 @@ fn every_file_has_the_servers_bytes_and_size_across_many_pages() {
     for i in 0..1100 {
         let id = format!("bin-{i:04}");
         let bytes = noise(i * 7 % 3001, i as u64);
-        server
-            .server
-            .put(&id, "application/octet-stream", bytes.clone());
+        server.server.put(&id, "application/octet-stream", bytes.clone());
         expected.push((id, bytes));
     }
     for (id, len) in [("big-1m", 1 << 20), ("big-3m", 3 << 20), ("empty", 0)] {
         let bytes = noise(len, 99);
-        server
-            .server
-            .put(id, "application/octet-stream", bytes.clone());
+        server.server.put(id, "application/octet-stream", bytes.clone());
         expected.push((id.to_owned(), bytes));
     }
     let mount = Mount::new(&server.base_url());
@@ -55,23 +51,12 @@ fn every_file_has_the_servers_bytes_and_size_across_many_pages() {
     let mut ids: Vec<String> = expected.iter().map(|(id, _)| id.clone()).collect();
     ids.sort();
     assert_eq!(listed, ids);
-    assert!(
-        server.server.counts().searches >= 8,
-        "1103 Binaries at 150 a page is 8 pages"
-    );
+    assert!(server.server.counts().searches >= 8, "1103 Binaries at 150 a page is 8 pages");
 
     for (id, bytes) in &expected {
         let meta = std::fs::metadata(mount.path(id)).unwrap();
-        assert_eq!(
-            meta.len(),
-            bytes.len() as u64,
-            "stat size of {id} before reading"
-        );
-        assert_eq!(
-            &std::fs::read(mount.path(id)).unwrap(),
-            bytes,
-            "bytes of {id}"
-        );
+        assert_eq!(meta.len(), bytes.len() as u64, "stat size of {id} before reading");
+        assert_eq!(&std::fs::read(mount.path(id)).unwrap(), bytes, "bytes of {id}");
     }
 }
 
@@ -79,9 +64,7 @@ fn every_file_has_the_servers_bytes_and_size_across_many_pages() {
 fn errors_reach_programs_as_the_documented_errno() {
     let server = Server::start();
     let s = &server.server;
-    for id in [
-        "ok", "s401", "s403", "s500", "s400", "json", "type", "b64", "gone",
-    ] {
+    for id in ["ok", "s401", "s403", "s500", "s400", "json", "type", "b64", "gone"] {
         s.put(id, "text/plain", "fine");
     }
     s.set_fault("s401", Some(Fault::Status(401)));
@@ -93,16 +76,8 @@ fn errors_reach_programs_as_the_documented_errno() {
         body: Bytes::from_static(body.as_bytes()),
     };
     s.set_fault("json", Some(json(r#"{"resourceType":"Binary","data":"#)));
-    s.set_fault(
-        "type",
-        Some(json(r#"{"resourceType":"Patient","id":"type"}"#)),
-    );
-    s.set_fault(
-        "b64",
-        Some(json(
-            r#"{"resourceType":"Binary","data":"@@@not base64@@@"}"#,
-        )),
-    );
+    s.set_fault("type", Some(json(r#"{"resourceType":"Patient","id":"type"}"#)));
+    s.set_fault("b64", Some(json(r#"{"resourceType":"Binary","data":"@@@not base64@@@"}"#)));
     s.delete("gone");
     let mount = Mount::new(&server.base_url());
 
@@ -129,11 +104,7 @@ fn errors_reach_programs_as_the_documented_errno() {
         let err = std::fs::metadata(mount.path(name)).unwrap_err();
         assert_eq!(errno(err), libc::ENOENT, "{name}");
     }
-    assert_eq!(
-        s.counts().reads,
-        reads,
-        "names outside the id pattern never reach the server"
-    );
+    assert_eq!(s.counts().reads, reads, "names outside the id pattern never reach the server");
     assert!(!mount.log().contains("panicked"));
 }
 
@@ -157,52 +128,20 @@ fn the_mount_is_read_only_with_safe_modes() {
         assert_eq!(errno(result.unwrap_err()), libc::EROFS, "{what}");
     };
     erofs(std::fs::write(root.join("new"), b"x"), "create");
-    erofs(
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&file)
-            .map(drop),
-        "open for append",
-    );
-    erofs(
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&file)
-            .map(drop),
-        "open for write",
-    );
+    erofs(std::fs::OpenOptions::new().append(true).open(&file).map(drop), "open for append");
+    erofs(std::fs::OpenOptions::new().write(true).open(&file).map(drop), "open for write");
     erofs(std::fs::create_dir(root.join("d")), "mkdir");
     erofs(std::fs::remove_file(&file), "unlink");
     erofs(std::fs::rename(&file, root.join("other")), "rename");
-    erofs(
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)),
-        "chmod",
-    );
-    let truncate = std::fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(&file);
+    erofs(std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)), "chmod");
+    let truncate = std::fs::OpenOptions::new().write(true).truncate(true).open(&file);
     erofs(truncate.map(drop), "open with O_TRUNC");
-    assert_eq!(
-        std::fs::read(&file).unwrap(),
-        b"%PDF-1.4 tiny",
-        "nothing changed"
-    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"%PDF-1.4 tiny", "nothing changed");
 
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    let line = mounts
-        .lines()
-        .find(|l| l.contains(&*root.to_string_lossy()))
-        .unwrap();
+    let line = mounts.lines().find(|l| l.contains(&*root.to_string_lossy())).unwrap();
     for flag in ["ro", "nosuid", "nodev"] {
-        assert!(
-            line.split(' ')
-                .nth(3)
-                .unwrap()
-                .split(',')
-                .any(|f| f == flag),
-            "{flag}: {line}"
-        );
+        assert!(line.split(' ').nth(3).unwrap().split(',').any(|f| f == flag), "{flag}: {line}");
     }
 }
 
@@ -210,11 +149,7 @@ fn the_mount_is_read_only_with_safe_modes() {
 fn uid_and_gid_options_set_the_owner() {
     let server = Server::start();
     server.server.put("a", "text/plain", "a");
-    let mount = Mount::builder()
-        .arg("--uid")
-        .arg("1234")
-        .arg("--gid")
-        .arg("5678");
+    let mount = Mount::builder().arg("--uid").arg("1234").arg("--gid").arg("5678");
     let mount = mount.mount(&server.base_url());
     let meta = std::fs::metadata(mount.path("a")).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (1234, 5678));
@@ -244,10 +179,7 @@ fn sigint_unmounts_and_exits_zero() {
 fn an_external_umount_ends_the_daemon_with_zero() {
     let server = Server::start();
     let mut mount = Mount::new(&server.base_url());
-    let status = std::process::Command::new("umount")
-        .arg(&mount.mountpoint)
-        .status()
-        .unwrap();
+    let status = std::process::Command::new("umount").arg(&mount.mountpoint).status().unwrap();
     assert!(status.success());
     assert_eq!(mount.wait_exit().code(), Some(0), "{}", mount.log());
 }
@@ -273,9 +205,7 @@ fn a_held_fetch_does_not_stall_other_files_or_listing() {
         let listing = std::fs::read_dir(&root).map(|d| d.count());
         let _ = tx.send((fast, listing));
     });
-    let (fast, listing) = rx
-        .recv_timeout(PATIENCE)
-        .expect("fast file stalled behind slow one");
+    let (fast, listing) = rx.recv_timeout(PATIENCE).expect("fast file stalled behind slow one");
     assert_eq!(fast.unwrap(), b"fast bytes");
     assert_eq!(listing.unwrap(), 2);
 
@@ -287,9 +217,7 @@ fn a_held_fetch_does_not_stall_other_files_or_listing() {
 fn concurrent_opens_of_one_cold_file_make_one_get() {
     let server = Server::start();
     server.server.set_listing_data(true);
-    server
-        .server
-        .put("hot", "application/octet-stream", noise(100_000, 5));
+    server.server.put("hot", "application/octet-stream", noise(100_000, 5));
     let mount = Mount::new(&server.base_url());
     // The listing carries `data`, so sizes are known and only `open` fetches.
     assert_eq!(std::fs::read_dir(&mount.mountpoint).unwrap().count(), 1);
@@ -324,10 +252,7 @@ fn raw_responses_are_served_as_the_content() {
     server.server.put("raw", "application/pdf", pdf.clone());
     server.server.set_fault("raw", Some(Fault::Raw));
     let mount = Mount::new(&server.base_url());
-    assert_eq!(
-        std::fs::metadata(mount.path("raw")).unwrap().len(),
-        pdf.len() as u64
-    );
+    assert_eq!(std::fs::metadata(mount.path("raw")).unwrap().len(), pdf.len() as u64);
     assert_eq!(std::fs::read(mount.path("raw")).unwrap(), pdf);
 }
 
@@ -338,10 +263,7 @@ fn a_server_that_refuses_search_gives_an_empty_folder_and_lookups_work() {
     server.server.set_search_status(Some(400));
     let mount = Mount::new(&server.base_url());
     assert_eq!(std::fs::read_dir(&mount.mountpoint).unwrap().count(), 0);
-    assert_eq!(
-        std::fs::read(mount.path("known-id")).unwrap(),
-        b"still here"
-    );
+    assert_eq!(std::fs::read(mount.path("known-id")).unwrap(), b"still here");
 }
 
 #[test]
@@ -351,37 +273,23 @@ fn the_token_is_sent_and_never_logged() {
     server.server.set_token(Some(token));
     server.server.put("a", "text/plain", "authorised");
 
-    let mount = Mount::builder()
-        .env("FHIRFS_TOKEN", token)
-        .mount(&server.base_url());
+    let mount = Mount::builder().env("FHIRFS_TOKEN", token).mount(&server.base_url());
     assert_eq!(std::fs::read(mount.path("a")).unwrap(), b"authorised");
     drop(mount);
 
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
-    std::fs::File::create(&token_file)
-        .unwrap()
-        .write_all(b"  wrong-token\n")
-        .unwrap();
+    std::fs::File::create(&token_file).unwrap().write_all(b"  wrong-token\n").unwrap();
     let mount = Mount::builder()
         .arg("--token-file")
         .arg(token_file.to_str().unwrap())
         .mount(&server.base_url());
-    assert_eq!(
-        errno(std::fs::read(mount.path("a")).unwrap_err()),
-        libc::EACCES
-    );
-    assert_eq!(
-        errno(std::fs::read_dir(&mount.mountpoint).unwrap_err()),
-        libc::EACCES
-    );
+    assert_eq!(errno(std::fs::read(mount.path("a")).unwrap_err()), libc::EACCES);
+    assert_eq!(errno(std::fs::read_dir(&mount.mountpoint).unwrap_err()), libc::EACCES);
     assert!(!mount.log().contains("wrong-token"), "{}", mount.log());
 
     let mount = Mount::new(&server.base_url());
-    assert_eq!(
-        errno(std::fs::read(mount.path("a")).unwrap_err()),
-        libc::EACCES
-    );
+    assert_eq!(errno(std::fs::read(mount.path("a")).unwrap_err()), libc::EACCES);
 }
 
 #[test]
@@ -394,14 +302,6 @@ fn the_demo_mounts_sample_files_without_a_server() {
         .collect();
     names.sort();
     assert_eq!(names, ["notes-txt", "report-pdf", "scan-png"]);
-    assert!(
-        std::fs::read(mount.path("report-pdf"))
-            .unwrap()
-            .starts_with(b"%PDF-")
-    );
-    assert!(
-        std::fs::read(mount.path("scan-png"))
-            .unwrap()
-            .starts_with(b"\x89PNG\r\n\x1a\n")
-    );
+    assert!(std::fs::read(mount.path("report-pdf")).unwrap().starts_with(b"%PDF-"));
+    assert!(std::fs::read(mount.path("scan-png")).unwrap().starts_with(b"\x89PNG\r\n\x1a\n"));
 }

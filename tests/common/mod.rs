@@ -28,9 +28,7 @@ impl Server {
             .enable_all()
             .build()
             .expect("runtime");
-        let server = runtime
-            .block_on(LoopbackServer::start())
-            .expect("loopback server");
+        let server = runtime.block_on(LoopbackServer::start()).expect("loopback server");
         Server { runtime, server }
     }
 
@@ -103,9 +101,7 @@ impl MountBuilder {
         let log = dir.path().join("fhirfs.log");
         let socket_path = dir.path().join("notify.sock");
         let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .expect("timeout");
+        socket.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
         let mut command = Command::new(env!("CARGO_BIN_EXE_fhirfs"));
         command
             .args(&self.args)
@@ -121,12 +117,7 @@ impl MountBuilder {
             command.env(key, value);
         }
         let child = command.spawn().expect("start fhirfs");
-        let mut mount = Mount {
-            dir,
-            mountpoint,
-            child: Some(child),
-            log,
-        };
+        let mut mount = Mount { dir, mountpoint, child: Some(child), log };
         mount.wait_ready(&socket);
         mount
     }
@@ -134,10 +125,7 @@ impl MountBuilder {
 
 impl Mount {
     pub fn builder() -> MountBuilder {
-        MountBuilder {
-            args: Vec::new(),
-            env: Vec::new(),
-        }
+        MountBuilder { args: Vec::new(), env: Vec::new() }
     }
 
     /// Mounts `base_url` with default options.
@@ -150,28 +138,15 @@ impl Mount {
         let mut buf = [0u8; 512];
         while Instant::now() < deadline {
             if let Ok(n) = socket.recv(&mut buf) {
-                if String::from_utf8_lossy(&buf[..n])
-                    .lines()
-                    .any(|l| l == "READY=1")
-                {
+                if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
                     return;
                 }
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "fhirfs exited with {status} before it was ready:\n{}",
-                    self.log()
-                );
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("fhirfs exited with {status} before it was ready:\n{}", self.log());
             }
         }
-        panic!(
-            "fhirfs did not say READY=1 within {PATIENCE:?}:\n{}",
-            self.log()
-        );
+        panic!("fhirfs did not say READY=1 within {PATIENCE:?}:\n{}", self.log());
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -216,18 +191,10 @@ impl Mount {
     /// (/sys/fs/fuse/connections/N/waiting).
     pub fn kernel_waiting(&self) -> u64 {
         let connections = Path::new("/sys/fs/fuse/connections");
-        if std::fs::read_dir(connections)
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(true)
-        {
-            let _ = Command::new("mount")
-                .args(["-t", "fusectl", "none"])
-                .arg(connections)
-                .status();
+        if std::fs::read_dir(connections).map(|mut d| d.next().is_none()).unwrap_or(true) {
+            let _ = Command::new("mount").args(["-t", "fusectl", "none"]).arg(connections).status();
         }
-        let dev = std::fs::metadata(&self.mountpoint)
-            .expect("stat mountpoint")
-            .dev();
+        let dev = std::fs::metadata(&self.mountpoint).expect("stat mountpoint").dev();
         let minor = libc::minor(dev);
         let path = connections.join(minor.to_string()).join("waiting");
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
@@ -240,10 +207,7 @@ impl Mount {
     pub fn wait_kernel_waiting(&self, n: u64) {
         let deadline = Instant::now() + PATIENCE;
         while self.kernel_waiting() < n {
-            assert!(
-                Instant::now() < deadline,
-                "never {n} requests waiting on the mount"
-            );
+            assert!(Instant::now() < deadline, "never {n} requests waiting on the mount");
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -287,6 +251,5 @@ impl Drop for Mount {
 
 /// The errno of an io::Error.
 pub fn errno(e: std::io::Error) -> i32 {
-    e.raw_os_error()
-        .unwrap_or_else(|| panic!("no errno in {e}"))
+    e.raw_os_error().unwrap_or_else(|| panic!("no errno in {e}"))
 }

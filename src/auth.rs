@@ -1,0 +1,164 @@
+//! The bearer token: none, fixed, or a file another process rewrites; renewed once after a 401.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use reqwest::header::HeaderValue;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::error::SourceError;
+
+/// A bearer token. Its `Debug` never shows the value, so it cannot leak into logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a token, trimming surrounding whitespace (token files end with a newline).
+    pub fn new(token: &str) -> Option<Self> {
+        let token = token.trim();
+        (!token.is_empty()).then(|| Self(token.to_owned()))
+    }
+
+    /// The `Authorization` header value, marked sensitive so that it is never logged.
+    pub fn bearer(&self) -> Result<HeaderValue, SourceError> {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", self.0)).map_err(|_| {
+            SourceError::Transport("the token has characters a header cannot carry".into())
+        })?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
+
+    /// The token itself, for the few places that must send it in a body.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Where the token comes from.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    /// No token: no Authorization header.
+    None,
+    /// A token given once (from `FHIRFS_TOKEN`).
+    Static(Secret),
+    /// A file, read again whenever it changes and after a 401 (`--token-file`).
+    File(PathBuf),
+}
+
+#[derive(Default)]
+struct FileState {
+    token: Option<Secret>,
+    modified: Option<SystemTime>,
+}
+
+/// Hands out the current token and renews it.
+pub struct Auth {
+    source: TokenSource,
+    file: Mutex<FileState>,
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auth").field("source", &self.source).finish_non_exhaustive()
+    }
+}
+
+fn read_token_file(path: &std::path::Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+    Secret::new(&text).ok_or_else(|| format!("the token file {} is empty", path.display()))
+}
+
+impl Auth {
+    /// Tokens from `source`.
+    pub fn new(source: TokenSource) -> Self {
+        Self { source, file: Mutex::default() }
+    }
+
+    /// The token to send now.
+    pub async fn token(&self) -> Option<Secret> {
+        match &self.source {
+            TokenSource::None => None,
+            TokenSource::Static(secret) => Some(secret.clone()),
+            TokenSource::File(path) => {
+                let mut state = self.file.lock().await;
+                let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                if state.token.is_none() || modified != state.modified {
+                    self.reload(&mut state, modified);
+                }
+                state.token.clone()
+            }
+        }
+    }
+
+    /// After a 401 for `used`: looks for a different token. True when the request is worth
+    /// one more try.
+    pub async fn renew(&self, used: Option<&Secret>) -> bool {
+        match &self.source {
+            TokenSource::None | TokenSource::Static(_) => false,
+            TokenSource::File(path) => {
+                let mut state = self.file.lock().await;
+                // Another request may have reloaded it already; else read it again whatever
+                // its time says (a rewrite within the same second keeps the mtime).
+                if state.token.as_ref() == used {
+                    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                    self.reload(&mut state, modified);
+                }
+                state.token.is_some() && state.token.as_ref() != used
+            }
+        }
+    }
+
+    fn reload(&self, state: &mut FileState, modified: Option<SystemTime>) {
+        let TokenSource::File(path) = &self.source else { return };
+        match read_token_file(path) {
+            Ok(token) => {
+                if state.token.is_some() && state.token.as_ref() != Some(&token) {
+                    info!(file = %path.display(), "token file changed: using the new token");
+                }
+                state.token = Some(token);
+                state.modified = modified;
+            }
+            // Keep the last good token: a sidecar may be halfway through rewriting the file.
+            Err(e) => warn!("{e}; keeping the previous token"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_do_not_show_in_debug() {
+        let s = Secret::new(" tok-123\n").unwrap();
+        assert_eq!(format!("{s:?}"), "Secret(..)");
+        assert_eq!(Secret::new("  \n"), None);
+        let auth = Auth::new(TokenSource::Static(s));
+        assert!(!format!("{auth:?}").contains("tok-123"));
+    }
+
+    #[tokio::test]
+    async fn a_rewritten_token_file_is_used_and_renew_finds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "one\n").unwrap();
+        let auth = Auth::new(TokenSource::File(path.clone()));
+        let first = auth.token().await;
+        assert_eq!(first, Secret::new("one"));
+        assert!(!auth.renew(first.as_ref()).await, "same token: no point retrying");
+        std::fs::write(&path, "two").unwrap();
+        assert!(auth.renew(first.as_ref()).await);
+        assert_eq!(auth.token().await, Secret::new("two"));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(auth.token().await, Secret::new("two"), "a missing file keeps the last token");
+    }
+}
