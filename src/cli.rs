@@ -71,6 +71,10 @@ pub struct Args {
     #[arg(long, value_name = "GID")]
     pub gid: Option<u32>,
 
+    /// Also trust the CA certificates in this PEM file (certificates are always verified).
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+
     /// Name files `<id>.<ext>` after their contentType (the bare id opens them too).
     #[arg(long)]
     pub extensions: bool,
@@ -129,6 +133,14 @@ impl Args {
         }
         let token = std::env::var(TOKEN_ENV).ok().as_deref().and_then(Secret::new);
         Ok(token.map_or(TokenSource::None, TokenSource::Static))
+    }
+
+    /// The extra CA certificates, read now so that a bad path fails at start.
+    pub fn ca_pem(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        let Some(path) = &self.ca_file else { return Ok(None) };
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read the CA file {}", path.display()))?;
+        Ok(Some(pem))
     }
 
     /// Settings of the core.

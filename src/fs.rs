@@ -38,6 +38,13 @@ pub const SIZE_READAHEAD: usize = 64;
 /// Fetches that size read-ahead may run at once.
 pub const PREFETCH_PARALLELISM: usize = 16;
 
+/// How long a 404 is remembered, so that programs probing for names (shells, file managers)
+/// do not send a request each time. Short: the Binary may be created any moment.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(2);
+
+/// Remembered 404s beyond which expired ones are swept out.
+const MAX_NEGATIVE: usize = 10_000;
+
 /// Settings of the core.
 #[derive(Debug, Clone)]
 pub struct FsConfig {
@@ -206,6 +213,8 @@ pub struct FhirFs<S: Source> {
     listing: tokio::sync::Mutex<Option<Listing>>,
     content: moka::sync::Cache<String, Arc<Content>>,
     inflight: Mutex<HashMap<String, SharedFetch>>,
+    /// Ids the server answered 404 for, and when.
+    missing: Mutex<HashMap<String, Instant>>,
     handles: Mutex<HashMap<u64, Handle>>,
     /// The latest listing, in order, for size read-ahead.
     order: Mutex<Snapshot>,
@@ -240,6 +249,7 @@ impl<S: Source> FhirFs<S> {
             listing: tokio::sync::Mutex::new(None),
             content,
             inflight: Mutex::default(),
+            missing: Mutex::default(),
             handles: Mutex::default(),
             order: Mutex::default(),
             prefetch_permits: Arc::new(tokio::sync::Semaphore::new(PREFETCH_PARALLELISM)),
@@ -372,6 +382,28 @@ impl<S: Source> FhirFs<S> {
         }
     }
 
+    fn remember_missing(&self, id: &str) {
+        let ttl = self.negative_ttl();
+        if ttl.is_zero() {
+            return;
+        }
+        let mut missing = lock(&self.missing);
+        if missing.len() >= MAX_NEGATIVE {
+            missing.retain(|_, at| at.elapsed() < ttl);
+        }
+        missing.insert(id.to_owned(), Instant::now());
+    }
+
+    /// True when the server said 404 for `id` within the negative TTL.
+    fn known_missing(&self, id: &str) -> bool {
+        let ttl = self.negative_ttl();
+        lock(&self.missing).get(id).is_some_and(|at| at.elapsed() < ttl)
+    }
+
+    fn negative_ttl(&self) -> Duration {
+        NEGATIVE_TTL.min(self.config.dir_ttl)
+    }
+
     /// Cached content of `id` that needs no revalidation.
     fn fresh_content(&self, id: &str) -> Option<Arc<Content>> {
         let content = self.content.get(id)?;
@@ -451,6 +483,9 @@ impl<S: Source> FhirFs<S> {
                 if matches!(e, SourceError::NotFound | SourceError::Gone) {
                     debug!(id, error = %e, "binary not found");
                     self.forget_content(id);
+                }
+                if e == SourceError::NotFound {
+                    self.remember_missing(id);
                 } else {
                     warn!(id, error = %e, elapsed = ?started.elapsed(), "fetch failed");
                 }
@@ -495,6 +530,7 @@ impl<S: Source> FhirFs<S> {
         for Listed { id, meta } in listed {
             // A server whose pages shift under us may repeat an id; a folder must not.
             if seen.insert(id.clone()) {
+                lock(&self.missing).remove(&id);
                 let name = self.listed_name(&id, meta.content_type.as_deref());
                 let ino = self.apply_meta(&id, meta, true);
                 entries.push((ino, id, name));
@@ -576,6 +612,9 @@ impl<S: Source> FhirFs<S> {
     async fn attr_of_id(self: &Arc<Self>, id: &str) -> Result<Attr, FsError> {
         if let Some(attr) = self.fresh_attr(id) {
             return Ok(attr);
+        }
+        if self.known_missing(id) {
+            return Err(FsError::source(id, SourceError::NotFound));
         }
         let listed_before = {
             let nodes = lock(&self.nodes);

@@ -142,6 +142,7 @@ pub fn termination() -> anyhow::Result<impl Future<Output = ()>> {
 pub fn main(args: Args) -> anyhow::Result<()> {
     let (target, mountpoint) = args.target()?;
     let token = args.token()?;
+    let ca_pem = args.ca_pem()?;
     check_mountpoint(&mountpoint)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(WORKER_THREADS)
@@ -165,6 +166,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         http.timeout = args.timeout.max(Duration::from_millis(100));
         http.page_size = args.page_size.max(1);
         http.max_size = args.max_size.as_u64();
+        http.ca_pem = ca_pem;
         let source = HttpSource::new(http).context("cannot set up the HTTP client")?;
         let fs = FhirFs::new(source, args.fs_config());
         let mount = MountConfig {

@@ -257,3 +257,22 @@ async fn listing_errors_other_than_refusal_fail() {
     fs.source().set_list_error(Some(SourceError::Status(502)));
     assert_eq!(fs.opendir(ROOT_INO).await.unwrap_err().errno(), libc::EIO);
 }
+
+#[tokio::test]
+async fn a_404_is_remembered_briefly_and_other_errors_not_at_all() {
+    let source = MemorySource::new();
+    source.put("flaky", "text/plain", "x");
+    source.set_error("flaky", Some(SourceError::Status(503)));
+    let fs = core(source);
+    for _ in 0..3 {
+        assert!(fs.lookup(ROOT_INO, OsStr::new("nope")).await.is_err());
+        assert!(fs.lookup(ROOT_INO, OsStr::new("flaky")).await.is_err());
+    }
+    assert_eq!(fs.source().fetch_count(), 1 + 3, "one 404 remembered, each 503 tried again");
+
+    let fs =
+        core_with(MemorySource::new(), FsConfig { dir_ttl: Duration::ZERO, ..FsConfig::default() });
+    fs.lookup(ROOT_INO, OsStr::new("nope")).await.unwrap_err();
+    fs.source().put("nope", "text/plain", "now it exists");
+    assert_eq!(fs.lookup(ROOT_INO, OsStr::new("nope")).await.unwrap().size, 13);
+}
