@@ -1,14 +1,22 @@
-//! The bearer token: none, fixed, or a file another process rewrites; renewed once after a 401.
+//! The bearer token: none, fixed, a file another process rewrites, or SMART Backend Services;
+//! renewed before it expires and once after a 401.
 
 use std::fmt;
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::header::HeaderValue;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::error::SourceError;
+use crate::smart::SmartClient;
+
+/// A SMART token is renewed when less than this part of its life is left (but at most a
+/// minute before it expires), so requests never race its expiry.
+const RENEW_BEFORE_FRACTION: u32 = 5;
+const RENEW_BEFORE_MAX: Duration = Duration::from_secs(60);
 
 /// A bearer token. Its `Debug` never shows the value, so it cannot leak into logs.
 #[derive(Clone, PartialEq, Eq)]
@@ -51,6 +59,13 @@ pub enum TokenSource {
     Static(Secret),
     /// A file, read again whenever it changes and after a 401 (`--token-file`).
     File(PathBuf),
+    /// SMART Backend Services (`--smart-client-id`, `--smart-key`).
+    Smart(Arc<SmartClient>),
+}
+
+struct SmartState {
+    token: Secret,
+    renew_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -63,6 +78,10 @@ struct FileState {
 pub struct Auth {
     source: TokenSource,
     file: Mutex<FileState>,
+    // Held while a token is fetched: concurrent requests wait for that one token.
+    smart: Mutex<Option<SmartState>>,
+    client: reqwest::Client,
+    base: url::Url,
 }
 
 impl fmt::Debug for Auth {
@@ -78,25 +97,49 @@ fn read_token_file(path: &std::path::Path) -> Result<Secret, String> {
 }
 
 impl Auth {
-    /// Tokens from `source`.
-    pub fn new(source: TokenSource) -> Self {
-        Self { source, file: Mutex::default() }
+    /// Tokens from `source`; SMART requests go out through `client`, discovery from `base`.
+    pub fn new(source: TokenSource, client: reqwest::Client, base: url::Url) -> Self {
+        Self { source, file: Mutex::default(), smart: Mutex::default(), client, base }
     }
 
     /// The token to send now.
-    pub async fn token(&self) -> Option<Secret> {
+    pub async fn token(&self) -> Result<Option<Secret>, SourceError> {
         match &self.source {
-            TokenSource::None => None,
-            TokenSource::Static(secret) => Some(secret.clone()),
+            TokenSource::None => Ok(None),
+            TokenSource::Static(secret) => Ok(Some(secret.clone())),
             TokenSource::File(path) => {
                 let mut state = self.file.lock().await;
                 let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
                 if state.token.is_none() || modified != state.modified {
                     self.reload(&mut state, modified);
                 }
-                state.token.clone()
+                Ok(state.token.clone())
+            }
+            TokenSource::Smart(client) => {
+                let mut state = self.smart.lock().await;
+                let current =
+                    state.as_ref().filter(|s| s.renew_at.is_none_or(|at| Instant::now() < at));
+                if let Some(current) = current {
+                    return Ok(Some(current.token.clone()));
+                }
+                let issued = self.issue(client).await?;
+                let token = issued.token.clone();
+                *state = Some(issued);
+                Ok(Some(token))
             }
         }
+    }
+
+    async fn issue(&self, client: &SmartClient) -> Result<SmartState, SourceError> {
+        let issued = client.issue(&self.client, &self.base).await.inspect_err(|e| {
+            warn!(error = %e, "cannot get a SMART access token");
+        })?;
+        let renew_at = issued.lifetime.map(|life| {
+            let early = (life / RENEW_BEFORE_FRACTION).min(RENEW_BEFORE_MAX);
+            Instant::now() + life.saturating_sub(early)
+        });
+        info!(lifetime = ?issued.lifetime, "SMART access token issued");
+        Ok(SmartState { token: issued.token, renew_at })
     }
 
     /// After a 401 for `used`: looks for a different token. True when the request is worth
@@ -104,6 +147,19 @@ impl Auth {
     pub async fn renew(&self, used: Option<&Secret>) -> bool {
         match &self.source {
             TokenSource::None | TokenSource::Static(_) => false,
+            TokenSource::Smart(client) => {
+                let mut state = self.smart.lock().await;
+                if state.as_ref().is_some_and(|s| Some(&s.token) != used) {
+                    return true;
+                }
+                match self.issue(client).await {
+                    Ok(issued) => {
+                        *state = Some(issued);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
             TokenSource::File(path) => {
                 let mut state = self.file.lock().await;
                 // Another request may have reloaded it already; else read it again whatever
@@ -142,7 +198,8 @@ mod tests {
         let s = Secret::new(" tok-123\n").unwrap();
         assert_eq!(format!("{s:?}"), "Secret(..)");
         assert_eq!(Secret::new("  \n"), None);
-        let auth = Auth::new(TokenSource::Static(s));
+        let base = url::Url::parse("http://h/fhir").unwrap();
+        let auth = Auth::new(TokenSource::Static(s), reqwest::Client::new(), base);
         assert!(!format!("{auth:?}").contains("tok-123"));
     }
 
@@ -151,14 +208,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         std::fs::write(&path, "one\n").unwrap();
-        let auth = Auth::new(TokenSource::File(path.clone()));
-        let first = auth.token().await;
+        let base = url::Url::parse("http://h/fhir").unwrap();
+        let auth = Auth::new(TokenSource::File(path.clone()), reqwest::Client::new(), base);
+        let first = auth.token().await.unwrap();
         assert_eq!(first, Secret::new("one"));
         assert!(!auth.renew(first.as_ref()).await, "same token: no point retrying");
         std::fs::write(&path, "two").unwrap();
         assert!(auth.renew(first.as_ref()).await);
-        assert_eq!(auth.token().await, Secret::new("two"));
+        assert_eq!(auth.token().await.unwrap(), Secret::new("two"));
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(auth.token().await, Secret::new("two"), "a missing file keeps the last token");
+        let kept = auth.token().await.unwrap();
+        assert_eq!(kept, Secret::new("two"), "a missing file keeps the last token");
     }
 }

@@ -9,6 +9,7 @@ use url::Url;
 
 use crate::auth::{Secret, TokenSource};
 use crate::fs::FsConfig;
+use crate::smart::{SmartClient, SmartConfig};
 
 /// Environment variable that may hold the bearer token.
 pub const TOKEN_ENV: &str = "FHIRFS_TOKEN";
@@ -38,6 +39,27 @@ pub struct Args {
     /// Read the bearer token from this file (whitespace trimmed).
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
+
+    /// SMART Backend Services: the client id (with --smart-key instead of a token).
+    #[arg(long, value_name = "ID", requires = "smart_key", conflicts_with = "token_file")]
+    pub smart_client_id: Option<String>,
+
+    /// SMART Backend Services: the private key (PEM; RSA signs RS384, P-384 EC signs ES384).
+    #[arg(long, value_name = "PATH", requires = "smart_client_id")]
+    pub smart_key: Option<PathBuf>,
+
+    /// SMART Backend Services: the token endpoint [default: from
+    /// BASE_URL/.well-known/smart-configuration].
+    #[arg(long, value_name = "URL", requires = "smart_client_id")]
+    pub smart_token_url: Option<Url>,
+
+    /// SMART Backend Services: the scopes asked for.
+    #[arg(long, value_name = "SCOPES", default_value = "system/Binary.read")]
+    pub smart_scope: String,
+
+    /// SMART Backend Services: the `kid` of the key, if the server wants one.
+    #[arg(long, value_name = "KID", requires = "smart_client_id")]
+    pub smart_kid: Option<String>,
 
     /// Seconds a listing and the metadata it brings are trusted (fractions allowed).
     #[arg(long, value_name = "SECS", default_value = "60", value_parser = seconds)]
@@ -123,6 +145,19 @@ impl Args {
     /// The token source: --token-file (checked readable now, re-read when it changes), else
     /// FHIRFS_TOKEN, else none.
     pub fn token(&self) -> anyhow::Result<TokenSource> {
+        if let (Some(client_id), Some(key)) = (&self.smart_client_id, &self.smart_key) {
+            let key_pem = std::fs::read(key)
+                .with_context(|| format!("cannot read the SMART key {}", key.display()))?;
+            let config = SmartConfig {
+                client_id: client_id.clone(),
+                key_pem,
+                token_url: self.smart_token_url.clone(),
+                scope: self.smart_scope.clone(),
+                kid: self.smart_kid.clone(),
+            };
+            let client = SmartClient::new(config).map_err(anyhow::Error::msg)?;
+            return Ok(TokenSource::Smart(std::sync::Arc::new(client)));
+        }
         if let Some(path) = &self.token_file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the token file {}", path.display()))?;
@@ -219,6 +254,21 @@ mod tests {
             let argv = ["fhirfs", "--dir-ttl", bad, "https://h", "/m"];
             assert!(Args::try_parse_from(argv).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn smart_options_go_together() {
+        let argv = ["fhirfs", "--smart-client-id", "c", "https://h", "/m"];
+        assert!(Args::try_parse_from(argv).is_err(), "a client id needs a key");
+        let argv = ["fhirfs", "--smart-key", "k.pem", "https://h", "/m"];
+        assert!(Args::try_parse_from(argv).is_err(), "a key needs a client id");
+        let key = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/smart-es384.key.pem");
+        let args = parse(&["--smart-client-id", "c", "--smart-key", key, "https://h", "/m"]);
+        assert!(matches!(args.token().unwrap(), TokenSource::Smart(_)));
+        let missing =
+            parse(&["--smart-client-id", "c", "--smart-key", "/nonexistent", "https://h", "/m"]);
+        let err = format!("{:#}", missing.token().unwrap_err());
+        assert!(err.contains("cannot read the SMART key /nonexistent"), "{err}");
     }
 
     #[test]

@@ -583,11 +583,12 @@ impl<S: Source> FhirFs<S> {
                 return;
             };
             for (next, _) in order.iter().skip(start + 1).take(SIZE_READAHEAD) {
-                if let Some(node) = nodes.by_ino.get_mut(next) {
-                    if node.meta.size.is_none() && !node.prefetching {
-                        node.prefetching = true;
-                        picked.push((*next, node.id.clone()));
-                    }
+                if let Some(node) = nodes.by_ino.get_mut(next)
+                    && node.meta.size.is_none()
+                    && !node.prefetching
+                {
+                    node.prefetching = true;
+                    picked.push((*next, node.id.clone()));
                 }
             }
         }

@@ -156,7 +156,7 @@ impl HttpSource {
         }
         let client = builder.build().map_err(transport)?;
         let base = config.base.as_str().trim_end_matches('/').to_owned();
-        let auth = Arc::new(Auth::new(config.token.clone()));
+        let auth = Arc::new(Auth::new(config.token.clone(), client.clone(), config.base.clone()));
         Ok(Self { client, config, auth, base })
     }
 
@@ -232,11 +232,11 @@ impl HttpSource {
         limit: u64,
         deadline: Instant,
     ) -> Result<Answer, SourceError> {
-        let token = self.auth.token().await;
+        let token = self.auth.token().await?;
         match self.get_with(url, accept, if_none_match, token.as_ref(), limit, deadline).await {
             Err(SourceError::Unauthorized) if self.auth.renew(token.as_ref()).await => {
                 debug!(%url, "401: trying once more with a renewed token");
-                let token = self.auth.token().await;
+                let token = self.auth.token().await?;
                 self.get_with(url, accept, if_none_match, token.as_ref(), limit, deadline).await
             }
             other => other,

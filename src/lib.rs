@@ -9,6 +9,7 @@
 //! - [`fhir`]: parsing of Binary resources and searchset Bundles.
 //! - [`id`]: which names are FHIR ids.
 //! - [`error`]: error types and the errno table.
+//! - [`smart`]: SMART Backend Services client (signed assertions, token endpoint).
 //! - [`run`]: the runtime, the mount, signals and readiness.
 //! - [`cli`]: command-line options.
 //! - [`loopback`]: an in-process FHIR server for the demo and the tests.
@@ -23,4 +24,5 @@ pub mod http;
 pub mod id;
 pub mod loopback;
 pub mod run;
+pub mod smart;
 pub mod source;

@@ -137,10 +137,10 @@ impl Mount {
         let deadline = Instant::now() + PATIENCE;
         let mut buf = [0u8; 512];
         while Instant::now() < deadline {
-            if let Ok(n) = socket.recv(&mut buf) {
-                if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
-                    return;
-                }
+            if let Ok(n) = socket.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1")
+            {
+                return;
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("fhirfs exited with {status} before it was ready:\n{}", self.log());

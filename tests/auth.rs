@@ -1,0 +1,254 @@
+//! Tokens through a real mount: SMART Backend Services against an in-process token endpoint
+//! that verifies the signed assertion, token-file rotation, renew-once after a 401, and the
+//! token staying with the base URL's origin.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use common::{Mount, Server, errno};
+use fhirfs::loopback::LoopbackServer;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+const CLIENT_ID: &str = "fhirfs-backend";
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A token endpoint that checks every assertion like a real authorization server would.
+struct TokenEndpoint {
+    url: String,
+    issued: Arc<Mutex<Vec<String>>>,
+}
+
+struct EndpointState {
+    fhir: LoopbackServer,
+    decoding: DecodingKey,
+    algorithm: Algorithm,
+    audience: String,
+    lifetime: u64,
+    jtis: Mutex<HashSet<String>>,
+    issued: Arc<Mutex<Vec<String>>>,
+}
+
+async fn token(State(state): State<Arc<EndpointState>>, body: String) -> impl IntoResponse {
+    let form: Vec<(String, String)> =
+        url::form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+    let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let refuse = |why: &str| (StatusCode::BAD_REQUEST, format!("{{\"error\":\"{why}\"}}"));
+    if field("grant_type") != Some("client_credentials")
+        || field("client_assertion_type")
+            != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+    {
+        return refuse("unsupported_grant_type");
+    }
+    let Some(jwt) = field("client_assertion") else { return refuse("invalid_request") };
+    let mut validation = Validation::new(state.algorithm);
+    validation.set_audience(&[&state.audience]);
+    validation.set_issuer(&[CLIENT_ID]);
+    validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+    let Ok(data) = jsonwebtoken::decode::<serde_json::Value>(jwt, &state.decoding, &validation)
+    else {
+        return refuse("invalid_client");
+    };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let exp = data.claims["exp"].as_u64().unwrap_or(0);
+    let jti = data.claims["jti"].as_str().unwrap_or_default().to_owned();
+    if data.claims["sub"] != CLIENT_ID
+        || exp > now + 300
+        || jti.is_empty()
+        || !state.jtis.lock().unwrap().insert(jti)
+    {
+        return refuse("invalid_client");
+    }
+    let mut issued = state.issued.lock().unwrap();
+    let token = format!("smart-token-{}", issued.len() + 1);
+    issued.push(token.clone());
+    // Only the newest token opens the FHIR server, so an old one fails with 401.
+    state.fhir.set_token(Some(&token));
+    let body = serde_json::json!({
+        "access_token": token, "token_type": "bearer", "expires_in": state.lifetime,
+        "scope": "system/Binary.read",
+    });
+    (StatusCode::OK, body.to_string())
+}
+
+impl TokenEndpoint {
+    fn start(server: &Server, public_key: &str, algorithm: Algorithm, lifetime: u64) -> Self {
+        let pem = std::fs::read(fixture(public_key)).unwrap();
+        let decoding = match algorithm {
+            Algorithm::RS384 => DecodingKey::from_rsa_pem(&pem).unwrap(),
+            _ => DecodingKey::from_ec_pem(&pem).unwrap(),
+        };
+        let issued = Arc::new(Mutex::new(Vec::new()));
+        let listener =
+            server.runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let state = Arc::new(EndpointState {
+            fhir: server.server.clone(),
+            decoding,
+            algorithm,
+            audience: url.clone(),
+            lifetime,
+            jtis: Mutex::default(),
+            issued: Arc::clone(&issued),
+        });
+        let app = axum::Router::new().route("/token", post(token)).with_state(state);
+        server.runtime.spawn(async move { axum::serve(listener, app).await });
+        TokenEndpoint { url, issued }
+    }
+
+    fn issued(&self) -> usize {
+        self.issued.lock().unwrap().len()
+    }
+}
+
+fn smart_mount(server: &Server, endpoint: &TokenEndpoint, key: &str) -> Mount {
+    Mount::builder()
+        .arg("--smart-client-id")
+        .arg(CLIENT_ID)
+        .arg("--smart-key")
+        .arg(&fixture(key))
+        .arg("--smart-token-url")
+        .arg(&endpoint.url)
+        .mount(&server.base_url())
+}
+
+#[test]
+fn smart_backend_services_with_rs384_reads_files() {
+    let server = Server::start();
+    server.server.set_token(Some("nobody-has-this-yet"));
+    server.server.put("a", "text/plain", "via SMART");
+    let endpoint = TokenEndpoint::start(&server, "smart-rs384.pub.pem", Algorithm::RS384, 300);
+    let mount = smart_mount(&server, &endpoint, "smart-rs384.key.pem");
+    assert_eq!(std::fs::read(mount.path("a")).unwrap(), b"via SMART");
+    assert_eq!(std::fs::read_dir(&mount.mountpoint).unwrap().count(), 1);
+    assert_eq!(endpoint.issued(), 1, "one token serves many requests");
+    assert!(!mount.log().contains("smart-token-1"), "tokens never reach the log");
+}
+
+#[test]
+fn smart_tokens_are_renewed_before_they_expire() {
+    let server = Server::start();
+    server.server.set_token(Some("nobody-has-this-yet"));
+    server.server.put("a", "text/plain", "first");
+    server.server.put("b", "text/plain", "second");
+    let endpoint = TokenEndpoint::start(&server, "smart-es384.pub.pem", Algorithm::ES384, 2);
+    let mount = smart_mount(&server, &endpoint, "smart-es384.key.pem");
+    assert_eq!(std::fs::read(mount.path("a")).unwrap(), b"first");
+    assert_eq!(endpoint.issued(), 1);
+    // The token lives 2 s and is renewed in its last fifth: wait past that point.
+    std::thread::sleep(Duration::from_millis(1700));
+    assert_eq!(std::fs::read(mount.path("b")).unwrap(), b"second");
+    assert_eq!(endpoint.issued(), 2);
+    assert_eq!(server.reads_of("b"), 1, "renewed ahead: no 401 and no second try");
+}
+
+#[test]
+fn after_a_401_the_smart_token_is_renewed_once() {
+    let server = Server::start();
+    server.server.set_token(Some("nobody-has-this-yet"));
+    server.server.put("a", "text/plain", "x");
+    server.server.put("b", "text/plain", "y");
+    let endpoint = TokenEndpoint::start(&server, "smart-rs384.pub.pem", Algorithm::RS384, 300);
+    let mount = smart_mount(&server, &endpoint, "smart-rs384.key.pem");
+    assert_eq!(std::fs::read(mount.path("a")).unwrap(), b"x");
+    server.server.set_token(Some("revoked-everything"));
+    assert_eq!(std::fs::read(mount.path("b")).unwrap(), b"y");
+    assert_eq!(endpoint.issued(), 2);
+    assert_eq!(server.reads_of("b"), 2, "one 401, one retry");
+}
+
+#[test]
+fn a_smart_client_the_server_refuses_gets_eacces() {
+    let server = Server::start();
+    server.server.set_token(Some("nobody-has-this-yet"));
+    server.server.put("a", "text/plain", "x");
+    // The endpoint expects the RSA key; the mount signs with the EC one.
+    let endpoint = TokenEndpoint::start(&server, "smart-rs384.pub.pem", Algorithm::RS384, 300);
+    let mount = smart_mount(&server, &endpoint, "smart-es384.key.pem");
+    assert_eq!(errno(std::fs::read(mount.path("a")).unwrap_err()), libc::EACCES);
+    assert_eq!(endpoint.issued(), 0);
+}
+
+#[test]
+fn a_rotated_token_file_is_picked_up_without_a_remount() {
+    let server = Server::start();
+    server.server.set_token(Some("token-one"));
+    for id in ["a", "b", "c"] {
+        server.server.put(id, "text/plain", id);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "token-one\n").unwrap();
+    let mount =
+        Mount::builder().arg("--token-file").arg(file.to_str().unwrap()).mount(&server.base_url());
+    assert_eq!(std::fs::read(mount.path("a")).unwrap(), b"a");
+
+    // A sidecar writes a new token and the server switches to it.
+    std::fs::write(&file, "token-two\n").unwrap();
+    server.server.set_token(Some("token-two"));
+    assert_eq!(std::fs::read(mount.path("b")).unwrap(), b"b");
+
+    // The server moves on but the file does not: one renewal, one retry, then EACCES.
+    server.server.set_token(Some("token-three"));
+    assert_eq!(errno(std::fs::read(mount.path("c")).unwrap_err()), libc::EACCES);
+    assert_eq!(server.reads_of("c"), 1, "the same token is not retried");
+    assert!(!mount.log().contains("token-two"));
+}
+
+#[test]
+fn the_token_never_goes_to_another_origin() {
+    let server = Server::start();
+    // Origin A lists one Binary and links its next page to origin B.
+    let seen_by_b: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let listener_b = server.runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let origin_b = format!("http://{}", listener_b.local_addr().unwrap());
+    let listener_a = server.runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let origin_a = format!("http://{}", listener_a.local_addr().unwrap());
+    let bundle = |id: &str, next: Option<String>| {
+        let mut links = vec![serde_json::json!({"relation": "self", "url": "x"})];
+        if let Some(next) = next {
+            links.push(serde_json::json!({"relation": "next", "url": next}));
+        }
+        serde_json::json!({"resourceType": "Bundle", "type": "searchset", "link": links,
+            "entry": [{"resource": {"resourceType": "Binary", "id": id, "contentType": "text/plain",
+                "data": "aGk="}}]})
+        .to_string()
+    };
+    let page_a = bundle("on-a", Some(format!("{origin_b}/fhir/Binary?page=2")));
+    let page_b = bundle("on-b", None);
+    let app_a = axum::Router::new().route(
+        "/fhir/Binary",
+        get(move || async move { ([("content-type", "application/fhir+json")], page_a) }),
+    );
+    let seen = Arc::clone(&seen_by_b);
+    let app_b = axum::Router::new().route(
+        "/fhir/Binary",
+        get(move |headers: HeaderMap| async move {
+            let auth = headers.get("authorization").map(|v| v.to_str().unwrap().to_owned());
+            seen.lock().unwrap().push(auth);
+            ([("content-type", "application/fhir+json")], page_b)
+        }),
+    );
+    server.runtime.spawn(async move { axum::serve(listener_a, app_a).await });
+    server.runtime.spawn(async move { axum::serve(listener_b, app_b).await });
+
+    let mount = Mount::builder()
+        .env("FHIRFS_TOKEN", "for-origin-a-only")
+        .mount(&format!("{origin_a}/fhir"));
+    let mut names: Vec<_> = std::fs::read_dir(&mount.mountpoint)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["on-a", "on-b"]);
+    assert_eq!(seen_by_b.lock().unwrap().as_slice(), [None], "origin B saw no token");
+}
