@@ -1,0 +1,207 @@
+//! Property-based fuzzing of the parsers: the Binary JSON decoder, the Bundle/paging parser and
+//! the name → id mapping. Each target runs a few thousand cases in `cargo test`; for a long run
+//! set `FHIRFS_FUZZ_SECONDS` (e.g. 600) and pick a target:
+//!
+//! ```sh
+//! FHIRFS_FUZZ_SECONDS=600 cargo test --release --test fuzz binary_decoder -- --nocapture
+//! ```
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::time::{Duration, Instant};
+
+use fhirfs::fhir::{decoded_len, parse_binary, parse_bundle};
+use fhirfs::id::{id_from_name, is_valid_id};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+/// Runs `test` on values of `strategy`: one round by default, rounds until the time is up when
+/// `FHIRFS_FUZZ_SECONDS` is set. Each round is seeded afresh.
+fn fuzz<S: Strategy>(name: &str, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
+where
+    S::Value: std::fmt::Debug,
+{
+    let seconds: u64 =
+        std::env::var("FHIRFS_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    // Enough for `cargo test` to catch regressions quickly; long runs go by the clock.
+    let round: u32 = if seconds > 0 { 5_000 } else { 400 };
+    let mut cases = 0u64;
+    loop {
+        let config = Config { cases: round, failure_persistence: None, ..Config::default() };
+        let mut runner = TestRunner::new(config);
+        if let Err(e) = runner.run(&strategy, &test) {
+            panic!("{name}: {e}");
+        }
+        cases += u64::from(round);
+        if Instant::now() >= deadline {
+            break;
+        }
+    }
+    if seconds > 0 {
+        println!("{name}: {cases} cases in {seconds} s, no failure");
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64_simd::STANDARD.encode_to_string(bytes)
+}
+
+/// A JSON string literal of `text`, optionally with `/` escaped the way some servers do.
+fn json_string(text: &str, escape_slashes: bool) -> String {
+    let quoted = serde_json::to_string(text).unwrap();
+    if escape_slashes { quoted.replace('/', "\\/") } else { quoted }
+}
+
+/// Random edits of a valid document: truncation, byte flips and insertions.
+fn mutate(doc: Vec<u8>, edits: Vec<(usize, u8, u8)>) -> Vec<u8> {
+    let mut doc = doc;
+    for (at, kind, byte) in edits {
+        if doc.is_empty() {
+            break;
+        }
+        let at = at % doc.len();
+        match kind % 3 {
+            0 => doc.truncate(at),
+            1 => doc[at] = byte,
+            _ => doc.insert(at, byte),
+        }
+    }
+    doc
+}
+
+#[test]
+fn binary_decoder_round_trips_any_content() {
+    let strategy = (proptest::collection::vec(any::<u8>(), 0..3000), any::<bool>(), any::<bool>());
+    fuzz("binary_decoder_round_trips", strategy, |(bytes, escape, wrap)| {
+        let mut data = b64(&bytes);
+        if wrap {
+            // Line-wrapped base64 (76 columns, as MIME does) must decode the same.
+            data = data
+                .as_bytes()
+                .chunks(76)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
+        let body = format!(
+            r#"{{"resourceType":"Binary","id":"x","contentType":"application/octet-stream","data":{}}}"#,
+            json_string(&data, escape)
+        );
+        let binary = parse_binary(body.as_bytes()).map_err(TestCaseError::fail)?;
+        prop_assert_eq!(binary.data.as_deref(), Some(&bytes[..]));
+        prop_assert_eq!(decoded_len(&data), bytes.len() as u64);
+        Ok(())
+    });
+}
+
+#[test]
+fn binary_decoder_never_panics_on_mangled_bodies() {
+    let strategy = (
+        proptest::collection::vec(any::<u8>(), 0..200),
+        proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 0..6),
+    );
+    fuzz("binary_decoder_mangled", strategy, |(bytes, edits)| {
+        let body = format!(
+            r#"{{"resourceType":"Binary","meta":{{"versionId":"1","lastUpdated":"2024-01-02T03:04:05.678+01:00"}},"securityContext":{{"reference":"Patient/1"}},"data":"{}"}}"#,
+            b64(&bytes)
+        );
+        let mangled = mutate(body.into_bytes(), edits);
+        // Any answer is fine; a panic is not. A success must carry decodable data.
+        if let Ok(binary) = parse_binary(&mangled) {
+            if let Some(data) = binary.data {
+                prop_assert_eq!(binary.meta.size, Some(data.len() as u64));
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn binary_decoder_never_panics_on_arbitrary_bytes() {
+    fuzz("binary_decoder_bytes", proptest::collection::vec(any::<u8>(), 0..512), |bytes| {
+        let _ = parse_binary(&bytes);
+        Ok(())
+    });
+}
+
+fn entry_strategy() -> impl Strategy<Value = (String, String, Option<Vec<u8>>)> {
+    (
+        prop_oneof!["[A-Za-z0-9.-]{1,64}", ".{0,70}"],
+        prop_oneof![Just("Binary".to_owned()), Just("Patient".to_owned()), ".{0,10}"],
+        proptest::option::of(proptest::collection::vec(any::<u8>(), 0..100)),
+    )
+}
+
+#[test]
+fn bundle_parser_keeps_only_valid_binary_ids_and_exact_sizes() {
+    let strategy = (
+        proptest::collection::vec(entry_strategy(), 0..20),
+        proptest::option::of(".{0,80}"),
+        proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 0..3),
+    );
+    fuzz("bundle_parser", strategy, |(entries, next, edits)| {
+        let entry_json: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|(id, kind, data)| {
+                let mut resource = serde_json::json!({"resourceType": kind, "id": id});
+                if let Some(data) = data {
+                    resource["data"] = serde_json::Value::String(b64(data));
+                }
+                serde_json::json!({"resource": resource})
+            })
+            .collect();
+        let mut links = vec![serde_json::json!({"relation": "self", "url": "s"})];
+        if let Some(next) = &next {
+            links.push(serde_json::json!({"relation": "next", "url": next}));
+        }
+        let bundle =
+            serde_json::json!({"resourceType": "Bundle", "link": links, "entry": entry_json});
+        let text = bundle.to_string().into_bytes();
+        let page = parse_bundle(&text).map_err(TestCaseError::fail)?;
+        prop_assert_eq!(page.next.as_ref(), next.as_ref());
+        let expected: Vec<_> =
+            entries.iter().filter(|(id, kind, _)| kind == "Binary" && is_valid_id(id)).collect();
+        prop_assert_eq!(page.entries.len(), expected.len());
+        prop_assert_eq!(page.skipped, entries.len() - expected.len());
+        for (listed, (id, _, data)) in page.entries.iter().zip(expected) {
+            prop_assert_eq!(&listed.id, id);
+            prop_assert_eq!(listed.meta.size, data.as_ref().map(|d| d.len() as u64));
+        }
+        // Mangled pages: any answer but a panic, and never an invalid id.
+        if let Ok(page) = parse_bundle(&mutate(text, edits)) {
+            prop_assert!(page.entries.iter().all(|e| is_valid_id(&e.id)));
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn name_mapping_only_lets_fhir_ids_through() {
+    let names = prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..80),
+        "[A-Za-z0-9.-]{0,66}".prop_map(String::into_bytes),
+        "[A-Za-z0-9./_ %-]{0,66}".prop_map(String::into_bytes),
+    ];
+    fuzz("name_mapping", names, |bytes| {
+        let name = OsStr::from_bytes(&bytes);
+        match id_from_name(name) {
+            Some(id) => {
+                prop_assert!((1..=64).contains(&id.len()));
+                prop_assert!(id != "." && id != "..");
+                prop_assert!(
+                    id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                );
+                prop_assert_eq!(id.as_bytes(), &bytes[..]);
+            }
+            None => {
+                let valid = (1..=64).contains(&bytes.len())
+                    && bytes != b"."
+                    && bytes != b".."
+                    && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'.');
+                prop_assert!(!valid, "{:?} is an id", name);
+            }
+        }
+        Ok(())
+    });
+}
