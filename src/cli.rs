@@ -1,10 +1,11 @@
 //! Command-line options, and turning them into the settings of each part.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use url::Url;
 
 use crate::auth::{Secret, TokenSource};
@@ -13,6 +14,93 @@ use crate::smart::{SmartClient, SmartConfig};
 
 /// Environment variable that may hold the bearer token.
 pub const TOKEN_ENV: &str = "FHIRFS_TOKEN";
+
+/// Where systemd puts credentials (`LoadCredential=`), and the name fhirfs looks for there.
+pub const CREDENTIALS_ENV: &str = "CREDENTIALS_DIRECTORY";
+/// The credential holding the token.
+pub const CREDENTIAL_NAME: &str = "token";
+
+/// Generic mount options that mount(8) and mount.fuse3 pass along and fhirfs has no use for:
+/// the mount is always `ro,nosuid,nodev,noexec`, whatever they say.
+const IGNORED_MOUNT_OPTIONS: &[&str] = &[
+    "rw",
+    "ro",
+    "dev",
+    "nodev",
+    "suid",
+    "nosuid",
+    "exec",
+    "noexec",
+    "atime",
+    "noatime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "lazytime",
+    "diratime",
+    "nodiratime",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "defaults",
+    "_netdev",
+    "nofail",
+    "sync",
+    "async",
+    "dirsync",
+    "default_permissions",
+    "nonempty",
+    "bg",
+    "fg",
+];
+
+/// Rewrites mount-style `-o key=value,flag` options into the long options they name
+/// (`token_file=/x` → `--token-file /x`, `allow_other` → `--allow-other`), as mount.fuse3
+/// passes them: `fhirfs SOURCE MOUNTPOINT -o opts`.
+pub fn expand_mount_options(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
+    let command = Args::command();
+    let mut out = Vec::with_capacity(argv.len());
+    let mut args = argv.into_iter();
+    while let Some(arg) = args.next() {
+        let options = if arg == "-o" {
+            args.next().ok_or("-o needs a list of options")?
+        } else if let Some(rest) = arg.to_str().and_then(|a| a.strip_prefix("-o")) {
+            OsString::from(rest)
+        } else {
+            out.push(arg);
+            continue;
+        };
+        let options = options.into_string().map_err(|_| "mount options must be UTF-8")?;
+        for option in options.split(',').filter(|o| !o.is_empty()) {
+            let (key, value) = match option.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (option, None),
+            };
+            if IGNORED_MOUNT_OPTIONS.contains(&key)
+                || key.starts_with("x-")
+                || matches!(key, "comment" | "fsname" | "subtype")
+            {
+                continue;
+            }
+            let long = key.replace('_', "-");
+            let Some(known) = command.get_arguments().find(|a| a.get_long() == Some(&long)) else {
+                return Err(format!("unknown mount option {key:?}"));
+            };
+            let takes_value = known.get_action().takes_values();
+            match (takes_value, value) {
+                (true, Some(value)) => out.extend([format!("--{long}").into(), value.into()]),
+                (false, None) => out.push(format!("--{long}").into()),
+                (true, None) => return Err(format!("mount option {key:?} needs a value")),
+                (false, Some(_)) => return Err(format!("mount option {key:?} takes no value")),
+            }
+        }
+    }
+    Ok(out)
+}
 
 /// Mount a FHIR server's Binary resources as a read-only folder.
 ///
@@ -108,6 +196,11 @@ pub struct Args {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// Stay in the foreground even when started by mount(8) (which otherwise makes fhirfs go
+    /// to the background once the mount is up).
+    #[arg(long)]
+    pub foreground: bool,
 }
 
 /// Where the Binaries come from.
@@ -166,8 +259,22 @@ impl Args {
             }
             return Ok(TokenSource::File(path.clone()));
         }
-        let token = std::env::var(TOKEN_ENV).ok().as_deref().and_then(Secret::new);
-        Ok(token.map_or(TokenSource::None, TokenSource::Static))
+        if let Some(token) = std::env::var(TOKEN_ENV).ok().as_deref().and_then(Secret::new) {
+            return Ok(TokenSource::Static(token));
+        }
+        // systemd's LoadCredential=token:... puts it here, outside the environment.
+        if let Some(dir) = std::env::var_os(CREDENTIALS_ENV) {
+            let path = PathBuf::from(dir).join(CREDENTIAL_NAME);
+            if path.exists() {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read the credential {}", path.display()))?;
+                if Secret::new(&text).is_none() {
+                    bail!("the credential {} is empty", path.display());
+                }
+                return Ok(TokenSource::File(path));
+            }
+        }
+        Ok(TokenSource::None)
     }
 
     /// The extra CA certificates, read now so that a bad path fails at start.
@@ -269,6 +376,50 @@ mod tests {
             parse(&["--smart-client-id", "c", "--smart-key", "/nonexistent", "https://h", "/m"]);
         let err = format!("{:#}", missing.token().unwrap_err());
         assert!(err.contains("cannot read the SMART key /nonexistent"), "{err}");
+    }
+
+    fn expand(args: &[&str]) -> Result<Vec<String>, String> {
+        let argv = args.iter().map(OsString::from).collect();
+        let out = expand_mount_options(argv)?;
+        Ok(out.into_iter().map(|a| a.into_string().unwrap()).collect())
+    }
+
+    #[test]
+    fn mount_options_become_long_options() {
+        let out = expand(&[
+            "fhirfs",
+            "https://h/fhir",
+            "/mnt/fhir",
+            "-o",
+            "rw,nodev,nosuid,token_file=/etc/fhirfs/token,_netdev,allow_other,dir_ttl=5,x-systemd.automount",
+        ])
+        .unwrap();
+        let expected = [
+            "fhirfs",
+            "https://h/fhir",
+            "/mnt/fhir",
+            "--token-file",
+            "/etc/fhirfs/token",
+            "--allow-other",
+            "--dir-ttl",
+            "5",
+        ];
+        assert_eq!(out, expected);
+        let args = Args::try_parse_from(out).unwrap();
+        assert!(args.allow_other);
+        assert_eq!(args.token_file, Some(PathBuf::from("/etc/fhirfs/token")));
+        assert_eq!(
+            expand(&["fhirfs", "-ouid=7", "u", "m"]).unwrap(),
+            ["fhirfs", "--uid", "7", "u", "m"]
+        );
+    }
+
+    #[test]
+    fn bad_mount_options_are_named() {
+        assert!(expand(&["fhirfs", "-o", "bogus=1"]).unwrap_err().contains("bogus"));
+        assert!(expand(&["fhirfs", "-o", "token_file"]).unwrap_err().contains("needs a value"));
+        assert!(expand(&["fhirfs", "-o", "allow_other=yes"]).unwrap_err().contains("no value"));
+        assert!(expand(&["fhirfs", "-o"]).is_err());
     }
 
     #[test]

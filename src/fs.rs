@@ -19,6 +19,7 @@ use crate::error::{FsError, SourceError};
 use crate::fhir::Listed;
 use crate::id::id_from_name;
 use crate::source::{Fetched, Meta, Source};
+use crate::stats::Stats;
 
 /// The inode of the mount's root folder (fixed by FUSE).
 pub const ROOT_INO: u64 = 1;
@@ -222,6 +223,7 @@ pub struct FhirFs<S: Source> {
     next_fh: AtomicU64,
     next_generation: AtomicU64,
     invalidator: OnceLock<Invalidator>,
+    stats: Arc<Stats>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -234,8 +236,13 @@ fn is_fresh(at: Option<Instant>, ttl: Duration) -> bool {
 }
 
 impl<S: Source> FhirFs<S> {
-    /// A core over `source`.
+    /// A core over `source`, with its own counters.
     pub fn new(source: S, config: FsConfig) -> Arc<Self> {
+        Self::with_stats(source, config, Arc::default())
+    }
+
+    /// A core over `source` that counts into `stats` (shared with the source).
+    pub fn with_stats(source: S, config: FsConfig, stats: Arc<Stats>) -> Arc<Self> {
         let content = moka::sync::Cache::builder()
             .max_capacity(config.cache_bytes)
             .weigher(|_id: &String, c: &Arc<Content>| {
@@ -256,12 +263,18 @@ impl<S: Source> FhirFs<S> {
             next_fh: AtomicU64::new(1),
             next_generation: AtomicU64::new(1),
             invalidator: OnceLock::new(),
+            stats,
         })
     }
 
     /// The source behind this core.
     pub fn source(&self) -> &S {
         &self.source
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     /// The settings.
@@ -425,8 +438,10 @@ impl<S: Source> FhirFs<S> {
             let mut inflight = lock(&self.inflight);
             // Checked under the lock: a fetch that just finished has filled the cache already.
             if let Some(content) = self.fresh_content(id) {
+                Stats::add(&self.stats.cache_hits, 1);
                 return Ok(content);
             }
+            Stats::add(&self.stats.cache_misses, 1);
             match inflight.get(id) {
                 Some(fetch) => fetch.clone(),
                 None => {
@@ -488,6 +503,7 @@ impl<S: Source> FhirFs<S> {
                     self.remember_missing(id);
                 } else {
                     warn!(id, error = %e, elapsed = ?started.elapsed(), "fetch failed");
+                    Stats::add(&self.stats.errors, 1);
                 }
                 return Err(e);
             }
@@ -516,6 +532,7 @@ impl<S: Source> FhirFs<S> {
             }
             Err(e) => {
                 warn!(error = %e, "listing failed");
+                Stats::add(&self.stats.errors, 1);
                 return Err(FsError::source("Binary?", e));
             }
         };
@@ -730,6 +747,7 @@ impl<S: Source> FhirFs<S> {
         let len = content.bytes.len();
         let start = usize::try_from(offset).unwrap_or(usize::MAX).min(len);
         let end = start.saturating_add(size as usize).min(len);
+        Stats::add(&self.stats.bytes_served, (end - start) as u64);
         Ok(content.bytes.slice(start..end))
     }
 
@@ -788,6 +806,22 @@ impl<S: Source> FhirFs<S> {
         ];
         let present = values.into_iter().filter_map(|(name, v)| v.map(|v| (name, v.into_bytes())));
         Ok(present.collect())
+    }
+
+    /// Lists once right after mounting: the first `ls` is then answered from memory, and a
+    /// server that cannot be reached is reported at once (the mount stays up; reads give EIO
+    /// until the server answers).
+    pub async fn warm_up(self: Arc<Self>) {
+        match self.listing().await {
+            Ok(entries) => debug!(files = entries.len(), "first listing done"),
+            Err(FsError::Source {
+                source: e @ (SourceError::Transport(_) | SourceError::Timeout(_)),
+                ..
+            }) => {
+                warn!(error = %e, "the server cannot be reached; mounted anyway: reads fail with EIO until it answers");
+            }
+            Err(e) => warn!(error = %e, "the first listing failed"),
+        }
     }
 
     /// How many Binaries the mount knows of.

@@ -17,6 +17,7 @@ use crate::auth::{Auth, TokenSource};
 use crate::error::SourceError;
 use crate::fhir::{self, FHIR_JSON, Listed};
 use crate::source::{Fetched, Meta, Source};
+use crate::stats::Stats;
 
 /// First pause before a retry; doubled each time, with jitter.
 const RETRY_MIN_DELAY: Duration = Duration::from_millis(100);
@@ -41,6 +42,8 @@ pub struct HttpConfig {
     pub max_size: u64,
     /// Extra CA certificates (PEM) to trust besides the system's.
     pub ca_pem: Option<Vec<u8>>,
+    /// Where answers are counted by status.
+    pub stats: Arc<Stats>,
 }
 
 impl HttpConfig {
@@ -53,6 +56,7 @@ impl HttpConfig {
             page_size: 1000,
             max_size: 1 << 30,
             ca_pem: None,
+            stats: Arc::default(),
         }
     }
 }
@@ -184,8 +188,12 @@ impl HttpSource {
             request = request.header(header::IF_NONE_MATCH, format!("W/\"{version}\""));
         }
         // Connection errors are worth a retry; so is a body cut short.
-        let response = request.send().await.map_err(|e| Failure::transient(transport(e)))?;
+        let response = request.send().await.map_err(|e| {
+            self.config.stats.count_status(0);
+            Failure::transient(transport(e))
+        })?;
         let status = response.status();
+        self.config.stats.count_status(status.as_u16());
         let headers = response.headers().clone();
         if is_transient(status) {
             let error = SourceError::from_status(status.as_u16());

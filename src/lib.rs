@@ -10,12 +10,15 @@
 //! - [`id`]: which names are FHIR ids.
 //! - [`error`]: error types and the errno table.
 //! - [`smart`]: SMART Backend Services client (signed assertions, token endpoint).
+//! - [`stats`]: counters, logged on SIGUSR1.
 //! - [`run`]: the runtime, the mount, signals and readiness.
-//! - [`cli`]: command-line options.
+//! - [`cli`]: command-line options, and mount-style `-o` options.
+//! - [`daemon`]: going to the background when mount(8) starts fhirfs.
 //! - [`loopback`]: an in-process FHIR server for the demo and the tests.
 
 pub mod auth;
 pub mod cli;
+pub mod daemon;
 pub mod error;
 pub mod fhir;
 pub mod fs;
@@ -26,3 +29,4 @@ pub mod loopback;
 pub mod run;
 pub mod smart;
 pub mod source;
+pub mod stats;

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::auth::TokenSource;
 use crate::cli::{Args, Target};
+use crate::daemon::Readiness;
 use crate::fs::FhirFs;
 use crate::fuse::FuseAdapter;
 use crate::http::{HttpConfig, HttpSource};
@@ -55,12 +56,49 @@ impl MountConfig {
     }
 }
 
+/// The filesystem type mounted at `path`, from /proc/self/mountinfo.
+fn mounted_type(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // mountinfo escapes space, tab, newline and backslash as octal.
+    let escaped = path
+        .to_string_lossy()
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    info.lines().rev().find_map(|line| {
+        let mut fields = line.split(' ');
+        if fields.nth(4)? != escaped {
+            return None;
+        }
+        // After the optional fields comes "-", then the type.
+        let mut rest = fields.skip_while(|f| *f != "-");
+        rest.nth(1).map(str::to_owned)
+    })
+}
+
 /// Checks that the mountpoint is an empty folder and that FUSE is there, with clear messages.
 pub fn check_mountpoint(mountpoint: &Path) -> anyhow::Result<()> {
-    let meta = std::fs::metadata(mountpoint)
-        .with_context(|| format!("mountpoint {} is not usable", mountpoint.display()))?;
+    let meta = match std::fs::metadata(mountpoint) {
+        Ok(meta) => meta,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+            "mountpoint {} is a dead FUSE mount (its daemon has gone): run `umount {0}` first",
+            mountpoint.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("mountpoint {} does not exist: create it with mkdir first", mountpoint.display())
+        }
+        Err(e) => bail!("mountpoint {} is not usable: {e}", mountpoint.display()),
+    };
     if !meta.is_dir() {
         bail!("mountpoint {} is not a folder", mountpoint.display());
+    }
+    let canonical = mountpoint.canonicalize().unwrap_or_else(|_| mountpoint.to_owned());
+    if let Some(kind) = mounted_type(&canonical).filter(|k| k.starts_with("fuse")) {
+        bail!(
+            "{} is already mounted ({kind}): unmount it first (umount {0})",
+            mountpoint.display()
+        );
     }
     let mut entries = std::fs::read_dir(mountpoint)
         .with_context(|| format!("cannot read mountpoint {}", mountpoint.display()))?;
@@ -81,6 +119,7 @@ pub async fn serve<S: Source>(
     fs: Arc<FhirFs<S>>,
     mount: &MountConfig,
     shutdown: impl Future<Output = ()>,
+    readiness: &mut Readiness,
 ) -> anyhow::Result<()> {
     let (unmounted_tx, unmounted) = oneshot::channel();
     let adapter =
@@ -107,8 +146,22 @@ pub async fn serve<S: Source>(
     if let Err(e) = sd_notify::notify(&[NotifyState::Ready]) {
         warn!(error = %e, "cannot tell the service manager that the mount is ready");
     }
+    readiness.ready();
+    tokio::spawn(Arc::clone(&fs).warm_up());
+
+    let stats = Arc::clone(&fs);
+    let report = async move {
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+            return std::future::pending().await;
+        };
+        while usr1.recv().await.is_some() {
+            info!(stats = %stats.stats(), "statistics");
+        }
+    };
+    tokio::pin!(report);
 
     tokio::select! {
+        () = &mut report => {}
         () = shutdown => {
             info!("unmounting");
             let _ = sd_notify::notify(&[NotifyState::Stopping]);
@@ -122,6 +175,7 @@ pub async fn serve<S: Source>(
             tokio::task::spawn_blocking(move || background.join()).await?.ok();
         }
     }
+    info!(stats = %fs.stats(), "statistics at exit");
     Ok(())
 }
 
@@ -138,8 +192,8 @@ pub fn termination() -> anyhow::Result<impl Future<Output = ()>> {
     })
 }
 
-/// The whole program after argument parsing.
-pub fn main(args: Args) -> anyhow::Result<()> {
+/// The whole program after argument parsing. `readiness` is told when the mount is up.
+pub fn main(args: Args, mut readiness: Readiness) -> anyhow::Result<()> {
     let (target, mountpoint) = args.target()?;
     let token = args.token()?;
     let ca_pem = args.ca_pem()?;
@@ -167,14 +221,15 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         http.page_size = args.page_size.max(1);
         http.max_size = args.max_size.as_u64();
         http.ca_pem = ca_pem;
+        let stats = Arc::clone(&http.stats);
         let source = HttpSource::new(http).context("cannot set up the HTTP client")?;
-        let fs = FhirFs::new(source, args.fs_config());
+        let fs = FhirFs::with_stats(source, args.fs_config(), stats);
         let mount = MountConfig {
             mountpoint,
             fsname: format!("fhirfs:{}", base.as_str().trim_end_matches('/')),
             allow_other: args.allow_other,
         };
-        serve(fs, &mount, shutdown).await
+        serve(fs, &mount, shutdown, &mut readiness).await
     })?;
     // Tasks still waiting on a dead server must not hold up the exit.
     runtime.shutdown_timeout(Duration::from_millis(100));

@@ -108,10 +108,10 @@ fn binary_decoder_never_panics_on_mangled_bodies() {
         );
         let mangled = mutate(body.into_bytes(), edits);
         // Any answer is fine; a panic is not. A success must carry decodable data.
-        if let Ok(binary) = parse_binary(&mangled) {
-            if let Some(data) = binary.data {
-                prop_assert_eq!(binary.meta.size, Some(data.len() as u64));
-            }
+        if let Ok(binary) = parse_binary(&mangled)
+            && let Some(data) = binary.data
+        {
+            prop_assert_eq!(binary.meta.size, Some(data.len() as u64));
         }
         Ok(())
     });
