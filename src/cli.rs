@@ -102,12 +102,24 @@ pub fn expand_mount_options(argv: Vec<OsString>) -> Result<Vec<OsString>, String
     Ok(out)
 }
 
+const AFTER_HELP: &str = "\
+Token: --token-file, else the environment variable FHIRFS_TOKEN, else the systemd credential
+$CREDENTIALS_DIRECTORY/token, else SMART Backend Services (--smart-*), else none.
+
+Mount options: `-o key=value,flag,...` (as mount(8) and fstab pass them) accepts every long
+option above with `_` or `-` (token_file=/etc/fhirfs/token, allow_other, dir_ttl=5); generic
+options such as ro, nodev, nosuid, _netdev, noauto are accepted and ignored (the mount is
+always ro,nosuid,nodev,noexec). Started by mount(8), fhirfs goes to the background once the
+mount is up and reports a failure through its exit status.
+
+Stop: umount MOUNTPOINT, or SIGTERM/SIGINT (unmounts, exit 0). SIGUSR1 logs statistics.";
+
 /// Mount a FHIR server's Binary resources as a read-only folder.
 ///
 /// The bearer token comes from the environment variable FHIRFS_TOKEN or from --token-file,
 /// never from the command line.
 #[derive(Debug, Parser)]
-#[command(name = "fhirfs", version, about, long_about = None)]
+#[command(name = "fhirfs", version, about, long_about = None, after_help = AFTER_HELP)]
 #[command(
     override_usage = "fhirfs [OPTIONS] <BASE_URL> <MOUNTPOINT>\n       fhirfs --demo <MOUNTPOINT>"
 )]
