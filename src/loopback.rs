@@ -1,12 +1,18 @@
 //! An in-memory FHIR server for `Binary` resources on 127.0.0.1, used by tests and the demo.
+//!
+//! By default it answers like a well-behaved server. For the hardening tests it can also
+//! imitate the quirks of real servers ([`Quirks`], as FHIR-NOTES.md records them), and inject
+//! faults: per id ([`Fault`]), on searches ([`SearchFault`]), at random ([`RandomFaults`]) or as
+//! latency. Every request is counted ([`Counts`]) so tests can assert on what reached the server.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -19,11 +25,26 @@ use time::macros::format_description;
 use tokio::sync::watch;
 
 const FHIR_JSON: &str = "application/fhir+json";
+/// Page size when a search has no `_count` (HAPI's default).
 const DEFAULT_COUNT: usize = 20;
+/// Largest page by default, whatever `_count` asks (HAPI caps pages too).
 const DEFAULT_PAGE_CAP: usize = 50;
+/// Microsoft's fhir-server: default page size 10, and (here) never more.
+const MICROSOFT_PAGE_SIZE: usize = 10;
+/// Microsoft mode answers every fifth request 429, as a busy Azure FHIR service does.
+const MICROSOFT_THROTTLE_EVERY: u64 = 5;
+/// How long a broken body pauses after its first part, so that hyper flushes the headers and
+/// that part before the body ends early or fails.
+const FLUSH_PAUSE: Duration = Duration::from_millis(20);
+/// Size of the made-up content sent by `Truncated`/`Reset` for an id that is not stored.
+const FILLER_BYTES: usize = 4096;
 const SUBSETTED_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
 const INSTANT: &[BorrowedFormatItem<'_>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+/// HAPI writes instants with an explicit offset.
+const HAPI_INSTANT: &[BorrowedFormatItem<'_>] = format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3][offset_hour sign:mandatory]:[offset_minute]"
+);
 
 /// A handle to a running server; cheap to clone (Arc inside). Stops when the runtime stops.
 #[derive(Clone)]
@@ -38,7 +59,8 @@ pub struct Stored {
     pub content_type: String,
     /// The decoded content.
     pub bytes: Bytes,
-    /// `meta.versionId`: "1" after the first put, then "2", "3"...
+    /// `meta.versionId` as the current quirk mode names it: "1" after the first put, then
+    /// "2", "3"... (Medplum mode: a UUID derived from the id and that number).
     pub version_id: String,
     /// `meta.lastUpdated`, truncated to milliseconds.
     pub last_updated: SystemTime,
@@ -47,7 +69,8 @@ pub struct Stored {
 /// Request counters. Every request is counted on arrival, whatever it is answered.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Counts {
-    /// `GET /Binary?...` requests, cursor pages included.
+    /// `GET /Binary?...` requests, cursor pages included (also HAPI-style `GET [base]?_getpages`
+    /// pages and `GET /Binary/_history`).
     pub searches: u64,
     /// All `GET /Binary/{id}` requests, 304s, 401s and errors included.
     pub reads: u64,
@@ -55,6 +78,15 @@ pub struct Counts {
     pub not_modified: u64,
     /// Reads per id.
     pub per_id: BTreeMap<String, u64>,
+    /// `HEAD /Binary/{id}` requests (not counted in `reads`).
+    pub heads: u64,
+    /// Reads answered 200 with the Binary's native bytes.
+    pub raw_reads: u64,
+    /// Reads answered 200 with the Binary as FHIR JSON (injected bodies not included).
+    pub json_reads: u64,
+    /// Answers to reads and searches by status, faults included. HEADs are not counted, nor
+    /// requests that are never answered (`Fault::Hang`).
+    pub statuses: BTreeMap<u16, u64>,
 }
 
 /// Releases held requests when `release()` is called or when dropped.
@@ -75,8 +107,11 @@ impl Drop for Gate {
     }
 }
 
-/// A misbehaviour injected on reads of one id.
-#[derive(Clone, Debug)]
+/// A misbehaviour injected on reads (`GET`) of one id.
+///
+/// `HEAD` requests see only the answer-shaping faults (`Status`, `Body`, `Raw`); they neither
+/// use up a counted fault nor get the transport faults.
+#[derive(Clone, Debug, PartialEq)]
 pub enum Fault {
     /// Answer this status with an OperationOutcome body.
     Status(u16),
@@ -91,6 +126,90 @@ pub enum Fault {
     /// Serve the Binary raw (body = the bytes, Content-Type = its contentType), whatever the
     /// Accept.
     Raw,
+    /// The next `times` reads answer `status` (with an OperationOutcome) and the header
+    /// `Retry-After: <retry_after>` (seconds, or an HTTP date); then reads work normally.
+    RetryAfter {
+        /// The status to answer, e.g. 429 or 503.
+        status: u16,
+        /// The `Retry-After` value, sent verbatim.
+        retry_after: String,
+        /// How many reads get this answer before the fault clears itself.
+        times: u32,
+    },
+    /// The next `times` reads answer `status` (with an OperationOutcome); then reads work
+    /// normally.
+    FailTimes {
+        /// The status to answer.
+        status: u16,
+        /// How many reads get this answer before the fault clears itself.
+        times: u32,
+    },
+    /// 200 with the Binary's FHIR JSON, but only half of it: `Content-Length` promises the
+    /// whole, then the connection closes.
+    Truncated,
+    /// 200 with the headers and half of the FHIR JSON (chunked, no `Content-Length`), then the
+    /// connection is aborted mid-body.
+    Reset,
+    /// Never answers (until the server's runtime stops). Unlike [`LoopbackServer::hold`],
+    /// nothing releases it.
+    Hang,
+}
+
+/// A misbehaviour injected on searches (`GET /Binary?...` and its pages).
+#[derive(Clone, Debug, PartialEq)]
+pub enum SearchFault {
+    /// Answer this status with an OperationOutcome.
+    Status(u16),
+    /// Answer 200 with a FHIR resource that is not a Bundle (a Binary).
+    NotBundle,
+    /// Answer 200 with an HTML page (`text/html`), as a proxy's login page would.
+    Html,
+    /// Page as usual, but the last page's `next` link points back to the first page.
+    LoopingNext,
+    /// Every page also carries a Patient entry and an OperationOutcome entry (search mode
+    /// `outcome`) among the Binaries.
+    NonBinaryEntries,
+}
+
+/// Faults drawn at random on reads (not searches, not HEAD), reproducible from the seed for a
+/// given order of reads.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RandomFaults {
+    /// The chance that one read gets a fault, from 0.0 to 1.0. A faulty read gets one of
+    /// 500, 502, 503, 429 (with `Retry-After: 0`), `Fault::Truncated` or `Fault::Reset`, equally
+    /// likely.
+    pub probability: f64,
+    /// Seed of the generator.
+    pub seed: u64,
+}
+
+/// Which real server's habits to imitate (see FHIR-NOTES.md). `set_escaped_slashes` is
+/// independent of these.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Quirks {
+    /// Spec-following: FHIR JSON when Accept is absent or names a JSON type (or `_format=json`),
+    /// else raw; `_cursor` next links; 304 on both paths.
+    #[default]
+    Standard,
+    /// Medplum 5: every search on Binary is 400; raw bytes unless Accept *starts with*
+    /// `application/fhir+json` (absent Accept, `application/json` and `*/*` get raw; `_format`
+    /// is ignored); Binaries created with [`LoopbackServer::put_raw`] come back on the JSON
+    /// path with neither `data` nor `url`, and raw as a chunked body without Content-Length;
+    /// versionIds are UUIDs; 304 only on the JSON path; 401 without `WWW-Authenticate`.
+    Medplum,
+    /// HAPI FHIR: raw bytes for a non-FHIR Accept; page size 20 by default, capped (50 unless
+    /// `set_page_cap`); `next` links point at the base
+    /// (`[base]?_getpages=..&_getpagesoffset=..&_count=..&_pretty=true&_bundletype=searchset`,
+    /// answered pretty-printed); instants with a `+00:00` offset; no `Last-Modified` on raw
+    /// answers.
+    Hapi,
+    /// Microsoft fhir-server: FHIR JSON only. A read whose Accept is present, not empty, and
+    /// names none of `application/fhir+json`, `application/json`, `*/*` (media parameters
+    /// ignored; `_format=json` also counts) answers 406 with an OperationOutcome. Pages hold at
+    /// most 10 entries (also the default), `next` links carry a `ct` continuation token, and
+    /// every fifth request (reads, HEADs and searches counted together from `set_quirks`)
+    /// answers 429 with `Retry-After: 1` (see [`LoopbackServer::set_throttle`]).
+    Microsoft,
 }
 
 struct Inner {
@@ -103,21 +222,46 @@ struct Inner {
 struct ServerState {
     binaries: BTreeMap<String, Entry>,
     token: Option<String>,
-    faults: HashMap<String, Fault>,
+    faults: HashMap<String, Armed>,
     holds: HashMap<String, watch::Receiver<bool>>,
-    search_status: Option<u16>,
+    search_fault: Option<SearchFault>,
     page_cap: usize,
     listing_data: bool,
     cursors: HashMap<String, Page>,
     cursor_keys: RandomState,
     cursor_seq: u64,
+    latency: Duration,
+    quirks: Quirks,
+    escaped_slashes: bool,
+    /// Every n-th request answers 429 (None: never).
+    throttle_every: Option<u64>,
+    /// Requests since throttling was (re)configured.
+    throttle_seq: u64,
+    random: Option<Xorshift>,
+    arrivals: HashMap<String, Vec<Instant>>,
 }
 
 /// One id's history: the last version number given, and the content unless deleted.
 #[derive(Default)]
 struct Entry {
     version: u64,
-    live: Option<Stored>,
+    live: Option<Item>,
+}
+
+/// The live content of one id.
+#[derive(Clone)]
+struct Item {
+    content_type: String,
+    bytes: Bytes,
+    last_updated: SystemTime,
+    /// Created by a raw upload (`put_raw`): Medplum then keeps `data` out of the JSON form.
+    raw: bool,
+}
+
+/// A fault and how many more reads it applies to (None: until cleared).
+struct Armed {
+    fault: Fault,
+    left: Option<u32>,
 }
 
 /// What a search page covers; cursors map to one of these.
@@ -127,6 +271,63 @@ struct Page {
     count: usize,
     subsetted: bool,
     ids: Option<Vec<String>>,
+    /// The absolute URL of the search's first page (`LoopingNext` points back to it).
+    first: String,
+    /// The search's own parameters without paging ones (Microsoft's next links repeat them).
+    query: Vec<(String, String)>,
+    /// The cursor this page was reached by, if any.
+    cursor: Option<String>,
+}
+
+/// A small xorshift64 generator: reproducible random faults without a new dependency.
+struct Xorshift {
+    state: u64,
+    probability: f64,
+}
+
+impl Xorshift {
+    fn new(faults: RandomFaults) -> Self {
+        // Mixed once (splitmix64's finaliser) so that close seeds diverge; never zero.
+        let mut z = faults.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        Self { state: if z == 0 { 1 } else { z }, probability: faults.probability }
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.state;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.state = x;
+        x
+    }
+
+    /// A fault for one read, or none.
+    fn roll(&mut self) -> Option<Fault> {
+        // 53 random bits as a fraction in [0, 1).
+        let draw = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        if draw >= self.probability {
+            return None;
+        }
+        Some(match self.next() % 6 {
+            0 => Fault::Status(500),
+            1 => Fault::Status(502),
+            2 => Fault::Status(503),
+            3 => Fault::RetryAfter { status: 429, retry_after: "0".into(), times: 1 },
+            4 => Fault::Truncated,
+            _ => Fault::Reset,
+        })
+    }
+}
+
+/// Which kind of request arrived, for counting.
+#[derive(Clone, Copy)]
+enum Arrival<'a> {
+    Search,
+    Read(&'a str),
+    Head,
 }
 
 impl LoopbackServer {
@@ -140,8 +341,10 @@ impl LoopbackServer {
             counts: watch::Sender::new(Counts::default()),
         });
         let router = Router::new()
+            .route("/fhir", get(system))
             .route("/fhir/Binary", get(search))
-            .route("/fhir/Binary/{id}", get(read))
+            .route("/fhir/Binary/_history", get(type_history))
+            .route("/fhir/Binary/{id}", get(read).head(head))
             .fallback(|uri: Uri| async move { outcome(404, &format!("no route for {uri}")) })
             .with_state(Arc::clone(&inner));
         tokio::spawn(async move {
@@ -161,14 +364,25 @@ impl LoopbackServer {
     /// Creates or replaces a Binary: versionId starts at "1" and increments on each put;
     /// lastUpdated = now, truncated to milliseconds.
     pub fn put(&self, id: &str, content_type: &str, bytes: impl Into<Bytes>) {
+        self.store(id, content_type, bytes.into(), false);
+    }
+
+    /// Like [`put`](Self::put), for a Binary "created raw" (uploaded as native bytes rather than
+    /// as a FHIR resource). Only Medplum mode treats it differently: its JSON form has neither
+    /// `data` nor `url`, and its raw form is chunked, without Content-Length.
+    pub fn put_raw(&self, id: &str, content_type: &str, bytes: impl Into<Bytes>) {
+        self.store(id, content_type, bytes.into(), true);
+    }
+
+    fn store(&self, id: &str, content_type: &str, bytes: Bytes, raw: bool) {
         let mut state = self.inner.lock();
         let entry = state.binaries.entry(id.to_owned()).or_default();
         entry.version += 1;
-        entry.live = Some(Stored {
+        entry.live = Some(Item {
             content_type: content_type.to_owned(),
-            bytes: bytes.into(),
-            version_id: entry.version.to_string(),
+            bytes,
             last_updated: now_millis(),
+            raw,
         });
     }
 
@@ -180,36 +394,101 @@ impl LoopbackServer {
 
     /// The stored state of one Binary.
     pub fn stored(&self, id: &str) -> Option<Stored> {
-        self.inner.lock().binaries.get(id)?.live.clone()
+        let state = self.inner.lock();
+        let entry = state.binaries.get(id)?;
+        let item = entry.live.as_ref()?;
+        Some(state.present(id, entry.version, item))
     }
 
     /// Ids in search order (sorted).
     pub fn ids(&self) -> Vec<String> {
         let state = self.inner.lock();
-        state.live().map(|(id, _)| id.clone()).collect()
+        state.live().map(|(id, _, _)| id.clone()).collect()
     }
 
     /// Require `Authorization: Bearer <token>` (None: no auth). Wrong/missing → 401 with
-    /// `WWW-Authenticate: Bearer` and an OperationOutcome body.
+    /// `WWW-Authenticate: Bearer` (not in Medplum mode) and an OperationOutcome body.
     pub fn set_token(&self, token: Option<&str>) {
         self.inner.lock().token = token.map(str::to_owned);
     }
 
-    /// Per-id fault injected on reads of that id (None clears).
+    /// Per-id fault injected on reads of that id (None clears). `RetryAfter` and `FailTimes`
+    /// clear themselves after their `times` reads; the others stay until cleared.
     pub fn set_fault(&self, id: &str, fault: Option<Fault>) {
+        let armed = fault.map(|fault| {
+            let left = match fault {
+                Fault::RetryAfter { times, .. } | Fault::FailTimes { times, .. } => Some(times),
+                _ => None,
+            };
+            Armed { fault, left }
+        });
+        self.arm(id, armed);
+    }
+
+    /// Injects `fault` on the next `times` reads of `id` only, then reads work normally (for
+    /// `RetryAfter`/`FailTimes`, this `times` replaces theirs). E.g. one `Reset`, then success.
+    pub fn set_fault_times(&self, id: &str, fault: Fault, times: u32) {
+        let armed = (times > 0).then_some(Armed { fault, left: Some(times) });
+        self.arm(id, armed);
+    }
+
+    fn arm(&self, id: &str, armed: Option<Armed>) {
         let faults = &mut self.inner.lock().faults;
-        match fault {
-            Some(fault) => faults.insert(id.to_owned(), fault),
+        match armed {
+            Some(armed) => faults.insert(id.to_owned(), armed),
             None => faults.remove(id),
         };
     }
 
     /// Search answers this status (with an OperationOutcome) instead of a Bundle (None: normal).
+    /// The same as `set_search_fault(status.map(SearchFault::Status))`.
     pub fn set_search_status(&self, status: Option<u16>) {
-        self.inner.lock().search_status = status;
+        self.set_search_fault(status.map(SearchFault::Status));
     }
 
-    /// Largest page a search returns, whatever `_count` asks (default 50).
+    /// A fault on every search and search page (None: normal).
+    pub fn set_search_fault(&self, fault: Option<SearchFault>) {
+        self.inner.lock().search_fault = fault;
+    }
+
+    /// Random faults on reads (None: off). Replaces the generator, so setting the same seed
+    /// again replays the same faults.
+    pub fn set_random_faults(&self, faults: Option<RandomFaults>) {
+        self.inner.lock().random = faults.map(Xorshift::new);
+    }
+
+    /// Every request (search, read, HEAD) waits this long, after being counted, before it is
+    /// answered. Default zero.
+    pub fn set_latency(&self, latency: Duration) {
+        self.inner.lock().latency = latency;
+    }
+
+    /// Imitate a real server's habits (default `Standard`). Also sets throttling: every fifth
+    /// request for `Microsoft`, none otherwise (override with [`set_throttle`](Self::set_throttle)
+    /// afterwards).
+    pub fn set_quirks(&self, quirks: Quirks) {
+        let mut state = self.inner.lock();
+        state.quirks = quirks;
+        state.throttle_every = (quirks == Quirks::Microsoft).then_some(MICROSOFT_THROTTLE_EVERY);
+        state.throttle_seq = 0;
+    }
+
+    /// Every `n`-th request from now on (reads, HEADs and searches counted together) answers
+    /// 429 with `Retry-After: 1` (None or 0: never).
+    pub fn set_throttle(&self, every: Option<u64>) {
+        let mut state = self.inner.lock();
+        state.throttle_every = every.filter(|&n| n > 0);
+        state.throttle_seq = 0;
+    }
+
+    /// When true, JSON bodies of Binaries and Bundles escape every `/` as `\/` (valid JSON, as
+    /// PHP-style encoders write it); base64 `data` then needs unescaping before decoding.
+    pub fn set_escaped_slashes(&self, escaped: bool) {
+        self.inner.lock().escaped_slashes = escaped;
+    }
+
+    /// Largest page a search returns, whatever `_count` asks (default 50; Microsoft mode
+    /// never exceeds 10).
     pub fn set_page_cap(&self, cap: usize) {
         self.inner.lock().page_cap = cap;
     }
@@ -232,11 +511,21 @@ impl LoopbackServer {
         self.inner.counts.borrow().clone()
     }
 
+    /// When each read (GET) of `id` arrived, in order.
+    pub fn read_arrivals(&self, id: &str) -> Vec<Instant> {
+        self.inner.lock().arrivals.get(id).cloned().unwrap_or_default()
+    }
+
     /// Waits until at least `n` read requests for `id` have arrived (counted).
     pub async fn wait_for_reads(&self, id: &str, n: u64) {
+        self.wait_for_counts(|c| c.per_id.get(id).is_some_and(|&reads| reads >= n)).await;
+    }
+
+    /// Waits until `condition` holds for the counters (checked on every change).
+    pub async fn wait_for_counts(&self, condition: impl FnMut(&Counts) -> bool) {
         let mut counts = self.inner.counts.subscribe();
         // The sender lives as long as `self`, so this only returns once the condition holds.
-        let _ = counts.wait_for(|c| c.per_id.get(id).is_some_and(|&reads| reads >= n)).await;
+        let _ = counts.wait_for(condition).await;
     }
 }
 
@@ -261,6 +550,41 @@ impl Inner {
         format!("http://{}/fhir", self.addr)
     }
 
+    /// Counts a request, waits the configured latency, and tells whether throttling answers it.
+    async fn arrive(&self, arrival: Arrival<'_>) -> bool {
+        self.counts.send_modify(|c| match arrival {
+            Arrival::Search => c.searches += 1,
+            Arrival::Head => c.heads += 1,
+            Arrival::Read(id) => {
+                c.reads += 1;
+                *c.per_id.entry(id.to_owned()).or_default() += 1;
+            }
+        });
+        let (latency, throttled) = {
+            let mut state = self.lock();
+            if let Arrival::Read(id) = arrival {
+                let arrivals = state.arrivals.entry(id.to_owned()).or_default();
+                arrivals.push(Instant::now());
+            }
+            state.throttle_seq += 1;
+            let seq = state.throttle_seq;
+            (state.latency, state.throttle_every.is_some_and(|n| seq % n == 0))
+        };
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        throttled
+    }
+
+    /// The answer that comes before any resource is looked at: throttling, then auth.
+    fn gatekeep(&self, throttled: bool, headers: &HeaderMap) -> Option<Response> {
+        if throttled {
+            let response = outcome(429, "too many requests: slow down");
+            return Some(with_retry_after(response, "1"));
+        }
+        self.deny(headers)
+    }
+
     /// The 401 answer when a token is required and `headers` lack it.
     fn deny(&self, headers: &HeaderMap) -> Option<Response> {
         let state = self.lock();
@@ -269,32 +593,344 @@ impl Inner {
         if given.and_then(|v| v.strip_prefix(b"Bearer ")) == Some(token.as_bytes()) {
             return None;
         }
+        let denied = outcome(401, "missing or invalid bearer token");
+        if state.quirks == Quirks::Medplum {
+            // Medplum sends no challenge.
+            return Some(denied);
+        }
         let challenge = [(header::WWW_AUTHENTICATE, "Bearer")];
-        Some((challenge, outcome(401, "missing or invalid bearer token")).into_response())
+        Some((challenge, denied).into_response())
+    }
+
+    /// Records the status of an answer to a read or search.
+    fn answered(&self, response: Response) -> Response {
+        let status = response.status().as_u16();
+        self.counts.send_modify(|c| *c.statuses.entry(status).or_default() += 1);
+        response
+    }
+
+    /// The fault for this read of `id`: the id's own (used up by one), else a random one.
+    fn take_fault(&self, id: &str) -> Option<Fault> {
+        let mut state = self.lock();
+        if let Some(armed) = state.faults.get_mut(id) {
+            let fault = armed.fault.clone();
+            if let Some(left) = &mut armed.left {
+                *left = left.saturating_sub(1);
+                if *left == 0 {
+                    state.faults.remove(id);
+                }
+            }
+            return Some(fault);
+        }
+        state.random.as_mut().and_then(Xorshift::roll)
+    }
+
+    /// The JSON text the FHIR read of `id` would send, for the broken-body faults.
+    fn json_text(&self, id: &str) -> String {
+        let state = self.lock();
+        match state.binaries.get(id) {
+            Some(Entry { version, live: Some(item) }) => {
+                state.render(&state.binary_json(id, *version, item, Form::Full), false)
+            }
+            _ => {
+                let data = base64_simd::STANDARD.encode_to_string([0x5a; FILLER_BYTES]);
+                let resource = json!({
+                    "resourceType": "Binary",
+                    "id": id,
+                    "contentType": "application/octet-stream",
+                    "data": data,
+                });
+                resource.to_string()
+            }
+        }
+    }
+
+    /// The answer to a read of `id` that no transport fault replaced. `count` is false for
+    /// HEAD, which is not a read.
+    fn binary(
+        &self,
+        id: &str,
+        params: &[(String, String)],
+        headers: &HeaderMap,
+        force_raw: bool,
+        count: bool,
+    ) -> Response {
+        let state = self.lock();
+        let quirks = state.quirks;
+        let (version, item) = match state.binaries.get(id) {
+            Some(Entry { version, live: Some(item) }) => (*version, item),
+            Some(_) => return outcome(410, &format!("Binary/{id} was deleted")),
+            None => return outcome(404, &format!("Binary/{id} is not known")),
+        };
+        let json = !force_raw
+            && match quirks {
+                Quirks::Standard | Quirks::Hapi => wants_json(headers, params),
+                Quirks::Medplum => accept_starts_with_fhir_json(headers),
+                Quirks::Microsoft if microsoft_accepts(headers, params) => true,
+                Quirks::Microsoft => {
+                    return outcome(406, "this server only serves FHIR formats");
+                }
+            };
+        let etag = format!("W/\"{}\"", state.version_id(id, version));
+        let mut validators = HeaderMap::new();
+        if let Ok(value) = HeaderValue::from_str(&etag) {
+            validators.insert(header::ETAG, value);
+        }
+        // HAPI sends Last-Modified only with the FHIR form.
+        if json || quirks != Quirks::Hapi {
+            let modified = httpdate::fmt_http_date(item.last_updated);
+            if let Ok(value) = HeaderValue::from_str(&modified) {
+                validators.insert(header::LAST_MODIFIED, value);
+            }
+        }
+        // Medplum only answers conditional reads on the FHIR path.
+        if (json || quirks != Quirks::Medplum) && if_none_match(headers, &etag) {
+            if count {
+                self.counts.send_modify(|c| c.not_modified += 1);
+            }
+            return (StatusCode::NOT_MODIFIED, validators).into_response();
+        }
+        if json {
+            if count {
+                self.counts.send_modify(|c| c.json_reads += 1);
+            }
+            let form =
+                if quirks == Quirks::Medplum && item.raw { Form::WithoutData } else { Form::Full };
+            let pretty = param(params, "_pretty") == Some("true");
+            let body = state.render(&state.binary_json(id, version, item, form), pretty);
+            return (validators, [(header::CONTENT_TYPE, FHIR_JSON)], body).into_response();
+        }
+        if count {
+            self.counts.send_modify(|c| c.raw_reads += 1);
+        }
+        let content_type = [(header::CONTENT_TYPE, item.content_type.clone())];
+        let bytes = item.bytes.clone();
+        if quirks == Quirks::Medplum && item.raw {
+            // A stream has no known length: hyper sends it chunked, without Content-Length.
+            let once = futures::stream::once(async move { Ok::<_, std::io::Error>(bytes) });
+            return (validators, content_type, Body::from_stream(once)).into_response();
+        }
+        (validators, content_type, bytes).into_response()
+    }
+
+    /// One page of a search, or the search fault's answer.
+    fn search_page(&self, params: &[(String, String)], uri: &Uri) -> Response {
+        let base = self.base_url();
+        let mut state = self.lock();
+        let quirks = state.quirks;
+        if quirks == Quirks::Medplum {
+            return outcome(400, "Binary is not searchable");
+        }
+        match &state.search_fault {
+            Some(SearchFault::Status(status)) => {
+                return outcome(*status, "search is not available");
+            }
+            Some(SearchFault::NotBundle) => {
+                let resource = json!({
+                    "resourceType": "Binary",
+                    "id": "not-a-bundle",
+                    "contentType": "text/plain",
+                    "data": "bm90IGEgQnVuZGxl",
+                });
+                return fhir_json(StatusCode::OK, resource.to_string());
+            }
+            Some(SearchFault::Html) => {
+                let page = "<!DOCTYPE html><html><head><title>Sign in</title></head>\
+                            <body><form action=\"/login\">Sign in to continue</form></body></html>";
+                return ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page)
+                    .into_response();
+            }
+            _ => {}
+        }
+        let url = format!("http://{}{uri}", self.addr);
+        let page = match state.page(params, &url) {
+            Ok(page) => page,
+            Err(msg) => return outcome(400, &msg),
+        };
+        let cap = match quirks {
+            Quirks::Microsoft => state.page_cap.min(MICROSOFT_PAGE_SIZE),
+            _ => state.page_cap,
+        };
+        let size = page.count.min(cap);
+        let form = if page.subsetted && !state.listing_data { Form::Subsetted } else { Form::Full };
+        let matches: Vec<_> = state
+            .live()
+            .filter(|(id, _, _)| page.ids.as_ref().is_none_or(|ids| ids.contains(id)))
+            .collect();
+        let total = matches.len();
+        let mut entries: Vec<Value> = matches
+            .into_iter()
+            .skip(page.offset)
+            .take(size)
+            .map(|(id, version, item)| {
+                json!({
+                    "fullUrl": format!("{base}/Binary/{id}"),
+                    "resource": state.binary_json(id, version, item, form),
+                    "search": {"mode": "match"},
+                })
+            })
+            .collect();
+        let next_offset = page.offset + entries.len();
+        let looping = state.search_fault == Some(SearchFault::LoopingNext);
+        let next = if size > 0 && next_offset < total {
+            Some(state.next_link(&base, &page, next_offset, size))
+        } else if looping {
+            Some(page.first.clone())
+        } else {
+            None
+        };
+        if state.search_fault == Some(SearchFault::NonBinaryEntries) {
+            entries.insert(0, patient_entry(&base));
+            entries.push(outcome_entry());
+        }
+        let mut links = vec![json!({"relation": "self", "url": url})];
+        if let Some(next) = next {
+            links.push(json!({"relation": "next", "url": next}));
+        }
+        let bundle = json!({
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": total,
+            "link": links,
+            "entry": entries,
+        });
+        let pretty = param(params, "_pretty") == Some("true");
+        fhir_json(StatusCode::OK, state.render(&bundle, pretty))
     }
 }
 
+/// How much of a Binary its JSON form carries.
+#[derive(Clone, Copy, PartialEq)]
+enum Form {
+    /// With `data` (unless the content is empty).
+    Full,
+    /// Without `data`, tagged SUBSETTED (a search that asked for fewer elements).
+    Subsetted,
+    /// Without `data` and untagged, as Medplum answers for raw uploads.
+    WithoutData,
+}
+
 impl ServerState {
-    fn live(&self) -> impl Iterator<Item = (&String, &Stored)> {
-        self.binaries.iter().filter_map(|(id, entry)| entry.live.as_ref().map(|s| (id, s)))
+    fn live(&self) -> impl Iterator<Item = (&String, u64, &Item)> {
+        self.binaries
+            .iter()
+            .filter_map(|(id, entry)| entry.live.as_ref().map(|item| (id, entry.version, item)))
+    }
+
+    /// The versionId of version number `version` of `id`, as the current mode names it.
+    fn version_id(&self, id: &str, version: u64) -> String {
+        match self.quirks {
+            Quirks::Medplum => uuid_of(id, version),
+            _ => version.to_string(),
+        }
+    }
+
+    fn present(&self, id: &str, version: u64, item: &Item) -> Stored {
+        Stored {
+            content_type: item.content_type.clone(),
+            bytes: item.bytes.clone(),
+            version_id: self.version_id(id, version),
+            last_updated: item.last_updated,
+        }
+    }
+
+    /// The Binary resource as JSON.
+    fn binary_json(&self, id: &str, version: u64, item: &Item, form: Form) -> Value {
+        let mut resource = json!({
+            "resourceType": "Binary",
+            "id": id,
+            "meta": {
+                "versionId": self.version_id(id, version),
+                "lastUpdated": instant(item.last_updated, self.quirks),
+            },
+            "contentType": item.content_type,
+        });
+        match form {
+            Form::Subsetted => {
+                resource["meta"]["tag"] =
+                    json!([{"system": SUBSETTED_SYSTEM, "code": "SUBSETTED"}]);
+            }
+            Form::Full if !item.bytes.is_empty() => {
+                resource["data"] = base64_simd::STANDARD.encode_to_string(&item.bytes).into();
+            }
+            Form::Full | Form::WithoutData => {}
+        }
+        resource
+    }
+
+    /// A Binary or Bundle as JSON text, pretty when asked, with `/` escaped when configured.
+    fn render(&self, value: &Value, pretty: bool) -> String {
+        let text = if pretty { format!("{value:#}") } else { value.to_string() };
+        // `/` only occurs inside JSON strings, where `\/` is a valid escape for it.
+        if self.escaped_slashes { text.replace('/', "\\/") } else { text }
     }
 
     /// The page a search asks for: a stored cursor, or a new search from its parameters.
-    fn page(&self, params: &[(String, String)]) -> Result<Page, String> {
+    fn page(&self, params: &[(String, String)], url: &str) -> Result<Page, String> {
         let param = |name| param(params, name);
-        if let Some(cursor) = param("_cursor") {
-            let page = self.cursors.get(cursor).cloned();
-            return page.ok_or(format!("unknown cursor {cursor}"));
+        // `_cursor` (standard), `ct` (Microsoft) and `_getpages` (HAPI) all name a cursor.
+        let cursor = param("_cursor").or(param("ct")).or(param("_getpages"));
+        if let Some(cursor) = cursor {
+            let mut page =
+                self.cursors.get(cursor).cloned().ok_or(format!("unknown cursor {cursor}"))?;
+            page.cursor = Some(cursor.to_owned());
+            // HAPI keeps one cursor per search; the offset and count travel in the link.
+            if param("_getpages").is_some() {
+                if let Some(v) = param("_getpagesoffset") {
+                    page.offset = v.parse().map_err(|_| format!("invalid offset {v}"))?;
+                }
+                if let Some(v) = param("_count") {
+                    page.count = v.parse().map_err(|_| format!("invalid _count {v}"))?;
+                }
+            }
+            return Ok(page);
         }
         let count = match param("_count") {
             Some(v) => v.parse().map_err(|_| format!("invalid _count {v}"))?,
+            None if self.quirks == Quirks::Microsoft => MICROSOFT_PAGE_SIZE,
             None => DEFAULT_COUNT,
         };
         let no_data_element =
             param("_elements").is_some_and(|v| !v.split(',').any(|e| e.trim() == "data"));
         let summary = param("_summary").is_some_and(|v| matches!(v, "true" | "text"));
         let ids = param("_id").map(|v| v.split(',').map(|id| id.trim().to_owned()).collect());
-        Ok(Page { offset: 0, count, subsetted: no_data_element || summary, ids })
+        Ok(Page {
+            offset: 0,
+            count,
+            subsetted: no_data_element || summary,
+            ids,
+            first: url.to_owned(),
+            query: params.to_vec(),
+            cursor: None,
+        })
+    }
+
+    /// The `next` link to the page at `offset`, in the current mode's style.
+    fn next_link(&mut self, base: &str, page: &Page, offset: usize, size: usize) -> String {
+        match self.quirks {
+            Quirks::Hapi => {
+                let token = match &page.cursor {
+                    Some(token) => token.clone(),
+                    None => self.new_cursor(page.clone()),
+                };
+                format!(
+                    "{base}?_getpages={token}&_getpagesoffset={offset}&_count={size}\
+                     &_pretty=true&_bundletype=searchset"
+                )
+            }
+            Quirks::Microsoft => {
+                let token = self.new_cursor(Page { offset, ..page.clone() });
+                let query = url::form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(page.query.iter().filter(|(k, _)| k != "ct"))
+                    .append_pair("ct", &token)
+                    .finish();
+                format!("{base}/Binary?{query}")
+            }
+            Quirks::Standard | Quirks::Medplum => {
+                let token = self.new_cursor(Page { offset, ..page.clone() });
+                format!("{base}/Binary?_cursor={token}")
+            }
+        }
     }
 
     /// Stores `page` under a new random-looking token.
@@ -313,105 +949,167 @@ async fn search(
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
-    inner.counts.send_modify(|c| c.searches += 1);
-    if let Some(denied) = inner.deny(&headers) {
-        return denied;
-    }
-    let base = inner.base_url();
-    let mut state = inner.lock();
-    if let Some(status) = state.search_status {
-        return outcome(status, "search is not available");
-    }
-    let page = match state.page(&params) {
-        Ok(page) => page,
-        Err(msg) => return outcome(400, &msg),
+    let throttled = inner.arrive(Arrival::Search).await;
+    let response = match inner.gatekeep(throttled, &headers) {
+        Some(refused) => refused,
+        None => inner.search_page(&params, &uri),
     };
-    let size = page.count.min(state.page_cap);
-    let drop_data = page.subsetted && !state.listing_data;
-    let matches: Vec<_> = state
-        .live()
-        .filter(|(id, _)| page.ids.as_ref().is_none_or(|ids| ids.contains(id)))
-        .collect();
-    let total = matches.len();
-    let entries: Vec<Value> = matches
-        .into_iter()
-        .skip(page.offset)
-        .take(size)
-        .map(|(id, stored)| {
-            json!({
-                "fullUrl": format!("{base}/Binary/{id}"),
-                "resource": binary_json(id, stored, drop_data),
-                "search": {"mode": "match"},
-            })
-        })
-        .collect();
-    let mut links = vec![json!({"relation": "self", "url": format!("http://{}{uri}", inner.addr)})];
-    let next = page.offset + entries.len();
-    if size > 0 && next < total {
-        let token = state.new_cursor(Page { offset: next, ..page });
-        links.push(json!({"relation": "next", "url": format!("{base}/Binary?_cursor={token}")}));
-    }
-    let bundle = json!({
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": total,
-        "link": links,
-        "entry": entries,
-    });
-    fhir_json(StatusCode::OK, &bundle)
+    inner.answered(response)
 }
 
-/// `GET /fhir/Binary/{id}`: the JSON resource or the raw bytes, by Accept.
+/// `GET /fhir?_getpages=...`: the further pages of a search, as HAPI links them. The base
+/// answers nothing else (no system-level search).
+async fn system(
+    State(inner): State<Arc<Inner>>,
+    Query(params): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let throttled = inner.arrive(Arrival::Search).await;
+    let response = match inner.gatekeep(throttled, &headers) {
+        Some(refused) => refused,
+        None if param(&params, "_getpages").is_some() => inner.search_page(&params, &uri),
+        None => outcome(400, "system-level search is not supported"),
+    };
+    inner.answered(response)
+}
+
+/// `GET /fhir/Binary/_history`: type history is not offered (Medplum answers 404 too).
+async fn type_history(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
+    let throttled = inner.arrive(Arrival::Search).await;
+    let response = inner
+        .gatekeep(throttled, &headers)
+        .unwrap_or_else(|| outcome(404, "Binary/_history is not supported"));
+    inner.answered(response)
+}
+
+/// `GET /fhir/Binary/{id}`: the JSON resource or the raw bytes, by Accept and quirk mode,
+/// unless a fault answers instead.
 async fn read(
     State(inner): State<Arc<Inner>>,
     Path(id): Path<String>,
     Query(params): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Response {
-    inner.counts.send_modify(|c| {
-        c.reads += 1;
-        *c.per_id.entry(id.clone()).or_default() += 1;
-    });
+    let throttled = inner.arrive(Arrival::Read(&id)).await;
     let gate = inner.lock().holds.get(&id).cloned();
     if let Some(mut gate) = gate {
         // Released, or the gate was dropped: either way, go on.
         let _ = gate.wait_for(|open| *open).await;
     }
-    if let Some(denied) = inner.deny(&headers) {
-        return denied;
+    if let Some(refused) = inner.gatekeep(throttled, &headers) {
+        return inner.answered(refused);
     }
-    let (fault, entry) = {
-        let state = inner.lock();
-        let entry = state.binaries.get(&id).map(|entry| entry.live.clone());
-        (state.faults.get(&id).cloned(), entry)
-    };
-    let force_raw = match fault {
-        Some(Fault::Status(status)) => return outcome(status, &format!("injected fault on {id}")),
-        Some(Fault::Body { content_type, body }) => {
-            return ([(header::CONTENT_TYPE, content_type)], body).into_response();
+    let response = match inner.take_fault(&id) {
+        None => inner.binary(&id, &params, &headers, false, true),
+        Some(Fault::Raw) => inner.binary(&id, &params, &headers, true, true),
+        Some(Fault::Status(status) | Fault::FailTimes { status, .. }) => {
+            outcome(status, &format!("injected fault on {id}"))
         }
-        Some(Fault::Raw) => true,
-        None => false,
+        Some(Fault::RetryAfter { status, retry_after, .. }) => {
+            with_retry_after(outcome(status, &format!("injected fault on {id}")), &retry_after)
+        }
+        Some(Fault::Body { content_type, body }) => {
+            ([(header::CONTENT_TYPE, content_type)], body).into_response()
+        }
+        Some(Fault::Truncated) => truncated(inner.json_text(&id)),
+        Some(Fault::Reset) => reset(inner.json_text(&id)),
+        Some(Fault::Hang) => std::future::pending().await,
     };
-    let stored = match entry {
-        Some(Some(stored)) => stored,
-        Some(None) => return outcome(410, &format!("Binary/{id} was deleted")),
-        None => return outcome(404, &format!("Binary/{id} is not known")),
+    inner.answered(response)
+}
+
+/// `HEAD /fhir/Binary/{id}`: the GET's status and headers, no body, and the `Content-Length`
+/// of the body the GET would send. Only `Status`, `Body` and `Raw` faults apply.
+async fn head(
+    State(inner): State<Arc<Inner>>,
+    Path(id): Path<String>,
+    Query(params): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Response {
+    let throttled = inner.arrive(Arrival::Head).await;
+    let fault = inner.lock().faults.get(&id).map(|armed| armed.fault.clone());
+    let response = match (inner.gatekeep(throttled, &headers), fault) {
+        (Some(refused), _) => refused,
+        (None, Some(Fault::Status(status))) => outcome(status, &format!("injected fault on {id}")),
+        (None, Some(Fault::Body { content_type, body })) => {
+            ([(header::CONTENT_TYPE, content_type)], body).into_response()
+        }
+        (None, Some(Fault::Raw)) => inner.binary(&id, &params, &headers, true, false),
+        (None, _) => inner.binary(&id, &params, &headers, false, false),
     };
-    let etag = format!("W/\"{}\"", stored.version_id);
-    let modified = httpdate::fmt_http_date(stored.last_updated);
-    let validators = [(header::ETAG, etag.clone()), (header::LAST_MODIFIED, modified)];
-    if if_none_match(&headers, &etag) {
-        inner.counts.send_modify(|c| c.not_modified += 1);
-        return (StatusCode::NOT_MODIFIED, validators).into_response();
-    }
-    if !force_raw && wants_json(&headers, &params) {
-        let body = binary_json(&id, &stored, false).to_string();
-        (validators, [(header::CONTENT_TYPE, FHIR_JSON)], body).into_response()
-    } else {
-        let content_type = [(header::CONTENT_TYPE, stored.content_type)];
-        (validators, content_type, stored.bytes).into_response()
-    }
+    let (mut parts, body) = response.into_parts();
+    // The bodies here are in memory already (or one chunk), so collecting them is cheap.
+    let len = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(bytes) => bytes.len(),
+        Err(_) => 0,
+    };
+    parts.headers.insert(header::CONTENT_LENGTH, len.into());
+    Response::from_parts(parts, Body::empty())
+}
+
+/// 200 with the first half of `json`, and a `Content-Length` for all of it.
+fn truncated(json: String) -> Response {
+    let full = Bytes::from(json);
+    let sent = full.slice(..full.len() / 2);
+    let parts = futures::stream::unfold(Some(sent), |part| async move {
+        match part {
+            Some(bytes) => Some((Ok::<_, std::io::Error>(bytes), None)),
+            None => {
+                tokio::time::sleep(FLUSH_PAUSE).await;
+                None
+            }
+        }
+    });
+    // A streamed body has no length of its own, so hyper encodes by this header and closes
+    // the connection when the stream ends early.
+    let headers = [
+        (header::CONTENT_TYPE, FHIR_JSON.to_owned()),
+        (header::CONTENT_LENGTH, full.len().to_string()),
+    ];
+    (headers, Body::from_stream(parts)).into_response()
+}
+
+/// 200 with the first half of `json` (chunked), then the connection is aborted.
+fn reset(json: String) -> Response {
+    let full = Bytes::from(json);
+    let sent = full.slice(..full.len() / 2);
+    let parts = futures::stream::unfold(Some(sent), |part| async move {
+        match part {
+            Some(bytes) => Some((Ok(bytes), None)),
+            None => {
+                tokio::time::sleep(FLUSH_PAUSE).await;
+                let reset = std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "injected reset mid-body",
+                );
+                // Returning the state again is fine: hyper stops polling after an error.
+                Some((Err(reset), None))
+            }
+        }
+    });
+    ([(header::CONTENT_TYPE, FHIR_JSON)], Body::from_stream(parts)).into_response()
+}
+
+/// A Patient entry, mixed into searches by `SearchFault::NonBinaryEntries`.
+fn patient_entry(base: &str) -> Value {
+    json!({
+        "fullUrl": format!("{base}/Patient/p-1"),
+        "resource": {"resourceType": "Patient", "id": "p-1", "name": [{"family": "Test"}]},
+        "search": {"mode": "include"},
+    })
+}
+
+/// An OperationOutcome entry, as servers add to warn about a search.
+fn outcome_entry() -> Value {
+    json!({
+        "resource": {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "warning", "code": "processing",
+                       "diagnostics": "Binary is not a searchable resource type"}],
+        },
+        "search": {"mode": "outcome"},
+    })
 }
 
 /// Whether the client asked for the FHIR JSON form (the default when it names no type).
@@ -423,11 +1121,36 @@ fn wants_json(headers: &HeaderMap, params: &[(String, String)]) -> bool {
     let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
         return true;
     };
+    accept.trim().is_empty() || media_ranges(accept).any(|media| json_type(&media))
+}
+
+/// Medplum: FHIR JSON only when the Accept header starts with `application/fhir+json`.
+fn accept_starts_with_fhir_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.trim_start().starts_with(FHIR_JSON))
+}
+
+/// Microsoft: whether the request accepts the FHIR JSON form (else 406).
+fn microsoft_accepts(headers: &HeaderMap, params: &[(String, String)]) -> bool {
+    let json_type = |t: &str| matches!(t, "json" | FHIR_JSON | "application/json");
+    if param(params, "_format").is_some_and(json_type) {
+        return true;
+    }
+    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
     accept.trim().is_empty()
-        || accept
-            .split(',')
-            .filter_map(|item| item.split(';').next())
-            .any(|media| json_type(&media.trim().to_ascii_lowercase()))
+        || media_ranges(accept).any(|media| json_type(&media) || media == "*/*")
+}
+
+/// The media ranges of an Accept header, lowercased, without parameters.
+fn media_ranges(accept: &str) -> impl Iterator<Item = String> + '_ {
+    accept
+        .split(',')
+        .filter_map(|item| item.split(';').next())
+        .map(|media| media.trim().to_ascii_lowercase())
 }
 
 /// The first value of query parameter `name`.
@@ -446,23 +1169,34 @@ fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
         .any(|tag| tag.trim() == "*" || bare(tag) == bare(etag))
 }
 
-/// The Binary resource as JSON; `subsetted` drops `data` and tags the resource SUBSETTED.
-fn binary_json(id: &str, stored: &Stored, subsetted: bool) -> Value {
-    let mut resource = json!({
-        "resourceType": "Binary",
-        "id": id,
-        "meta": {
-            "versionId": stored.version_id,
-            "lastUpdated": instant(stored.last_updated),
-        },
-        "contentType": stored.content_type,
-    });
-    if subsetted {
-        resource["meta"]["tag"] = json!([{"system": SUBSETTED_SYSTEM, "code": "SUBSETTED"}]);
-    } else if !stored.bytes.is_empty() {
-        resource["data"] = base64_simd::STANDARD.encode_to_string(&stored.bytes).into();
+/// A UUID-shaped versionId (8-4-4-4-12 hex, version 4 and variant bits set), the same for the
+/// same id and version number: Medplum names versions by UUID.
+fn uuid_of(id: &str, version: u64) -> String {
+    // FNV-1a over the id and the version, then two splitmix64 rounds for 128 bits.
+    let mut hash: u64 = 0xCBF2_9CE4_8422_2325;
+    for byte in id.bytes().chain(version.to_le_bytes()) {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3);
     }
-    resource
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let high = mix(hash);
+    let low = mix(high);
+    let bits = (u128::from(high) << 64 | u128::from(low)) & !(0xF << 76) & !(0x3 << 62);
+    let bits = bits | (0x4 << 76) | (0x2 << 62);
+    let hex = format!("{bits:032x}");
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+/// Adds `Retry-After: value` (skipped if the value cannot be a header).
+fn with_retry_after(mut response: Response, value: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
 }
 
 /// A FHIR error answer: `status` with a one-issue OperationOutcome.
@@ -473,23 +1207,29 @@ fn outcome(status: u16, diagnostics: &str) -> Response {
         401 => "login",
         403 => "forbidden",
         404 => "not-found",
+        406 => "not-supported",
         410 => "deleted",
         429 => "throttled",
         _ => "exception",
     };
     let issue = json!({"severity": "error", "code": code, "diagnostics": diagnostics});
     let body = json!({"resourceType": "OperationOutcome", "issue": [issue]});
-    fhir_json(status, &body)
+    fhir_json(status, body.to_string())
 }
 
-fn fhir_json(status: StatusCode, body: &Value) -> Response {
+fn fhir_json(status: StatusCode, body: String) -> Response {
     let content_type = [(header::CONTENT_TYPE, FHIR_JSON)];
-    (status, content_type, body.to_string()).into_response()
+    (status, content_type, body).into_response()
 }
 
-/// A FHIR instant with milliseconds, e.g. `2026-11-27T19:07:36.123Z`.
-fn instant(t: SystemTime) -> String {
-    OffsetDateTime::from(t).format(INSTANT).unwrap_or_default()
+/// A FHIR instant with milliseconds, e.g. `2026-11-27T19:07:36.123Z` (HAPI:
+/// `2026-11-27T19:07:36.123+00:00`).
+fn instant(t: SystemTime, quirks: Quirks) -> String {
+    let format = match quirks {
+        Quirks::Hapi => HAPI_INSTANT,
+        _ => INSTANT,
+    };
+    OffsetDateTime::from(t).format(format).unwrap_or_default()
 }
 
 fn now_millis() -> SystemTime {
@@ -501,8 +1241,18 @@ fn now_millis() -> SystemTime {
 mod tests {
     use super::*;
 
+    thread_local! {
+        /// One client per test thread (and so per test runtime): building a client loads the
+        /// TLS roots, which costs more than a request.
+        static CLIENT: reqwest::Client = reqwest::Client::new();
+    }
+
+    fn client() -> reqwest::Client {
+        CLIENT.with(Clone::clone)
+    }
+
     async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, HeaderMap, Bytes) {
-        let mut request = reqwest::Client::new().get(url);
+        let mut request = client().get(url);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
@@ -680,5 +1430,411 @@ mod tests {
         server.set_fault("a", None);
         let (_, headers, _) = get(&url, &[("accept", "application/json")]).await;
         assert_eq!(headers[header::CONTENT_TYPE], FHIR_JSON);
+    }
+
+    /// Status, headers, and the body or the error that ended it.
+    async fn fetch(
+        method: reqwest::Method,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, HeaderMap, Result<Bytes, reqwest::Error>) {
+        let mut request = client().request(method, url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        (status, headers, response.bytes().await)
+    }
+
+    /// Follows `next` links from `url`; returns the pages' entries' resource ids and the links.
+    async fn all_pages(url: &str) -> (Vec<String>, Vec<String>) {
+        let mut url = url.to_owned();
+        let mut ids = Vec::new();
+        let mut links = Vec::new();
+        loop {
+            let bundle = get_json(&url).await;
+            for entry in bundle["entry"].as_array().unwrap() {
+                ids.push(entry["resource"]["id"].as_str().unwrap().to_owned());
+            }
+            let Some(next) = next_link(&bundle) else {
+                return (ids, links);
+            };
+            links.push(next.clone());
+            url = next;
+        }
+    }
+
+    #[tokio::test]
+    async fn latency_delays_reads_and_searches() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.put("a", "text/plain", "a");
+        server.set_latency(Duration::from_millis(200));
+        let base = server.base_url();
+        for url in [format!("{base}/Binary/a"), format!("{base}/Binary")] {
+            let started = Instant::now();
+            assert_eq!(get(&url, &[]).await.0, 200);
+            assert!(started.elapsed() >= Duration::from_millis(200), "{url}");
+        }
+        server.set_latency(Duration::ZERO);
+        let counts = server.counts();
+        assert_eq!((counts.reads, counts.searches), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn head_answers_like_get_without_a_body() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.put("a", "application/pdf", "%PDF-1.4 twenty bytes");
+        let url = format!("{}/Binary/a", server.base_url());
+        for accept in [FHIR_JSON, "*/*"] {
+            let (_, get_headers, body) = get(&url, &[("accept", accept)]).await;
+            let (status, headers, head_body) =
+                fetch(reqwest::Method::HEAD, &url, &[("accept", accept)]).await;
+            assert_eq!(status, 200);
+            assert_eq!(head_body.unwrap().len(), 0);
+            assert_eq!(
+                headers[header::CONTENT_LENGTH],
+                body.len().to_string().as_str(),
+                "{accept}"
+            );
+            assert_eq!(headers[header::CONTENT_TYPE], get_headers[header::CONTENT_TYPE]);
+            assert_eq!(headers[header::ETAG], "W/\"1\"");
+        }
+        let missing = format!("{}/Binary/zzz", server.base_url());
+        assert_eq!(fetch(reqwest::Method::HEAD, &missing, &[]).await.0, 404);
+        let counts = server.counts();
+        assert_eq!((counts.heads, counts.reads), (3, 2));
+        assert_eq!(counts.statuses, BTreeMap::from([(200, 2)]), "HEAD is not counted");
+    }
+
+    #[tokio::test]
+    async fn counts_split_raw_and_json_reads_and_statuses() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.put("a", "text/plain", "a");
+        let base = server.base_url();
+        let url = format!("{base}/Binary/a");
+        get(&url, &[("accept", FHIR_JSON)]).await;
+        get(&url, &[("accept", "text/plain")]).await;
+        get(&url, &[("accept", "*/*")]).await;
+        get(&url, &[("if-none-match", "W/\"1\"")]).await;
+        get(&format!("{base}/Binary/zzz"), &[]).await;
+        get(&format!("{base}/Binary"), &[]).await;
+        let counts = server.counts();
+        assert_eq!((counts.json_reads, counts.raw_reads), (1, 2));
+        assert_eq!((counts.reads, counts.not_modified), (5, 1));
+        assert_eq!(counts.statuses, BTreeMap::from([(200, 4), (304, 1), (404, 1)]));
+    }
+
+    #[tokio::test]
+    async fn counted_faults_clear_themselves() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.put("a", "text/plain", "a");
+        let url = format!("{}/Binary/a", server.base_url());
+        server.set_fault("a", Some(Fault::FailTimes { status: 503, times: 2 }));
+        assert_eq!(get(&url, &[]).await.0, 503);
+        assert_eq!(get(&url, &[]).await.0, 503);
+        assert_eq!(get(&url, &[]).await.0, 200);
+
+        let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(5));
+        let fault = Fault::RetryAfter { status: 429, retry_after: date.clone(), times: 1 };
+        server.set_fault("a", Some(fault));
+        let (status, headers, _) = get(&url, &[]).await;
+        assert_eq!(status, 429);
+        assert_eq!(headers[header::RETRY_AFTER], *date);
+        assert_eq!(get(&url, &[]).await.0, 200);
+
+        server.set_fault_times("a", Fault::Reset, 1);
+        assert!(fetch(reqwest::Method::GET, &url, &[]).await.2.is_err());
+        assert_eq!(get(&url, &[]).await.2, "a");
+        let counts = server.counts();
+        assert_eq!(counts.statuses, BTreeMap::from([(200, 4), (429, 1), (503, 2)]));
+        assert_eq!(server.read_arrivals("a").len(), 7);
+    }
+
+    #[tokio::test]
+    async fn broken_bodies_fail_after_the_headers() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.put("a", "application/octet-stream", vec![7u8; 10_000]);
+        let url = format!("{}/Binary/a", server.base_url());
+        let whole = get(&url, &[("accept", FHIR_JSON)]).await.2;
+
+        server.set_fault("a", Some(Fault::Truncated));
+        let (status, headers, body) = fetch(reqwest::Method::GET, &url, &[]).await;
+        assert_eq!(status, 200);
+        assert_eq!(headers[header::CONTENT_TYPE], FHIR_JSON);
+        assert_eq!(headers[header::CONTENT_LENGTH], whole.len().to_string().as_str());
+        assert!(body.is_err(), "the body ends before its Content-Length");
+
+        server.set_fault("a", Some(Fault::Reset));
+        let (status, headers, body) = fetch(reqwest::Method::GET, &url, &[]).await;
+        assert_eq!(status, 200);
+        assert!(!headers.contains_key(header::CONTENT_LENGTH));
+        assert!(body.is_err(), "the connection breaks mid-body");
+
+        // An id that is not stored still gets a broken Binary, not a 404.
+        server.set_fault("nothing", Some(Fault::Truncated));
+        let url = format!("{}/Binary/nothing", server.base_url());
+        let (status, _, body) = fetch(reqwest::Method::GET, &url, &[]).await;
+        assert_eq!((status, body.is_err()), (200, true));
+    }
+
+    #[tokio::test]
+    async fn hang_never_answers() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.put("a", "text/plain", "a");
+        server.set_fault("a", Some(Fault::Hang));
+        let url = format!("{}/Binary/a", server.base_url());
+        let mut request = tokio::spawn(async move { get(&url, &[]).await.0 });
+        server.wait_for_reads("a", 1).await;
+        let waited = tokio::time::timeout(Duration::from_millis(300), &mut request).await;
+        assert!(waited.is_err(), "answered: {waited:?}");
+        request.abort();
+        assert!(server.counts().statuses.is_empty());
+    }
+
+    #[tokio::test]
+    async fn search_faults_replace_or_bend_the_bundle() {
+        let server = LoopbackServer::start().await.unwrap();
+        for id in ["a", "b", "c"] {
+            server.put(id, "text/plain", id);
+        }
+        server.set_page_cap(2);
+        let base = server.base_url();
+        let first = format!("{base}/Binary?_count=2");
+
+        server.set_search_fault(Some(SearchFault::NotBundle));
+        assert_eq!(get_json(&first).await["resourceType"], "Binary");
+        server.set_search_fault(Some(SearchFault::Html));
+        let (status, headers, body) = get(&first, &[]).await;
+        assert_eq!(status, 200);
+        assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/html"));
+        assert!(body.starts_with(b"<!DOCTYPE html>"));
+
+        server.set_search_fault(Some(SearchFault::LoopingNext));
+        let page1 = get_json(&first).await;
+        let page2 = get_json(&next_link(&page1).unwrap()).await;
+        assert_eq!(page2["entry"].as_array().unwrap().len(), 1);
+        assert_eq!(next_link(&page2).unwrap(), first, "the last page links back");
+
+        server.set_search_fault(Some(SearchFault::NonBinaryEntries));
+        let bundle = get_json(&first).await;
+        let types: Vec<_> = bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["resource"]["resourceType"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["Patient", "Binary", "Binary", "OperationOutcome"]);
+
+        server.set_search_fault(Some(SearchFault::Status(503)));
+        assert_eq!(get(&first, &[]).await.0, 503);
+        server.set_search_fault(None);
+        assert_eq!(all_pages(&first).await.0, ["a", "b", "c"]);
+    }
+
+    /// What one read got: its status, or "broken" when the body failed.
+    async fn outcome_of(url: &str) -> String {
+        let (status, headers, body) = fetch(reqwest::Method::GET, url, &[]).await;
+        match (status, body) {
+            (200, Err(_)) => "broken".to_owned(),
+            (429, _) => format!("429 retry-after {:?}", headers[header::RETRY_AFTER]),
+            (status, _) => status.to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn random_faults_are_reproducible_from_the_seed() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.put("a", "text/plain", "a");
+        let url = format!("{}/Binary/a", server.base_url());
+        let faults = RandomFaults { probability: 0.5, seed: 42 };
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            server.set_random_faults(Some(faults));
+            let mut run = Vec::new();
+            for _ in 0..60 {
+                run.push(outcome_of(&url).await);
+            }
+            runs.push(run);
+        }
+        assert_eq!(runs[0], runs[1]);
+        let faulty = runs[0].iter().filter(|o| *o != "200").count();
+        assert!((15..=45).contains(&faulty), "{faulty} of 60 at p=0.5");
+        for o in &runs[0] {
+            assert!(
+                ["200", "500", "502", "503", "broken", "429 retry-after \"0\""].contains(&&**o),
+                "{o}"
+            );
+        }
+        // Searches are never faulted.
+        server.set_random_faults(Some(RandomFaults { probability: 1.0, seed: 7 }));
+        assert_eq!(get(&format!("{}/Binary", server.base_url()), &[]).await.0, 200);
+        assert_ne!(outcome_of(&url).await, "200");
+        server.set_random_faults(None);
+        assert_eq!(outcome_of(&url).await, "200");
+    }
+
+    #[test]
+    fn medplum_versions_are_deterministic_uuids() {
+        let uuid = uuid_of("a", 1);
+        assert_eq!(uuid, uuid_of("a", 1));
+        assert_ne!(uuid, uuid_of("a", 2));
+        assert_ne!(uuid, uuid_of("b", 1));
+        let groups: Vec<_> = uuid.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{uuid}");
+        assert!(uuid.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit()));
+        assert_eq!(&uuid[14..15], "4", "version 4: {uuid}");
+        assert!("89ab".contains(&uuid[19..20]), "variant: {uuid}");
+    }
+
+    #[tokio::test]
+    async fn medplum_mode_refuses_search_and_serves_raw_by_default() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.set_quirks(Quirks::Medplum);
+        server.put("made-json", "application/pdf", "%PDF-json");
+        server.put_raw("made-raw", "image/png", "\u{89}PNG raw");
+        let base = server.base_url();
+        assert_eq!(get(&format!("{base}/Binary?_count=10"), &[]).await.0, 400);
+        assert_eq!(get(&format!("{base}/Binary/_history"), &[]).await.0, 404);
+
+        let url = format!("{base}/Binary/made-json");
+        let (status, headers, body) = get(&url, &[("accept", FHIR_JSON)]).await;
+        assert_eq!(status, 200);
+        assert_eq!(headers[header::CONTENT_TYPE], FHIR_JSON);
+        let resource: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(resource["data"], "JVBERi1qc29u");
+        let version = server.stored("made-json").unwrap().version_id;
+        assert_eq!(version.len(), 36, "{version}");
+        assert_eq!(resource["meta"]["versionId"], *version);
+        let etag = format!("W/\"{version}\"");
+        assert_eq!(headers[header::ETAG], *etag);
+        for accept in [Some("application/json"), Some("*/*"), None] {
+            let headers: Vec<_> = accept.map(|a| ("accept", a)).into_iter().collect();
+            let (_, answer, body) = get(&url, &headers).await;
+            assert_eq!(answer[header::CONTENT_TYPE], "application/pdf", "{accept:?}");
+            assert_eq!(body, "%PDF-json");
+            assert!(answer.contains_key(header::CONTENT_LENGTH));
+        }
+        // 304 on the FHIR path only.
+        let inm = ("if-none-match", etag.as_str());
+        assert_eq!(get(&url, &[("accept", FHIR_JSON), inm]).await.0, 304);
+        assert_eq!(get(&url, &[("accept", "*/*"), inm]).await.0, 200);
+
+        let url = format!("{base}/Binary/made-raw");
+        let resource: Value =
+            serde_json::from_slice(&get(&url, &[("accept", FHIR_JSON)]).await.2).unwrap();
+        assert_eq!(resource["contentType"], "image/png");
+        assert!(resource.get("data").is_none() && resource.get("url").is_none());
+        let (_, headers, body) = get(&url, &[("accept", "image/png")]).await;
+        assert_eq!(body, "\u{89}PNG raw");
+        assert!(!headers.contains_key(header::CONTENT_LENGTH), "{headers:?}");
+        assert_eq!(headers[header::TRANSFER_ENCODING], "chunked");
+
+        server.set_token(Some("t"));
+        let (status, headers, _) = get(&url, &[]).await;
+        assert_eq!(status, 401);
+        assert!(!headers.contains_key(header::WWW_AUTHENTICATE));
+        server.set_token(None);
+        server.delete("made-raw");
+        assert_eq!(get(&url, &[]).await.0, 410);
+    }
+
+    #[tokio::test]
+    async fn hapi_mode_pages_through_the_base_and_hides_last_modified_on_raw() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.set_quirks(Quirks::Hapi);
+        for i in 0..60 {
+            server.put(&format!("h{i:02}"), "text/plain", format!("hapi {i}"));
+        }
+        let base = server.base_url();
+        let first = get_json(&format!("{base}/Binary")).await;
+        assert_eq!(first["entry"].as_array().unwrap().len(), 20);
+        let next = next_link(&first).unwrap();
+        assert!(next.starts_with(&format!("{base}?_getpages=")), "{next}");
+        assert!(
+            next.ends_with("&_getpagesoffset=20&_count=20&_pretty=true&_bundletype=searchset"),
+            "{next}"
+        );
+        let (ids, links) = all_pages(&format!("{base}/Binary")).await;
+        assert_eq!(ids, server.ids());
+        assert_eq!(links.len(), 2);
+        let (_, _, pretty) = get(&links[0], &[]).await;
+        assert!(pretty.contains(&b'\n'), "_pretty=true pretty-prints");
+        let capped = get_json(&format!("{base}/Binary?_count=100")).await;
+        assert_eq!(capped["entry"].as_array().unwrap().len(), 50);
+        let capped = get_json(&format!("{base}/Binary?_count=30")).await;
+        assert_eq!(capped["entry"].as_array().unwrap().len(), 30);
+
+        let url = format!("{base}/Binary/h01");
+        let (_, headers, body) = get(&url, &[("accept", FHIR_JSON)]).await;
+        assert!(headers.contains_key(header::LAST_MODIFIED));
+        let resource: Value = serde_json::from_slice(&body).unwrap();
+        let last_updated = resource["meta"]["lastUpdated"].as_str().unwrap();
+        assert!(last_updated.ends_with("+00:00"), "{last_updated}");
+        let (_, headers, body) = get(&url, &[("accept", "*/*")]).await;
+        assert_eq!(body, "hapi 1");
+        assert!(!headers.contains_key(header::LAST_MODIFIED));
+        assert!(headers.contains_key(header::ETAG));
+    }
+
+    #[tokio::test]
+    async fn microsoft_mode_is_json_only_with_small_pages_and_throttling() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.set_quirks(Quirks::Microsoft);
+        server.set_throttle(None);
+        for i in 0..25 {
+            server.put(&format!("m{i:02}"), "application/pdf", format!("ms {i}"));
+        }
+        let base = server.base_url();
+        let url = format!("{base}/Binary/m01");
+        assert_eq!(get(&url, &[("accept", "application/pdf")]).await.0, 406);
+        assert_eq!(get(&url, &[("accept", "image/*")]).await.0, 406);
+        for accept in [FHIR_JSON, "application/json", "*/*", "application/pdf, */*;q=0.1"] {
+            let (status, headers, _) = get(&url, &[("accept", accept)]).await;
+            assert_eq!(status, 200);
+            assert_eq!(headers[header::CONTENT_TYPE], FHIR_JSON);
+        }
+        assert_eq!(
+            get(&format!("{url}?_format=json"), &[("accept", "application/pdf")]).await.0,
+            200
+        );
+
+        let first = format!("{base}/Binary?_count=100&_elements=id,meta");
+        let page = get_json(&first).await;
+        assert_eq!(page["entry"].as_array().unwrap().len(), 10);
+        let next = next_link(&page).unwrap();
+        assert!(next.starts_with(&format!("{base}/Binary?_count=100&_elements=id%2Cmeta&ct=")));
+        let (ids, links) = all_pages(&first).await;
+        assert_eq!((ids, links.len()), (server.ids(), 2));
+
+        server.set_quirks(Quirks::Microsoft);
+        let mut statuses = Vec::new();
+        for i in 0..10 {
+            let url = if i % 2 == 0 { &url } else { &first };
+            let (status, headers, _) = get(url, &[]).await;
+            if status == 429 {
+                assert_eq!(headers[header::RETRY_AFTER], "1");
+            }
+            statuses.push(status);
+        }
+        assert_eq!(statuses, [200, 200, 200, 200, 429, 200, 200, 200, 200, 429]);
+    }
+
+    #[tokio::test]
+    async fn escaped_slashes_stay_valid_json() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.set_escaped_slashes(true);
+        server.set_listing_data(true);
+        server.put("s", "application/octet-stream", vec![0xff; 6]);
+        let base = server.base_url();
+        let (_, _, body) = get(&format!("{base}/Binary/s"), &[("accept", FHIR_JSON)]).await;
+        let text = std::str::from_utf8(&body).unwrap();
+        assert!(text.contains(r#""data":"\/\/\/\/\/\/\/\/""#), "{text}");
+        assert!(text.contains(r#""contentType":"application\/octet-stream""#));
+        let resource: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(resource["data"], "////////");
+        let bundle = get_json(&format!("{base}/Binary")).await;
+        assert_eq!(bundle["entry"][0]["resource"]["data"], "////////");
     }
 }
