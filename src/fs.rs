@@ -36,6 +36,13 @@ pub const BLOCK_SIZE: u32 = 4096;
 /// parallel instead of paying one round trip per file.
 pub const SIZE_READAHEAD: usize = 64;
 
+/// Lookups of neighbouring listed files (in listing order) before size read-ahead starts:
+/// `ls -l` walks the folder, a viewer opening one file does not, and should not pay for it.
+const READ_AHEAD_AFTER: u32 = 2;
+
+/// How far apart two lookups may be in listing order and still count as a walk.
+const WALK_GAP: usize = 3;
+
 /// Fetches that size read-ahead may run at once.
 pub const PREFETCH_PARALLELISM: usize = 16;
 
@@ -106,6 +113,8 @@ pub struct Attr {
     pub uid: u32,
     /// Group.
     pub gid: u32,
+    /// How long the kernel may keep these attributes without asking again.
+    pub ttl: Duration,
 }
 
 /// The result of `open`.
@@ -156,6 +165,20 @@ struct Node {
     index: Option<usize>,
     /// A size read-ahead fetch is queued or running.
     prefetching: bool,
+    /// The version held by open files, if any.
+    pin: Option<Pin>,
+    /// The server's version changed while pinned: tell the kernel when the pin goes.
+    changed_while_pinned: bool,
+}
+
+/// While a file is open anywhere, every program sees the version it was opened at: the kernel
+/// keeps one page cache and one size per inode, not per open file, so serving a newer version
+/// beside an older one would mix their bytes. The newer one shows from the first open after
+/// the last close (close-to-open consistency, as NFS has).
+struct Pin {
+    content: Arc<Content>,
+    meta: Meta,
+    handles: u32,
 }
 
 #[derive(Default)]
@@ -164,6 +187,9 @@ struct Nodes {
     by_id: HashMap<String, u64>,
     /// Listed names that are not bare ids (`<id>.<ext>` with --extensions).
     by_name: HashMap<String, u64>,
+    /// Listing position of the last lookup that needed a size, and how many such lookups in
+    /// a row walked forward through the listing.
+    walk: Option<(usize, u32)>,
 }
 
 impl Nodes {
@@ -181,6 +207,8 @@ impl Nodes {
             kernel_generation: None,
             index: None,
             prefetching: false,
+            pin: None,
+            changed_while_pinned: false,
         };
         self.by_ino.insert(ino, node);
         self.by_id.insert(id.to_owned(), ino);
@@ -196,7 +224,7 @@ struct Listing {
 }
 
 enum Handle {
-    File(Arc<Content>),
+    File { ino: u64, content: Arc<Content> },
     Dir(Snapshot),
 }
 
@@ -309,6 +337,7 @@ impl<S: Source> FhirFs<S> {
             nlink: 2,
             uid: self.config.uid,
             gid: self.config.gid,
+            ttl: self.kernel_ttl(),
         }
     }
 
@@ -324,6 +353,7 @@ impl<S: Source> FhirFs<S> {
             nlink: 1,
             uid: self.config.uid,
             gid: self.config.gid,
+            ttl: self.kernel_ttl(),
         }
     }
 
@@ -332,6 +362,12 @@ impl<S: Source> FhirFs<S> {
         let nodes = lock(&self.nodes);
         let ino = *nodes.by_id.get(id)?;
         let node = nodes.by_ino.get(&ino)?;
+        if let Some(pin) = &node.pin {
+            // Not cached by the kernel: the pin may go any moment (the kernel closes files
+            // without waiting for us), and then a newer version may show.
+            let attr = self.file_attr(ino, &pin.meta, pin.content.bytes.len() as u64);
+            return Some(Attr { ttl: Duration::ZERO, ..attr });
+        }
         let size = node.meta.size?;
         is_fresh(node.checked, self.config.dir_ttl).then(|| self.file_attr(ino, &node.meta, size))
     }
@@ -373,13 +409,20 @@ impl<S: Source> FhirFs<S> {
         if from_listing {
             node.listed = Some(now);
         }
+        let changed = was_known && (version_changed || size_changed || time_changed);
+        let pinned = node.pin.is_some();
+        if changed && pinned {
+            node.changed_while_pinned = true;
+        }
         drop(nodes);
-        if was_known && (version_changed || size_changed || time_changed) {
+        if changed {
             debug!(id, "binary changed on the server");
             if from_listing {
                 self.content.invalidate(id);
             }
-            self.invalidate_kernel(ino);
+            if !pinned {
+                self.invalidate_kernel(ino);
+            }
         }
         ino
     }
@@ -589,6 +632,20 @@ impl<S: Source> FhirFs<S> {
         (!id.ends_with(&format!(".{ext}")) && name.len() <= 255).then_some(name)
     }
 
+    /// Notes a lookup of a listed file whose size is unknown; returns its inode when lookups
+    /// are walking through the listing (time to read sizes ahead).
+    fn walking(&self, id: &str) -> Option<u64> {
+        let mut nodes = lock(&self.nodes);
+        let ino = *nodes.by_id.get(id)?;
+        let index = nodes.by_ino.get(&ino)?.index?;
+        let streak = match nodes.walk {
+            Some((last, streak)) if index > last && index - last <= WALK_GAP => streak + 1,
+            _ => 1,
+        };
+        nodes.walk = Some((index, streak));
+        (streak >= READ_AHEAD_AFTER).then_some(ino)
+    }
+
     /// Starts size fetches for the listed files after `ino`, a window ahead of a reader that
     /// stats them in order.
     fn read_ahead_sizes(self: &Arc<Self>, ino: u64) {
@@ -649,11 +706,8 @@ impl<S: Source> FhirFs<S> {
                 return Ok(attr);
             }
         }
-        if listed_before {
-            let ino = lock(&self.nodes).by_id.get(id).copied();
-            if let Some(ino) = ino {
-                self.read_ahead_sizes(ino);
-            }
+        if listed_before && let Some(ino) = self.walking(id) {
+            self.read_ahead_sizes(ino);
         }
         let content = self.content(id).await?;
         let nodes = lock(&self.nodes);
@@ -725,23 +779,47 @@ impl<S: Source> FhirFs<S> {
             return Err(FsError::ReadOnly);
         }
         let id = self.id_of(ino)?;
-        let content = self.content(&id).await?;
-        let keep_cache = {
+        let pinned = {
             let mut nodes = lock(&self.nodes);
             let node = nodes.by_ino.get_mut(&ino).ok_or(FsError::NoEntry)?;
-            let same = node.kernel_generation == Some(content.generation);
-            node.kernel_generation = Some(content.generation);
-            same
+            node.pin.as_mut().map(|pin| {
+                pin.handles += 1;
+                Arc::clone(&pin.content)
+            })
         };
+        let fetched = match pinned {
+            Some(content) => Ok(content),
+            None => self.content(&id).await,
+        };
+        let mut nodes = lock(&self.nodes);
+        let node = nodes.by_ino.get_mut(&ino).ok_or(FsError::NoEntry)?;
+        let fetched = fetched?;
+        let content = match &mut node.pin {
+            // The version this open already joined above.
+            Some(pin) if Arc::ptr_eq(&pin.content, &fetched) => fetched,
+            // Another open pinned a version while we fetched: join it, one version at a time.
+            Some(pin) => {
+                pin.handles += 1;
+                Arc::clone(&pin.content)
+            }
+            pin @ None => {
+                let meta = node.meta.clone();
+                *pin = Some(Pin { content: Arc::clone(&fetched), meta, handles: 1 });
+                fetched
+            }
+        };
+        let keep_cache = node.kernel_generation == Some(content.generation);
+        node.kernel_generation = Some(content.generation);
+        drop(nodes);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.handles).insert(fh, Handle::File(content));
+        lock(&self.handles).insert(fh, Handle::File { ino, content });
         Ok(Opened { fh, keep_cache })
     }
 
     /// Reads from an open file; offsets past the end give no bytes.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
         let handles = lock(&self.handles);
-        let Some(Handle::File(content)) = handles.get(&fh) else {
+        let Some(Handle::File { content, .. }) = handles.get(&fh) else {
             return Err(FsError::BadHandle);
         };
         let len = content.bytes.len();
@@ -753,7 +831,20 @@ impl<S: Source> FhirFs<S> {
 
     /// Closes a file or folder handle.
     pub fn release(&self, fh: u64) {
-        lock(&self.handles).remove(&fh);
+        let Some(Handle::File { ino, .. }) = lock(&self.handles).remove(&fh) else { return };
+        let mut nodes = lock(&self.nodes);
+        let Some(node) = nodes.by_ino.get_mut(&ino) else { return };
+        let Some(pin) = node.pin.as_mut() else { return };
+        pin.handles = pin.handles.saturating_sub(1);
+        if pin.handles > 0 {
+            return;
+        }
+        node.pin = None;
+        let changed = std::mem::take(&mut node.changed_while_pinned);
+        drop(nodes);
+        if changed {
+            self.invalidate_kernel(ino);
+        }
     }
 
     /// Opens the folder: takes a snapshot of the listing for the following `readdir` calls.
@@ -808,19 +899,15 @@ impl<S: Source> FhirFs<S> {
         Ok(present.collect())
     }
 
-    /// Lists once right after mounting: the first `ls` is then answered from memory, and a
-    /// server that cannot be reached is reported at once (the mount stays up; reads give EIO
-    /// until the server answers).
+    /// Checks right after mounting that the server answers, and says so in the log when it
+    /// does not (the mount stays up; reads give EIO until the server answers).
     pub async fn warm_up(self: Arc<Self>) {
-        match self.listing().await {
-            Ok(entries) => debug!(files = entries.len(), "first listing done"),
-            Err(FsError::Source {
-                source: e @ (SourceError::Transport(_) | SourceError::Timeout(_)),
-                ..
-            }) => {
-                warn!(error = %e, "the server cannot be reached; mounted anyway: reads fail with EIO until it answers");
-            }
-            Err(e) => warn!(error = %e, "the first listing failed"),
+        match self.source.probe().await {
+            Ok(()) => debug!("the server answers"),
+            Err(e) => warn!(
+                error = %e,
+                "the server cannot be reached; mounted anyway: reads fail with EIO until it answers"
+            ),
         }
     }
 

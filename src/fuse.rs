@@ -115,7 +115,7 @@ impl<S: Source> Filesystem for FuseAdapter<S> {
         let name = name.to_owned();
         self.runtime.spawn(async move {
             match fs.lookup(parent.0, &name).await {
-                Ok(attr) => reply.entry(&fs.kernel_ttl(), &file_attr(&attr), Generation(0)),
+                Ok(attr) => reply.entry(&attr.ttl, &file_attr(&attr), Generation(0)),
                 Err(e) => {
                     log_error("lookup", parent.0, &e);
                     reply.error(errno(&e));
@@ -128,7 +128,7 @@ impl<S: Source> Filesystem for FuseAdapter<S> {
         let fs = Arc::clone(&self.fs);
         self.runtime.spawn(async move {
             match fs.getattr(ino.0).await {
-                Ok(attr) => reply.attr(&fs.kernel_ttl(), &file_attr(&attr)),
+                Ok(attr) => reply.attr(&attr.ttl, &file_attr(&attr)),
                 Err(e) => {
                     log_error("getattr", ino.0, &e);
                     reply.error(errno(&e));

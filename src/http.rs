@@ -27,6 +27,9 @@ const RETRY_MAX_DELAY: Duration = Duration::from_secs(4);
 /// with jitter), so a server that is down gives EIO promptly, not at the deadline.
 const MAX_RETRIES: usize = 4;
 
+/// How long the start-up check waits for the server.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Settings of the HTTP source.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -416,6 +419,17 @@ impl HttpSource {
 impl Source for HttpSource {
     async fn list(&self) -> Result<Vec<Listed>, SourceError> {
         self.list_inner().await
+    }
+
+    async fn probe(&self) -> Result<(), SourceError> {
+        // The CapabilityStatement every FHIR server has; any HTTP answer shows it is up.
+        let url = format!("{}/metadata", self.base);
+        let request = self.client.get(url).header(header::ACCEPT, FHIR_JSON).send();
+        match tokio::time::timeout(PROBE_TIMEOUT.min(self.config.timeout), request).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(transport(e)),
+            Err(_) => Err(SourceError::Timeout(PROBE_TIMEOUT.min(self.config.timeout))),
+        }
     }
 
     async fn fetch(&self, id: &str, cached_version: Option<&str>) -> Result<Fetched, SourceError> {

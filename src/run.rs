@@ -131,9 +131,15 @@ pub async fn serve<S: Source>(
         .await?
         .with_context(|| format!("cannot mount on {}", mount.mountpoint.display()))?;
     let notifier = session.notifier();
+    let runtime = tokio::runtime::Handle::current();
     fs.set_invalidator(Box::new(move |ino| {
-        // ENOENT means the kernel has no cache for that inode: nothing to drop.
-        let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+        let notifier = notifier.clone();
+        // The kernel may wait on pages while it invalidates: never do it on the FUSE thread
+        // (which must stay free to answer the reads it may wait for).
+        runtime.spawn_blocking(move || {
+            // ENOENT means the kernel has no cache for that inode: nothing to drop.
+            let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+        });
     }));
     let background = session.spawn().context("cannot start the FUSE session")?;
 

@@ -52,6 +52,11 @@ pub trait Source: Send + Sync + 'static {
         id: &str,
         cached_version: Option<&str>,
     ) -> impl Future<Output = Result<Fetched, SourceError>> + Send;
+
+    /// Checks that the source can be reached at all (an answer of any status will do).
+    fn probe(&self) -> impl Future<Output = Result<(), SourceError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 #[derive(Default)]

@@ -154,8 +154,6 @@ fn a_new_version_shows_new_size_time_and_bytes_never_stale_pages() {
     // Twice, so that the second open keeps the kernel's page cache.
     assert_eq!(std::fs::read(&path).unwrap(), b"AAAAAAAAAA");
     assert_eq!(std::fs::read(&path).unwrap(), b"AAAAAAAAAA");
-    let held = std::fs::File::open(&path).unwrap();
-
     // Same size, new bytes: only the version tells them apart.
     server.server.put("a", "text/plain", "BBBBBBBBBB");
     assert_eq!(std::fs::read(&path).unwrap(), b"BBBBBBBBBB");
@@ -165,7 +163,38 @@ fn a_new_version_shows_new_size_time_and_bytes_never_stale_pages() {
     server.server.put("a", "text/plain", "CCCCCCCCCCCCCCCCCCCC");
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 20);
     assert_eq!(std::fs::read(&path).unwrap(), b"CCCCCCCCCCCCCCCCCCCC");
+}
+
+#[test]
+fn an_open_file_keeps_its_version_for_everyone_until_closed() {
+    let server = Server::start();
+    let old = noise(300_000, 1);
+    let new = noise(200_000, 2);
+    server.server.put("a", "application/octet-stream", old.clone());
+    let mount = Mount::builder()
+        .arg("--dir-ttl")
+        .arg("0")
+        .arg("--cache-ttl")
+        .arg("0")
+        .mount(&server.base_url());
+    let path = mount.path("a");
+    let mut held = std::fs::File::open(&path).unwrap();
+    let mut start = vec![0u8; 100_000];
+    std::io::Read::read_exact(&mut held, &mut start).unwrap();
+
+    server.server.put("a", "application/octet-stream", new.clone());
+    // Other programs see the held version whole: its size, its bytes.
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 300_000);
+    assert_eq!(std::fs::read(&path).unwrap(), old);
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut held, &mut rest).unwrap();
+    start.extend_from_slice(&rest);
+    assert_eq!(start, old, "the open file reads its own version to its end");
     drop(held);
+
+    // Closed everywhere: the next open gets the new version.
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 200_000);
+    assert_eq!(std::fs::read(&path).unwrap(), new);
 }
 
 #[test]

@@ -224,18 +224,35 @@ async fn a_new_version_is_served_after_the_ttl_and_the_kernel_is_told() {
 }
 
 #[tokio::test]
-async fn an_open_handle_keeps_its_version() {
+async fn an_open_file_pins_its_version_until_the_last_close() {
     let source = MemorySource::new();
     source.put("a", "text/plain", "old bytes");
     let config =
         FsConfig { dir_ttl: Duration::ZERO, cache_ttl: Duration::ZERO, ..FsConfig::default() };
     let fs = core_with(source, config);
+    let invalidated = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&invalidated);
+    fs.set_invalidator(Box::new(move |ino| seen.lock().unwrap().push(ino)));
     let ino = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
     let old = fs.open(ino, false).await.unwrap();
-    fs.source().put("a", "text/plain", "new bytes!");
-    let new = fs.open(ino, false).await.unwrap();
+    fs.source().put("a", "text/plain", "new bytes, longer");
+
+    // While `old` is open, everyone sees its version: same size, same bytes, no mixing.
+    assert_eq!(fs.getattr(ino).await.unwrap().size, 9);
+    let second = fs.open(ino, false).await.unwrap();
+    assert!(second.keep_cache);
+    assert_eq!(&fs.read(second.fh, 0, 100).unwrap()[..], b"old bytes");
     assert_eq!(&fs.read(old.fh, 0, 100).unwrap()[..], b"old bytes");
-    assert_eq!(&fs.read(new.fh, 0, 100).unwrap()[..], b"new bytes!");
+    assert!(invalidated.lock().unwrap().is_empty());
+    fs.release(second.fh);
+    fs.release(old.fh);
+
+    // After the last close the new version shows, and the kernel drops the old pages.
+    assert_eq!(fs.getattr(ino).await.unwrap().size, 17);
+    let new = fs.open(ino, false).await.unwrap();
+    assert!(!new.keep_cache);
+    assert_eq!(&fs.read(new.fh, 0, 100).unwrap()[..], b"new bytes, longer");
+    assert_eq!(invalidated.lock().unwrap().as_slice(), [ino]);
 }
 
 #[tokio::test]

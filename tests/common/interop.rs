@@ -116,16 +116,15 @@ impl FhirServer {
                 client,
             });
         }
-        let bin = env(HFS_BIN_ENV)
-            .map(PathBuf::from)
-            .or_else(|| find_on_path("hfs"))
-            .ok_or_else(|| {
+        let bin = env(HFS_BIN_ENV).map(PathBuf::from).or_else(|| find_on_path("hfs")).ok_or_else(
+            || {
                 format!(
                     "no FHIR server for the interop suite: set {BASE_ENV} (and {TOKEN_ENV}) or \
                      {HFS_BIN_ENV}, put hfs on PATH, or run ./scripts/interop, which installs \
                      hfs 0.2.7 when there is none"
                 )
-            })?;
+            },
+        )?;
         // hfs runs in a temp dir: a relative path would be looked up there.
         let bin = std::fs::canonicalize(&bin)
             .map_err(|e| format!("hfs binary {}: {e}", bin.display()))?;
@@ -143,10 +142,7 @@ impl FhirServer {
     }
 
     fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
-        let request = self
-            .client
-            .request(method, url)
-            .header(header::ACCEPT, FHIR_JSON);
+        let request = self.client.request(method, url).header(header::ACCEPT, FHIR_JSON);
         match &self.token {
             Some(token) => request.bearer_auth(token),
             None => request,
@@ -160,16 +156,10 @@ impl FhirServer {
         what: &str,
     ) -> (StatusCode, HeaderMap, Vec<u8>) {
         self.runtime.block_on(async {
-            let response = request
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let response = request.send().await.unwrap_or_else(|e| panic!("{what}: {e}"));
             let status = response.status();
             let headers = response.headers().clone();
-            let body = response
-                .bytes()
-                .await
-                .unwrap_or_else(|e| panic!("{what}: body: {e}"));
+            let body = response.bytes().await.unwrap_or_else(|e| panic!("{what}: body: {e}"));
             (status, headers, body.to_vec())
         })
     }
@@ -196,11 +186,7 @@ impl FhirServer {
             .body(body);
         let what = format!("POST Binary ({content_type}, {} bytes)", bytes.len());
         let (status, headers, body) = self.send(request, &what);
-        assert!(
-            status.is_success(),
-            "{what}: {status}: {}",
-            String::from_utf8_lossy(&body)
-        );
+        assert!(status.is_success(), "{what}: {status}: {}", String::from_utf8_lossy(&body));
         self.version_of(&what, &headers, &body)
     }
 
@@ -214,11 +200,7 @@ impl FhirServer {
             .body(body);
         let what = format!("PUT Binary/{id} ({} bytes)", bytes.len());
         let (status, headers, body) = self.send(request, &what);
-        assert!(
-            status.is_success(),
-            "{what}: {status}: {}",
-            String::from_utf8_lossy(&body)
-        );
+        assert!(status.is_success(), "{what}: {status}: {}", String::from_utf8_lossy(&body));
         self.version_of(&what, &headers, &body)
     }
 
@@ -227,11 +209,7 @@ impl FhirServer {
         let url = format!("{}/Binary/{id}", self.base);
         let what = format!("DELETE Binary/{id}");
         let (status, _, body) = self.send(self.request(reqwest::Method::DELETE, &url), &what);
-        assert!(
-            status.is_success(),
-            "{what}: {status}: {}",
-            String::from_utf8_lossy(&body)
-        );
+        assert!(status.is_success(), "{what}: {status}: {}", String::from_utf8_lossy(&body));
     }
 
     /// The status of `GET [base]/Binary/[id]`.
@@ -302,10 +280,7 @@ fn version_from_resource(resource: &Value) -> Option<Version> {
         id: id.to_owned(),
         version_id: resource["meta"]["versionId"].as_str().map(str::to_owned),
         last_updated: parse_instant(last_updated),
-        content_type: resource["contentType"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
+        content_type: resource["contentType"].as_str().unwrap_or_default().to_owned(),
     })
 }
 
@@ -321,10 +296,7 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
-        .find(|p| {
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -412,22 +384,11 @@ fn start_hfs(bin: &Path, runtime: &Runtime, client: &reqwest::Client) -> Result<
         });
     }
     let exited = Arc::new(AtomicBool::new(false));
-    local_hfs().push(LocalHfs {
-        dir: dir.clone(),
-        pid: None,
-        exited: Arc::clone(&exited),
-    });
+    local_hfs().push(LocalHfs { dir: dir.clone(), pid: None, exited: Arc::clone(&exited) });
 
     let key = dir.join("key.pem");
     openssl(
-        &[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ],
+        &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"],
         Some(&key),
         None,
     )?;
@@ -512,22 +473,18 @@ fn spawn_owned(
     }
     let (started_tx, started_rx) = mpsc::channel();
     let (exit_tx, exit_rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("hfs-owner".into())
-        .spawn(move || match command.spawn() {
-            Ok(mut child) => {
-                let _ = started_tx.send(Ok(child.id() as i32));
-                let status = child.wait();
-                exited.store(true, Ordering::SeqCst);
-                let _ = exit_tx.send(status);
-            }
-            Err(e) => {
-                let _ = started_tx.send(Err(e));
-            }
-        })?;
-    let pid = started_rx
-        .recv()
-        .map_err(|_| std::io::Error::other("the hfs thread died"))??;
+    std::thread::Builder::new().name("hfs-owner".into()).spawn(move || match command.spawn() {
+        Ok(mut child) => {
+            let _ = started_tx.send(Ok(child.id() as i32));
+            let status = child.wait();
+            exited.store(true, Ordering::SeqCst);
+            let _ = exit_tx.send(status);
+        }
+        Err(e) => {
+            let _ = started_tx.send(Err(e));
+        }
+    })?;
+    let pid = started_rx.recv().map_err(|_| std::io::Error::other("the hfs thread died"))??;
     Ok((pid, exit_rx))
 }
 
@@ -544,11 +501,7 @@ fn wait_healthy(
             return Err(format!("hfs exited at start: {status:?}"));
         }
         let healthy = runtime.block_on(async {
-            let response = client
-                .get(&url)
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await;
+            let response = client.get(&url).timeout(Duration::from_secs(2)).send().await;
             response.is_ok_and(|r| r.status().is_success())
         });
         if healthy {
@@ -563,10 +516,7 @@ fn wait_healthy(
 
 fn free_port() -> Result<u16, String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("port: {e}"))?;
-    Ok(listener
-        .local_addr()
-        .map_err(|e| format!("port: {e}"))?
-        .port())
+    Ok(listener.local_addr().map_err(|e| format!("port: {e}"))?.port())
 }
 
 /// Runs `openssl ARGS [PATH]` with `input` on stdin; its stdout.
@@ -583,18 +533,11 @@ fn openssl(args: &[&str], path: Option<&Path>, input: Option<&[u8]>) -> Result<V
         .spawn()
         .map_err(|e| format!("openssl (needed to sign tokens for hfs): {e}"))?;
     let mut stdin = child.stdin.take().expect("stdin");
-    stdin
-        .write_all(input.unwrap_or_default())
-        .map_err(|e| format!("openssl stdin: {e}"))?;
+    stdin.write_all(input.unwrap_or_default()).map_err(|e| format!("openssl stdin: {e}"))?;
     drop(stdin);
-    let output = child
-        .wait_with_output()
-        .map_err(|e| format!("openssl: {e}"))?;
+    let output = child.wait_with_output().map_err(|e| format!("openssl: {e}"))?;
     if !output.status.success() {
-        return Err(format!(
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        ));
+        return Err(format!("openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr)));
     }
     Ok(output.stdout)
 }
@@ -641,10 +584,8 @@ async fn serve_jwks(jwks: String) -> Result<std::net::SocketAddr, String> {
 
 /// An RS256 JWT that hfs accepts: `iss` is the JWKS origin, `aud` the server's base URL.
 fn mint_jwt(key: &Path, issuer: &str, audience: &str, scope: &str) -> Result<String, String> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_err(|e| format!("clock: {e}"))?
-        .as_secs();
+    let now =
+        SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| format!("clock: {e}"))?.as_secs();
     let header = json!({"alg": "RS256", "typ": "JWT", "kid": KEY_ID});
     let claims = json!({
         "iss": issuer, "aud": audience, "sub": "fhirfs-interop",
@@ -656,11 +597,8 @@ fn mint_jwt(key: &Path, issuer: &str, audience: &str, scope: &str) -> Result<Str
         base64url(claims.to_string().as_bytes())
     );
     // `dgst -sign` with an RSA key is PKCS#1 v1.5 over SHA-256: exactly RS256.
-    let signature = openssl(
-        &["dgst", "-sha256", "-sign"],
-        Some(key),
-        Some(signing_input.as_bytes()),
-    )?;
+    let signature =
+        openssl(&["dgst", "-sha256", "-sign"], Some(key), Some(signing_input.as_bytes()))?;
     Ok(format!("{signing_input}.{}", base64url(&signature)))
 }
 
@@ -712,14 +650,10 @@ impl Proxy {
         let url = url::Url::parse(upstream_base).expect("base URL");
         let upstream_origin = url.origin().ascii_serialization();
         let base_path = url.path().trim_end_matches('/').to_owned();
-        let client = reqwest::Client::builder()
-            .timeout(HTTP_TIMEOUT)
-            .build()
-            .expect("HTTP client");
+        let client = reqwest::Client::builder().timeout(HTTP_TIMEOUT).build().expect("HTTP client");
         runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("proxy listener");
+            let listener =
+                tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("proxy listener");
             let own_origin = format!("http://{}", listener.local_addr().expect("addr"));
             let state = Arc::new(ProxyState {
                 client,
@@ -728,38 +662,24 @@ impl Proxy {
                 base_path: base_path.clone(),
                 counts: Mutex::default(),
             });
-            let app = Router::new()
-                .fallback(forward)
-                .with_state(Arc::clone(&state));
+            let app = Router::new().fallback(forward).with_state(Arc::clone(&state));
             tokio::spawn(async move { axum::serve(listener, app).await });
-            Proxy {
-                base: format!("{own_origin}{base_path}"),
-                state,
-            }
+            Proxy { base: format!("{own_origin}{base_path}"), state }
         })
     }
 
     /// What went through so far.
     pub fn counts(&self) -> ProxyCounts {
-        self.state
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.state.counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
 async fn forward(State(state): State<Arc<ProxyState>>, request: Request) -> Response {
-    let path_and_query = request
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let path = request.uri().path().to_owned();
-    let mut upstream = state.client.request(
-        request.method().clone(),
-        format!("{}{path_and_query}", state.upstream_origin),
-    );
+    let mut upstream = state
+        .client
+        .request(request.method().clone(), format!("{}{path_and_query}", state.upstream_origin));
     for (name, value) in request.headers() {
         if name != header::HOST && name != header::CONTENT_LENGTH {
             upstream = upstream.header(name, value);
@@ -778,10 +698,7 @@ async fn forward(State(state): State<Arc<ProxyState>>, request: Request) -> Resp
     };
     {
         let mut counts = state.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let relative = path
-            .strip_prefix(&state.base_path)
-            .unwrap_or(&path)
-            .trim_start_matches('/');
+        let relative = path.strip_prefix(&state.base_path).unwrap_or(&path).trim_start_matches('/');
         match relative.strip_prefix("Binary") {
             Some("") => counts.searches += 1,
             Some(rest) if rest.starts_with('/') => {
@@ -817,6 +734,5 @@ async fn forward(State(state): State<Arc<ProxyState>>, request: Request) -> Resp
             out = out.header(name, value);
         }
     }
-    out.body(body)
-        .unwrap_or_else(|e| (StatusCode::BAD_GATEWAY, e.to_string()).into_response())
+    out.body(body).unwrap_or_else(|e| (StatusCode::BAD_GATEWAY, e.to_string()).into_response())
 }
