@@ -568,7 +568,7 @@ impl Inner {
             }
             state.throttle_seq += 1;
             let seq = state.throttle_seq;
-            (state.latency, state.throttle_every.is_some_and(|n| seq % n == 0))
+            (state.latency, state.throttle_every.is_some_and(|n| seq.is_multiple_of(n)))
         };
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
