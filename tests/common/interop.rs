@@ -250,10 +250,10 @@ impl FhirServer {
 
     /// The version a write answered with; read back when the server sent no body.
     fn version_of(&self, what: &str, headers: &HeaderMap, body: &[u8]) -> Version {
-        if let Ok(resource) = serde_json::from_slice::<Value>(body) {
-            if let Some(version) = version_from_resource(&resource) {
-                return version;
-            }
+        if let Ok(resource) = serde_json::from_slice::<Value>(body)
+            && let Some(version) = version_from_resource(&resource)
+        {
+            return version;
         }
         // `Prefer: return=representation` is a hint; `Location` names the new version.
         let location = headers
