@@ -10,6 +10,7 @@ use url::Url;
 
 use crate::auth::{Secret, TokenSource};
 use crate::fs::FsConfig;
+use crate::http::FetchMode;
 use crate::smart::{SmartClient, SmartConfig};
 
 /// Environment variable that may hold the bearer token.
@@ -180,6 +181,11 @@ pub struct Args {
     /// Binaries asked for per search page (`_count`).
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub page_size: u32,
+
+    /// Which form to fetch: raw native bytes, FHIR JSON with base64 `data`, or auto (raw once
+    /// the server has shown that it serves native bytes with the right Content-Type).
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = FetchMode::Auto)]
+    pub fetch: FetchMode,
 
     /// Largest Binary served; larger ones fail with EFBIG.
     #[arg(long, value_name = "SIZE", default_value = "1GiB")]

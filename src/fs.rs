@@ -259,6 +259,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// True when `new` is `old` with the sub-second part that `old` (a whole-second HTTP date) lacks.
+fn refines(old: SystemTime, new: SystemTime) -> bool {
+    let (Ok(o), Ok(n)) = (old.duration_since(UNIX_EPOCH), new.duration_since(UNIX_EPOCH)) else {
+        return false;
+    };
+    o.subsec_nanos() == 0 && n.subsec_nanos() != 0 && o.as_secs() == n.as_secs()
+}
+
 fn is_fresh(at: Option<Instant>, ttl: Duration) -> bool {
     at.is_some_and(|at| at.elapsed() < ttl)
 }
@@ -401,8 +409,12 @@ impl<S: Source> FhirFs<S> {
             let size = meta.size.or(old.size);
             let security_context = meta.security_context.or_else(|| old.security_context.clone());
             // The same version keeps its time: a listing's `meta.lastUpdated` has milliseconds,
-            // a raw response's `Last-Modified` only seconds, and mtime must not flap.
-            let last_updated = old.last_updated.or(meta.last_updated);
+            // a raw response's `Last-Modified` only seconds, and mtime must not flap. Only a
+            // more precise time for the same second replaces it.
+            let last_updated = match (old.last_updated, meta.last_updated) {
+                (Some(o), Some(n)) if refines(o, n) => Some(n),
+                (o, n) => o.or(n),
+            };
             node.meta = Meta { size, security_context, last_updated, ..meta };
         }
         node.checked = Some(now);

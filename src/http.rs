@@ -47,7 +47,28 @@ pub struct HttpConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// Where answers are counted by status.
     pub stats: Arc<Stats>,
+    /// Which form of a Binary to ask for.
+    pub fetch: FetchMode,
 }
+
+/// Which form of a Binary to ask for (`--fetch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum FetchMode {
+    /// Raw where the server has shown that it serves native bytes with the right
+    /// Content-Type; FHIR JSON otherwise.
+    #[default]
+    Auto,
+    /// Always FHIR JSON (`data` in base64).
+    Json,
+    /// Always ask for the native bytes (`Accept` = the contentType, or `*/*`), no base64;
+    /// whatever the server answers is still decided by its Content-Type.
+    Raw,
+}
+
+/// What the server has shown about raw answers, for `FetchMode::Auto`.
+const RAW_UNKNOWN: u8 = 0;
+const RAW_PROVEN: u8 = 1;
+const RAW_REFUSED: u8 = 2;
 
 impl HttpConfig {
     /// Defaults for `base`.
@@ -60,6 +81,7 @@ impl HttpConfig {
             max_size: 1 << 30,
             ca_pem: None,
             stats: Arc::default(),
+            fetch: FetchMode::Auto,
         }
     }
 }
@@ -71,6 +93,10 @@ pub struct HttpSource {
     auth: Arc<Auth>,
     /// The base URL without a trailing slash.
     base: String,
+    /// Content types learned from listings and JSON reads: the Accept of a raw request.
+    content_types: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// RAW_UNKNOWN, RAW_PROVEN or RAW_REFUSED.
+    raw: std::sync::atomic::AtomicU8,
 }
 
 /// One answer with its body read.
@@ -98,6 +124,11 @@ impl Failure {
     }
 }
 
+/// A media type without parameters, lowercased.
+fn essence(media_type: &str) -> String {
+    media_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
 /// `W/"3"` → `3`.
 fn version_from_etag(etag: &str) -> Option<String> {
     let tag = etag.trim().trim_start_matches("W/").trim_matches('"');
@@ -106,8 +137,7 @@ fn version_from_etag(etag: &str) -> Option<String> {
 
 /// The media type of a response without parameters, lowercased.
 fn media_type(headers: &HeaderMap) -> String {
-    let value = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    value.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+    essence(headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or(""))
 }
 
 fn header_text(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
@@ -164,7 +194,14 @@ impl HttpSource {
         let client = builder.build().map_err(transport)?;
         let base = config.base.as_str().trim_end_matches('/').to_owned();
         let auth = Arc::new(Auth::new(config.token.clone(), client.clone(), config.base.clone()));
-        Ok(Self { client, config, auth, base })
+        Ok(Self {
+            client,
+            config,
+            auth,
+            base,
+            content_types: std::sync::Mutex::default(),
+            raw: std::sync::atomic::AtomicU8::new(RAW_UNKNOWN),
+        })
     }
 
     /// True when `url` has the base URL's origin: only then may it carry the token.
@@ -307,14 +344,76 @@ impl HttpSource {
         Ok(())
     }
 
+    /// The Accept for a raw request of `id`, when this fetch should ask for raw bytes.
+    fn raw_accept(&self, id: &str) -> Option<String> {
+        use std::sync::atomic::Ordering;
+        let known = self.content_types.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned();
+        // A Binary that is itself JSON is read as FHIR JSON: its raw form could not be told
+        // apart from the resource.
+        if known.as_deref().is_some_and(|k| k.contains("json")) {
+            return None;
+        }
+        match self.config.fetch {
+            FetchMode::Json => None,
+            FetchMode::Raw => Some(known.unwrap_or_else(|| "*/*".to_owned())),
+            // Auto proves the server with the first file whose type is known.
+            FetchMode::Auto => match self.raw.load(Ordering::Relaxed) {
+                RAW_PROVEN => Some(known.unwrap_or_else(|| "*/*".to_owned())),
+                RAW_UNKNOWN => known,
+                _ => None,
+            },
+        }
+    }
+
+    fn learn_content_type(&self, id: &str, content_type: Option<&str>) {
+        if let Some(kind) = content_type {
+            let mut known = self.content_types.lock().unwrap_or_else(|e| e.into_inner());
+            known.insert(id.to_owned(), kind.to_owned());
+        }
+    }
+
     async fn fetch_inner(
         &self,
         id: &str,
         cached: Option<&str>,
         deadline: Instant,
     ) -> Result<Fetched, SourceError> {
+        use std::sync::atomic::Ordering;
         let url = self.binary_url(id)?;
-        let answer = self.get(&url, FHIR_JSON, cached, self.json_limit(), deadline).await?;
+        let mut answer = None;
+        if let Some(accept) = self.raw_accept(id) {
+            let raw = self.get(&url, &accept, cached, self.json_limit(), deadline).await;
+            match raw {
+                Ok(a) if a.status == StatusCode::NOT_MODIFIED => return Ok(Fetched::NotModified),
+                Ok(a) => {
+                    let kind = media_type(&a.headers);
+                    let native = kind != FHIR_JSON && kind != "application/json";
+                    let expected = essence(&accept);
+                    let verdict = if native && (kind == expected || accept == "*/*") {
+                        RAW_PROVEN
+                    } else {
+                        RAW_REFUSED
+                    };
+                    // Only the first answer decides; later ones must not flip a proven server.
+                    let _ = self.raw.compare_exchange(
+                        RAW_UNKNOWN,
+                        verdict,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    answer = Some(a);
+                }
+                // 406: this server does not serve native bytes; ask for FHIR JSON.
+                Err(SourceError::Status(406)) => {
+                    self.raw.store(RAW_REFUSED, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let answer = match answer {
+            Some(answer) => answer,
+            None => self.get(&url, FHIR_JSON, cached, self.json_limit(), deadline).await?,
+        };
         if answer.status == StatusCode::NOT_MODIFIED {
             return Ok(Fetched::NotModified);
         }
@@ -329,6 +428,7 @@ impl HttpSource {
             return Ok(Fetched::Content { meta, bytes: answer.body });
         }
         let binary = fhir::parse_binary(&answer.body).map_err(SourceError::BadBody)?;
+        self.learn_content_type(id, binary.meta.content_type.as_deref());
         let mut meta = binary.meta;
         meta.version_id = meta.version_id.or(from_headers.version_id);
         meta.last_updated = meta.last_updated.or(from_headers.last_updated);
@@ -399,6 +499,9 @@ impl HttpSource {
                     skipped = page.skipped,
                     "search entries that are not Binaries with valid ids"
                 );
+            }
+            for entry in &page.entries {
+                self.learn_content_type(&entry.id, entry.meta.content_type.as_deref());
             }
             listed.extend(page.entries);
             let Some(next) = page.next else { break };

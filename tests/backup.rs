@@ -144,11 +144,10 @@ fn within_the_ttl_the_cached_version_is_served_without_requests() {
 fn a_new_version_shows_new_size_time_and_bytes_never_stale_pages() {
     let server = Server::start();
     server.server.put("a", "text/plain", "AAAAAAAAAA");
+    // JSON, so that a version no listing has named yet still has its millisecond time (a raw
+    // answer carries only Last-Modified's whole seconds until the next listing).
     let mount = Mount::builder()
-        .arg("--dir-ttl")
-        .arg("0")
-        .arg("--cache-ttl")
-        .arg("0")
+        .args(&["--dir-ttl", "0", "--cache-ttl", "0", "--fetch", "json"])
         .mount(&server.base_url());
     let path = mount.path("a");
     // Twice, so that the second open keeps the kernel's page cache.

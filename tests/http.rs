@@ -173,3 +173,67 @@ async fn an_unreachable_server_is_a_transport_error_without_secrets() {
     assert!(matches!(err, SourceError::Transport(_)), "{err:?}");
     assert!(!format!("{err} {err:?}").contains("tok-do-not-leak"));
 }
+
+fn source_with(server: &LoopbackServer, mode: fhirfs::http::FetchMode) -> HttpSource {
+    let mut config = HttpConfig::new(Url::parse(&server.base_url()).unwrap());
+    config.fetch = mode;
+    HttpSource::new(config).unwrap()
+}
+
+async fn seed_pdfs(server: &LoopbackServer) -> Vec<Vec<u8>> {
+    (0..4)
+        .map(|i| {
+            let bytes: Vec<u8> = (0..5000u32).map(|b| (b * 7 + i) as u8).collect();
+            server.put(&format!("doc{i}"), "application/pdf", bytes.clone());
+            bytes
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn auto_mode_switches_to_raw_once_the_server_serves_native_bytes() {
+    use fhirfs::http::FetchMode;
+    let server = LoopbackServer::start().await.unwrap();
+    let docs = seed_pdfs(&server).await;
+    let source = source_with(&server, FetchMode::Auto);
+    source.list().await.unwrap();
+    for (i, doc) in docs.iter().enumerate() {
+        assert_eq!(content(source.fetch(&format!("doc{i}"), None).await.unwrap()), *doc);
+    }
+    let counts = server.counts();
+    assert_eq!((counts.raw_reads, counts.json_reads), (4, 0), "{counts:?}");
+}
+
+#[tokio::test]
+async fn auto_mode_stays_on_json_for_a_server_that_refuses_raw() {
+    use fhirfs::http::FetchMode;
+    use fhirfs::loopback::Quirks;
+    let server = LoopbackServer::start().await.unwrap();
+    server.set_quirks(Quirks::Microsoft);
+    server.set_throttle(None);
+    let docs = seed_pdfs(&server).await;
+    let source = source_with(&server, FetchMode::Auto);
+    source.list().await.unwrap();
+    for (i, doc) in docs.iter().enumerate() {
+        assert_eq!(content(source.fetch(&format!("doc{i}"), None).await.unwrap()), *doc);
+    }
+    let counts = server.counts();
+    assert_eq!(counts.statuses.get(&406).copied(), Some(1), "one probe, then JSON: {counts:?}");
+    assert_eq!(counts.json_reads, 4);
+}
+
+#[tokio::test]
+async fn json_and_raw_modes_ask_for_what_they_say() {
+    use fhirfs::http::FetchMode;
+    for (mode, raw, json) in [(FetchMode::Json, 0, 4), (FetchMode::Raw, 4, 0)] {
+        let server = LoopbackServer::start().await.unwrap();
+        let docs = seed_pdfs(&server).await;
+        // Without a listing first: raw mode asks with */*.
+        let source = source_with(&server, mode);
+        for (i, doc) in docs.iter().enumerate() {
+            assert_eq!(content(source.fetch(&format!("doc{i}"), None).await.unwrap()), *doc);
+        }
+        let counts = server.counts();
+        assert_eq!((counts.raw_reads, counts.json_reads), (raw, json), "{mode:?}: {counts:?}");
+    }
+}

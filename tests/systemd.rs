@@ -174,12 +174,17 @@ fn command_line(value: &str) -> &str {
     value.trim_start_matches(['-', '@', ':', '+', '!'])
 }
 
-/// The names of the variables a command line refers to, as `$NAME` or `${NAME}`.
+/// The names of the variables a command line refers to, as `$NAME` or `${NAME}` (`$$` is a
+/// literal `$`, left to the shell).
 fn referenced_variables(line: &str) -> Vec<String> {
     let mut names = Vec::new();
     let mut rest = line;
     while let Some(dollar) = rest.find('$') {
         rest = &rest[dollar + 1..];
+        if let Some(after) = rest.strip_prefix('$') {
+            rest = after;
+            continue;
+        }
         let braced = rest.starts_with('{');
         let body = rest.trim_start_matches('{');
         let len =
@@ -329,6 +334,25 @@ fn every_helper_program_of_the_unit_exists() {
             directive.key
         );
     }
+}
+
+#[test]
+fn the_clean_up_after_a_crash_touches_only_a_dead_fhirfs_mount() {
+    // After a crash the dead mount must go, or fhirfs refuses to start again; but a lazy
+    // unmount of whatever is on the mountpoint could take away someone else's live mount.
+    let d = directives(UNIT);
+    let stop_post = value(&d, "Service", "ExecStopPost");
+    assert!(stop_post.starts_with("-/bin/sh -c '"), "{stop_post}");
+    for guard in [
+        "findmnt --mountpoint \"$${FHIRFS_MOUNTPOINT}\" --types fuse",
+        "grep -q \"^fhirfs:\" &&",
+        "! stat --file-system \"$${FHIRFS_MOUNTPOINT}\" >/dev/null 2>&1 &&",
+        "umount --lazy \"$${FHIRFS_MOUNTPOINT}\"; exit 0'",
+    ] {
+        assert!(stop_post.contains(guard), "ExecStopPost= lacks {guard:?}: {stop_post}");
+    }
+    assert_eq!(stop_post.matches("umount").count(), 1, "{stop_post}");
+    assert!(values(&d, "Service", "ExecStop").is_empty(), "SIGTERM is the way to stop");
 }
 
 #[test]
