@@ -171,9 +171,18 @@ pub async fn serve<S: Source>(
         () = shutdown => {
             info!("unmounting");
             let _ = sd_notify::notify(&[NotifyState::Stopping]);
-            tokio::task::spawn_blocking(move || background.umount_and_join())
-                .await?
-                .context("unmount failed")?;
+            let result = tokio::task::spawn_blocking(move || background.umount_and_join()).await?;
+            match result {
+                Ok(()) => {}
+                // A program still has a file or the folder open: detach the mount now (it goes
+                // away when they let go) rather than fail the stop.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    warn!("the mount is busy; detaching it lazily");
+                    lazy_unmount(&mount.mountpoint)
+                        .with_context(|| format!("cannot detach {}", mount.mountpoint.display()))?;
+                }
+                Err(e) => return Err(e).context("unmount failed"),
+            }
         }
         _ = unmounted => {
             info!("unmounted from outside");
@@ -183,6 +192,18 @@ pub async fn serve<S: Source>(
     }
     info!(stats = %fs.stats(), "statistics at exit");
     Ok(())
+}
+
+/// Detaches the mount at `mountpoint` (MNT_DETACH): gone from the tree at once, released when
+/// the last open file is closed.
+fn lazy_unmount(mountpoint: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let canonical = mountpoint.canonicalize().unwrap_or_else(|_| mountpoint.to_owned());
+    let path = std::ffi::CString::new(canonical.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: umount2 reads a valid NUL-terminated path and touches no other memory.
+    let rc = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// A future that resolves on SIGTERM or SIGINT. The handlers are installed at once, so a

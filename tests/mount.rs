@@ -305,3 +305,40 @@ fn the_demo_mounts_sample_files_without_a_server() {
     assert!(std::fs::read(mount.path("report-pdf")).unwrap().starts_with(b"%PDF-"));
     assert!(std::fs::read(mount.path("scan-png")).unwrap().starts_with(b"\x89PNG\r\n\x1a\n"));
 }
+
+#[test]
+fn a_reader_killed_mid_fetch_leaves_the_fetch_to_finish_and_the_daemon_serving() {
+    let server = Server::start();
+    let bytes = noise(500_000, 9);
+    server.server.put("slow", "application/octet-stream", bytes.clone());
+    let gate = server.server.hold("slow");
+    let mount = Mount::new(&server.base_url());
+    let mut reader = std::process::Command::new("cat")
+        .arg(mount.path("slow"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    server.wait_for_reads("slow", 1);
+    // SIGKILL while the kernel waits on the daemon: FUSE interrupts the request.
+    reader.kill().unwrap();
+    reader.wait().unwrap();
+    gate.release();
+    // The fetch ran to its end and was cached: the next reader costs no request.
+    assert_eq!(std::fs::read(mount.path("slow")).unwrap(), bytes);
+    assert_eq!(server.reads_of("slow"), 1);
+    assert!(!mount.log().contains("panicked"), "{}", mount.log());
+}
+
+#[test]
+fn sigterm_with_a_file_still_open_detaches_and_exits_zero() {
+    let server = Server::start();
+    server.server.put("a", "text/plain", "held open");
+    let mut mount = Mount::new(&server.base_url());
+    let mut held = std::fs::File::open(mount.path("a")).unwrap();
+    let status = mount.terminate();
+    assert_eq!(status.code(), Some(0), "{}", mount.log());
+    assert!(!is_mounted(&mount.mountpoint), "detached from the tree");
+    // The open file still answers from what it had, or fails cleanly: never hangs.
+    let mut buf = Vec::new();
+    let _ = held.read_to_end(&mut buf);
+}

@@ -404,3 +404,12 @@ fn fhirfs_accepts_the_command_line_the_unit_builds() {
         "fhirfs refused the unit's command line {argv:?}:\n{stderr}"
     );
 }
+
+#[test]
+fn the_namespace_check_script_parses() {
+    // systemd/check-in-namespace.sh boots systemd to run the unit for real; it needs root and
+    // is run by hand, but it must at least stay valid shell.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/check-in-namespace.sh");
+    let output = Command::new("bash").args(["-n", script]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
