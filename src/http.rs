@@ -99,6 +99,14 @@ pub struct HttpSource {
     raw: std::sync::atomic::AtomicU8,
 }
 
+/// One GET to make: where, what to accept, the version held, and the most body to read.
+struct Get<'a> {
+    url: &'a Url,
+    accept: &'a str,
+    if_none_match: Option<&'a str>,
+    limit: u64,
+}
+
 /// One answer with its body read.
 struct Answer {
     status: StatusCode,
@@ -209,22 +217,15 @@ impl HttpSource {
         url.origin() == self.config.base.origin()
     }
 
-    /// One try: send, check the status, read the body (up to `limit` bytes).
-    async fn attempt(
-        &self,
-        url: &Url,
-        accept: &str,
-        if_none_match: Option<&str>,
-        token: Option<&Secret>,
-        limit: u64,
-    ) -> Result<Answer, Failure> {
+    /// One try: send, check the status, read the body (up to `get.limit` bytes).
+    async fn attempt(&self, get: &Get<'_>, token: Option<&Secret>) -> Result<Answer, Failure> {
         let mut request =
-            self.client.request(Method::GET, url.clone()).header(header::ACCEPT, accept);
-        if let (Some(token), true) = (token, self.same_origin(url)) {
+            self.client.request(Method::GET, get.url.clone()).header(header::ACCEPT, get.accept);
+        if let (Some(token), true) = (token, self.same_origin(get.url)) {
             request =
                 request.header(header::AUTHORIZATION, token.bearer().map_err(Failure::fatal)?);
         }
-        if let Some(version) = if_none_match {
+        if let Some(version) = get.if_none_match {
             request = request.header(header::IF_NONE_MATCH, format!("W/\"{version}\""));
         }
         // Connection errors are worth a retry; so is a body cut short.
@@ -242,7 +243,7 @@ impl HttpSource {
         if !status.is_success() && status != StatusCode::NOT_MODIFIED {
             return Err(Failure::fatal(SourceError::from_status(status.as_u16())));
         }
-        let body = Self::body(response, limit).await?;
+        let body = Self::body(response, get.limit).await?;
         Ok(Answer { status, headers, body })
     }
 
@@ -272,20 +273,13 @@ impl HttpSource {
 
     /// GET with retries (transient statuses and connection errors, backing off, honouring
     /// Retry-After, never past `deadline`) and one renewal of the token after a 401.
-    async fn get(
-        &self,
-        url: &Url,
-        accept: &str,
-        if_none_match: Option<&str>,
-        limit: u64,
-        deadline: Instant,
-    ) -> Result<Answer, SourceError> {
+    async fn get(&self, get: &Get<'_>, deadline: Instant) -> Result<Answer, SourceError> {
         let token = self.auth.token().await?;
-        match self.get_with(url, accept, if_none_match, token.as_ref(), limit, deadline).await {
+        match self.get_with(get, token.as_ref(), deadline).await {
             Err(SourceError::Unauthorized) if self.auth.renew(token.as_ref()).await => {
-                debug!(%url, "401: trying once more with a renewed token");
+                debug!(url = %get.url, "401: trying once more with a renewed token");
                 let token = self.auth.token().await?;
-                self.get_with(url, accept, if_none_match, token.as_ref(), limit, deadline).await
+                self.get_with(get, token.as_ref(), deadline).await
             }
             other => other,
         }
@@ -293,11 +287,8 @@ impl HttpSource {
 
     async fn get_with(
         &self,
-        url: &Url,
-        accept: &str,
-        if_none_match: Option<&str>,
+        get: &Get<'_>,
         token: Option<&Secret>,
-        limit: u64,
         deadline: Instant,
     ) -> Result<Answer, SourceError> {
         let backoff = ExponentialBuilder::default()
@@ -305,7 +296,7 @@ impl HttpSource {
             .with_max_delay(RETRY_MAX_DELAY)
             .with_max_times(MAX_RETRIES)
             .with_jitter();
-        let attempt = || self.attempt(url, accept, if_none_match, token, limit);
+        let attempt = || self.attempt(get, token);
         attempt
             .retry(backoff)
             .sleep(tokio::time::sleep)
@@ -316,7 +307,7 @@ impl HttpSource {
                 (Instant::now() + wait < deadline).then_some(wait)
             })
             .notify(|failure: &Failure, wait| {
-                debug!(%url, error = %failure.error, ?wait, "retrying");
+                debug!(url = %get.url, error = %failure.error, ?wait, "retrying");
             })
             .await
             .map_err(|failure| failure.error)
@@ -382,7 +373,9 @@ impl HttpSource {
         let url = self.binary_url(id)?;
         let mut answer = None;
         if let Some(accept) = self.raw_accept(id) {
-            let raw = self.get(&url, &accept, cached, self.json_limit(), deadline).await;
+            let get =
+                Get { url: &url, accept: &accept, if_none_match: cached, limit: self.json_limit() };
+            let raw = self.get(&get, deadline).await;
             match raw {
                 Ok(a) if a.status == StatusCode::NOT_MODIFIED => return Ok(Fetched::NotModified),
                 Ok(a) => {
@@ -412,7 +405,11 @@ impl HttpSource {
         }
         let answer = match answer {
             Some(answer) => answer,
-            None => self.get(&url, FHIR_JSON, cached, self.json_limit(), deadline).await?,
+            None => {
+                let limit = self.json_limit();
+                let get = Get { url: &url, accept: FHIR_JSON, if_none_match: cached, limit };
+                self.get(&get, deadline).await?
+            }
         };
         if answer.status == StatusCode::NOT_MODIFIED {
             return Ok(Fetched::NotModified);
@@ -453,7 +450,8 @@ impl HttpSource {
             Some(kind) if !kind.contains("json") => kind.to_owned(),
             _ => "*/*".to_owned(),
         };
-        let raw = self.get(url, &accept, None, self.config.max_size, deadline).await;
+        let get = Get { url, accept: &accept, if_none_match: None, limit: self.config.max_size };
+        let raw = self.get(&get, deadline).await;
         match raw {
             Ok(answer) if media_type(&answer.headers) != FHIR_JSON => {
                 let from_headers = header_meta(&answer.headers);
@@ -514,7 +512,8 @@ impl HttpSource {
     }
 
     async fn page(&self, url: &Url, deadline: Instant) -> Result<fhir::Page, SourceError> {
-        let answer = self.get(url, FHIR_JSON, None, self.json_limit(), deadline).await?;
+        let get = Get { url, accept: FHIR_JSON, if_none_match: None, limit: self.json_limit() };
+        let answer = self.get(&get, deadline).await?;
         fhir::parse_bundle(&answer.body).map_err(SourceError::BadBody)
     }
 }

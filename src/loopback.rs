@@ -529,6 +529,20 @@ impl LoopbackServer {
     }
 }
 
+/// Deterministic pseudo-random bytes (xorshift) for test and benchmark data: the same `seed`
+/// always gives the same bytes, so failures can be reproduced.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// A server with the demo's sample Binaries already stored.
 pub async fn demo() -> std::io::Result<LoopbackServer> {
     let server = LoopbackServer::start().await?;

@@ -3,24 +3,13 @@
 
 mod common;
 
+use fhirfs::loopback::noise;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use common::{Mount, Server, errno};
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// Stores a varied set of Binaries and returns (id, content type, bytes).
 fn seed(server: &Server) -> Vec<(String, &'static str, Vec<u8>)> {

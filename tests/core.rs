@@ -16,6 +16,19 @@ fn core_with(source: MemorySource, config: FsConfig) -> Arc<FhirFs<MemorySource>
     FhirFs::new(source, config)
 }
 
+/// A core that trusts nothing (TTLs of zero), and the inodes it told the kernel to drop.
+fn uncached_core_watching_the_kernel(
+    source: MemorySource,
+) -> (Arc<FhirFs<MemorySource>>, Arc<std::sync::Mutex<Vec<u64>>>) {
+    let config =
+        FsConfig { dir_ttl: Duration::ZERO, cache_ttl: Duration::ZERO, ..FsConfig::default() };
+    let fs = core_with(source, config);
+    let invalidated = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&invalidated);
+    fs.set_invalidator(Box::new(move |ino| seen.lock().unwrap().push(ino)));
+    (fs, invalidated)
+}
+
 async fn read_all(fs: &Arc<FhirFs<MemorySource>>, ino: u64) -> Vec<u8> {
     let opened = fs.open(ino, false).await.unwrap();
     let mut out = Vec::new();
@@ -197,12 +210,7 @@ async fn concurrent_opens_of_one_cold_id_make_one_fetch() {
 async fn a_new_version_is_served_after_the_ttl_and_the_kernel_is_told() {
     let source = MemorySource::new();
     source.put("a", "text/plain", "old");
-    let config =
-        FsConfig { dir_ttl: Duration::ZERO, cache_ttl: Duration::ZERO, ..FsConfig::default() };
-    let fs = core_with(source, config);
-    let invalidated = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = Arc::clone(&invalidated);
-    fs.set_invalidator(Box::new(move |ino| seen.lock().unwrap().push(ino)));
+    let (fs, invalidated) = uncached_core_watching_the_kernel(source);
     let attr = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap();
     let first = fs.open(attr.ino, false).await.unwrap();
     assert!(!first.keep_cache);
@@ -227,12 +235,7 @@ async fn a_new_version_is_served_after_the_ttl_and_the_kernel_is_told() {
 async fn an_open_file_pins_its_version_until_the_last_close() {
     let source = MemorySource::new();
     source.put("a", "text/plain", "old bytes");
-    let config =
-        FsConfig { dir_ttl: Duration::ZERO, cache_ttl: Duration::ZERO, ..FsConfig::default() };
-    let fs = core_with(source, config);
-    let invalidated = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = Arc::clone(&invalidated);
-    fs.set_invalidator(Box::new(move |ino| seen.lock().unwrap().push(ino)));
+    let (fs, invalidated) = uncached_core_watching_the_kernel(source);
     let ino = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
     let old = fs.open(ino, false).await.unwrap();
     fs.source().put("a", "text/plain", "new bytes, longer");

@@ -17,26 +17,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use common::{Mount, PATIENCE, Server, errno, is_mounted};
-use fhirfs::loopback::{Fault, Quirks, RandomFaults, SearchFault};
+use fhirfs::loopback::{Fault, Quirks, RandomFaults, SearchFault, noise};
 
 /// Extra time allowed past a deadline for scheduling, the kernel and a loaded machine.
 const SLACK: Duration = Duration::from_millis(2500);
 
 /// How long a Binary put after a 404 may stay invisible ("cached negatively, briefly").
 const NEGATIVE_TTL_LIMIT: Duration = Duration::from_secs(10);
-
-/// Deterministic pseudo-random bytes (xorshift), so failures can be reproduced.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// Reads a whole file; the errno on failure.
 fn read(path: impl Into<PathBuf>) -> Result<Vec<u8>, i32> {

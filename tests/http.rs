@@ -174,6 +174,14 @@ async fn an_unreachable_server_is_a_transport_error_without_secrets() {
     assert!(!format!("{err} {err:?}").contains("tok-do-not-leak"));
 }
 
+/// Lists (learning content types, as the mount does), then fetches every `doc{i}`.
+async fn list_then_fetch_all(source: &HttpSource, docs: &[Vec<u8>]) {
+    source.list().await.unwrap();
+    for (i, doc) in docs.iter().enumerate() {
+        assert_eq!(content(source.fetch(&format!("doc{i}"), None).await.unwrap()), *doc);
+    }
+}
+
 fn source_with(server: &LoopbackServer, mode: fhirfs::http::FetchMode) -> HttpSource {
     let mut config = HttpConfig::new(Url::parse(&server.base_url()).unwrap());
     config.fetch = mode;
@@ -195,11 +203,7 @@ async fn auto_mode_switches_to_raw_once_the_server_serves_native_bytes() {
     use fhirfs::http::FetchMode;
     let server = LoopbackServer::start().await.unwrap();
     let docs = seed_pdfs(&server).await;
-    let source = source_with(&server, FetchMode::Auto);
-    source.list().await.unwrap();
-    for (i, doc) in docs.iter().enumerate() {
-        assert_eq!(content(source.fetch(&format!("doc{i}"), None).await.unwrap()), *doc);
-    }
+    list_then_fetch_all(&source_with(&server, FetchMode::Auto), &docs).await;
     let counts = server.counts();
     assert_eq!((counts.raw_reads, counts.json_reads), (4, 0), "{counts:?}");
 }
@@ -212,11 +216,7 @@ async fn auto_mode_stays_on_json_for_a_server_that_refuses_raw() {
     server.set_quirks(Quirks::Microsoft);
     server.set_throttle(None);
     let docs = seed_pdfs(&server).await;
-    let source = source_with(&server, FetchMode::Auto);
-    source.list().await.unwrap();
-    for (i, doc) in docs.iter().enumerate() {
-        assert_eq!(content(source.fetch(&format!("doc{i}"), None).await.unwrap()), *doc);
-    }
+    list_then_fetch_all(&source_with(&server, FetchMode::Auto), &docs).await;
     let counts = server.counts();
     assert_eq!(counts.statuses.get(&406).copied(), Some(1), "one probe, then JSON: {counts:?}");
     assert_eq!(counts.json_reads, 4);

@@ -10,6 +10,7 @@ mod common;
 #[path = "common/interop.rs"]
 mod interop;
 
+use fhirfs::loopback::noise;
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::io::Read;
@@ -95,19 +96,6 @@ fn suite() -> &'static Suite {
         Ok(suite) => suite,
         Err(e) => panic!("interop setup failed: {e}"),
     }
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so failures can be reproduced.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Text of exactly `len` bytes, with lines and a few multi-byte characters.

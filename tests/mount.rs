@@ -10,20 +10,7 @@ use std::thread;
 
 use bytes::Bytes;
 use common::{Mount, PATIENCE, Server, errno, is_mounted};
-use fhirfs::loopback::Fault;
-
-/// Deterministic pseudo-random bytes (xorshift), so failures can be reproduced.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use fhirfs::loopback::{Fault, noise};
 
 #[test]
 fn every_file_has_the_servers_bytes_and_size_across_many_pages() {

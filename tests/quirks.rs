@@ -8,26 +8,13 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 
 use common::{Mount, Server};
-use fhirfs::loopback::Quirks;
+use fhirfs::loopback::{Quirks, noise};
 
 /// One Binary to store and check.
 struct Sample {
     id: String,
     content_type: &'static str,
     bytes: Vec<u8>,
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so failures can be reproduced.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn with_header(header: &[u8], len: usize, seed: u64) -> Vec<u8> {
