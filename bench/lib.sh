@@ -8,7 +8,8 @@ export LC_ALL=C
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH_DIR/.." && pwd)
-FHIRFS=$REPO/target/release/fhirfs
+# FHIRFS may name another build of the daemon (e.g. to compare branches); it is not rebuilt.
+FHIRFS=${FHIRFS:-$REPO/target/release/fhirfs}
 SERVER=$REPO/target/release/examples/bench_server
 HELPER=$BENCH_DIR/helper.py
 # How long a server or a mount may take to come up, or a daemon to exit, in seconds.

@@ -16,7 +16,7 @@
 #    the same JSON from the same server. Target: ratio <= 1.5 at 64 MiB.
 #    The 64 MiB case is also split: `stat` of a new id (fhirfs fetches and decodes it to learn
 #    its size) vs curl, then the first `cat` (FUSE transfer only) vs tmpfs.
-# 2. warm `cat` of the same files (read before, same mount) vs `cat` of the same bytes from
+# 2. warm `cat` of the same files (read before, same mount; 4 x RUNS runs) vs `cat` of the same bytes from
 #    tmpfs (/dev/shm). Target: ratio <= 1.2. The bytes are checked with cmp first.
 # 3. time to first byte (open + read of 1 byte, timed in-process) of 1 KiB files: cold (new ids)
 #    vs an HTTP GET up to the first body byte on a new connection; warm vs tmpfs. Target: warm
@@ -105,10 +105,10 @@ for size in 1m 10m 64m; do
     cmp "$MNT/c$size-0" "$SHM/c$size" || die "c$size-0 read through the mount differs from the server's bytes"
 done
 for size in 1m 10m 64m; do
-    say "warm reads of c$size-0 ($((RUNS * 2)) runs)"
+    say "warm reads of c$size-0 ($((RUNS * 4)) runs)"
     warm=() shm=()
     stats_reset
-    for ((i = 0; i < RUNS * 2; i++)); do
+    for ((i = 0; i < RUNS * 4; i++)); do
         time_us cat "$MNT/c$size-0"
         warm+=("$ELAPSED")
         time_us cat "$SHM/c$size"
