@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Small timing and plumbing helpers for bench/run.sh and bench/backup.sh (stdlib only).
+
+  notify-wait SOCKET TIMEOUT PIDFILE  bind a datagram socket, wait for READY=1 on it; give up
+                                      after TIMEOUT s or when the pid in PIDFILE has exited
+  ttfb PATH...                        per path: microseconds for open + read of 1 byte
+  ttfb-http URL...                    per URL: microseconds from connect to the first body byte
+                                      (new connection each, Accept: application/fhir+json)
+  median                              median of the numbers on stdin
+  stats URL                           the bench server's /stats as `key=value` words
+"""
+
+import http.client
+import json
+import os
+import socket
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+
+def alive(pid):
+    """True when pid runs and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def notify_wait(path, timeout, pidfile):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.05)
+    deadline = time.monotonic() + float(timeout)
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(4096).decode(errors="replace")
+            if "READY=1" in data.splitlines():
+                return 0
+        except socket.timeout:
+            pass
+        try:
+            with open(pidfile) as f:
+                pid = int(f.read().strip())
+            if not alive(pid):
+                print("the daemon exited before READY=1", file=sys.stderr)
+                return 2
+        except (OSError, ValueError):
+            pass
+    print(f"no READY=1 within {timeout} s", file=sys.stderr)
+    return 1
+
+
+def ttfb(paths):
+    for path in paths:
+        start = time.perf_counter_ns()
+        fd = os.open(path, os.O_RDONLY)
+        first = os.read(fd, 1)
+        end = time.perf_counter_ns()
+        os.close(fd)
+        if len(first) != 1:
+            print(f"{path}: empty read", file=sys.stderr)
+            return 1
+        print((end - start) // 1000)
+    return 0
+
+
+def ttfb_http(urls):
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        start = time.perf_counter_ns()
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.request("GET", parts.path, headers={"Accept": "application/fhir+json"})
+        response = conn.getresponse()
+        first = response.read(1)
+        end = time.perf_counter_ns()
+        conn.close()
+        if response.status != 200 or len(first) != 1:
+            print(f"{url}: status {response.status}", file=sys.stderr)
+            return 1
+        print((end - start) // 1000)
+    return 0
+
+
+def median():
+    values = sorted(float(v) for v in sys.stdin.read().split())
+    if not values:
+        print("nan")
+        return 1
+    n = len(values)
+    mid = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+    print(f"{mid:.0f}")
+    return 0
+
+
+def stats(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        counts = json.load(response)
+    names = [
+        ("searches", "search"),
+        ("json_reads", "json"),
+        ("raw_reads", "raw"),
+        ("not_modified", "304"),
+        ("heads", "head"),
+        ("not_found", "404"),
+        ("inflight_peak", "peak"),
+    ]
+    print(" ".join(f"{short}={counts.get(key, 0)}" for key, short in names))
+    return 0
+
+
+def main(argv):
+    if len(argv) < 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    command, args = argv[1], argv[2:]
+    if command == "notify-wait" and len(args) == 3:
+        return notify_wait(*args)
+    if command == "ttfb" and args:
+        return ttfb(args)
+    if command == "ttfb-http" and args:
+        return ttfb_http(args)
+    if command == "median" and not args:
+        return median()
+    if command == "stats" and len(args) == 1:
+        return stats(args[0])
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,239 @@
+#!/usr/bin/env bash
+# fhirfs benchmarks: what a mount costs next to plain HTTP and plain memory.
+#
+# Usage (as root, it mounts; needs /dev/fuse, curl and python3):
+#   bench/run.sh            # about 1-2 minutes once built; prints a Markdown table at the end
+#   RUNS=9 bench/run.sh     # more repetitions per measurement (default 5)
+#
+# It builds `target/release/fhirfs` and the `bench_server` example (examples/bench_server.rs,
+# a FHIR server that encodes every body once, so the mount is what is measured), starts one
+# server on 127.0.0.1 and mounts it on a temp dir. Every figure is the median of RUNS runs and is
+# printed next to a baseline measured in the same run, with their ratio and the server requests
+# the mount made (from the server's /stats):
+#
+# 1. cold `cat` of 1, 10 and 64 MiB Binaries through the mount (ids never read before, so
+#    neither fhirfs nor the kernel has them) vs `curl -H 'Accept: application/fhir+json'` of
+#    the same JSON from the same server. Target: ratio <= 1.5 at 64 MiB.
+#    The 64 MiB case is also split: `stat` of a new id (fhirfs fetches and decodes it to learn
+#    its size) vs curl, then the first `cat` (FUSE transfer only) vs tmpfs.
+# 2. warm `cat` of the same files (read before, same mount; 4 x RUNS runs) vs `cat` of the same bytes from
+#    tmpfs (/dev/shm). Target: ratio <= 1.2. The bytes are checked with cmp first.
+# 3. time to first byte (open + read of 1 byte, timed in-process) of 1 KiB files: cold (new ids)
+#    vs an HTTP GET up to the first body byte on a new connection; warm vs tmpfs. Target: warm
+#    < 1 ms.
+# 4. six parallel `cat`s of files the server delays by 2 s each, vs six parallel curls of them.
+#    Target: about 2 s, not 12.
+# 5. eight concurrent `cat`s of one cold id (the server delays it 300 ms). Target: 1 GET.
+# 6. peak RSS (VmHWM) of a daemon mounted with --cache-size 256MiB while 32 x 64 MiB files
+#    (2 GiB) are read one after another. Target: <= cache + 64 MiB = 320 MiB.
+# 7. cold 64 MiB with `--fetch json` and `--fetch raw`, only if `fhirfs --help` lists --fetch.
+#
+# Timing uses bash's $EPOCHREALTIME around each command (no hyperfine needed); commands are
+# interleaved fhirfs/baseline so that noise from other load hits both. The machine's other load
+# is not controlled: run it on a quiet machine and compare ratios rather than absolute times.
+# Logs stay in /tmp/fhirfs-bench.* when a run fails.
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+RUNS=${RUNS:-5}
+((RUNS >= 1)) || die "RUNS must be at least 1"
+require_root_and_fuse
+build
+
+HAS_FETCH=
+if "$FHIRFS" --help | grep -q -- '--fetch'; then HAS_FETCH=1; fi
+
+spec="c1m*$RUNS=1MiB,c10m*$RUNS=10MiB,c64m*$RUNS=64MiB,s64m*$RUNS=64MiB,t1k*$RUNS=1KiB"
+spec+=",slow*6=256KiB,herd=1MiB,r64m*32=64MiB"
+if [[ -n $HAS_FETCH ]]; then spec+=",fj64m*$RUNS=64MiB,fr64m*$RUNS=64MiB"; fi
+delays=(--delay-id herd=300)
+for i in 0 1 2 3 4 5; do delays+=(--delay-id "slow-$i=2000"); done
+start_server --spec "$spec" "${delays[@]}"
+
+MNT=$WORK/mnt
+table_header
+mount_fs "$MNT" || die "cannot mount"
+say "mounted $BASE on $MNT (pid $FS_PID)"
+
+# 1 and 2: cold and warm reads.
+declare -A COLD CURL COLD_REQ
+for size in 1m 10m 64m; do
+    say "cold reads of c$size ($RUNS runs)"
+    cold=() curls=()
+    stats_reset
+    for ((i = 0; i < RUNS; i++)); do
+        time_us cat "$MNT/c$size-$i"
+        cold+=("$ELAPSED")
+    done
+    COLD_REQ[$size]=$(stats)
+    for ((i = 0; i < RUNS; i++)); do
+        time_us curl -fsS -H 'Accept: application/fhir+json' "$BASE/Binary/c$size-$i" -o /dev/null
+        curls+=("$ELAPSED")
+    done
+    COLD[$size]=$(median "${cold[@]}")
+    CURL[$size]=$(median "${curls[@]}")
+done
+for size in 1m 10m 64m; do
+    target=- ok=-
+    if [[ $size == 64m ]]; then
+        target="<= 1.5"
+        ok=$(met "$(ratio "${COLD[$size]}" "${CURL[$size]}")" 1.5)
+    fi
+    row "cold read ${size^^}iB (ms)" "$(ms "${COLD[$size]}")" "$(ms "${CURL[$size]}") (curl JSON)" \
+        "$(ratio "${COLD[$size]}" "${CURL[$size]}")" "$target" "$ok" "${COLD_REQ[$size]} for $RUNS files"
+done
+
+# Where a cold 64 MiB read goes: `stat` fetches and decodes (the size needs the content when
+# the server does not list it), then the first `cat` moves the bytes through FUSE.
+say "cold reads of s64m split into stat and cat ($RUNS runs)"
+fetch=() first=()
+stats_reset
+for ((i = 0; i < RUNS; i++)); do
+    time_us stat "$MNT/s64m-$i"
+    fetch+=("$ELAPSED")
+    time_us cat "$MNT/s64m-$i"
+    first+=("$ELAPSED")
+done
+req=$(stats)
+f=$(median "${fetch[@]}") r=$(median "${first[@]}")
+row "  of which stat = fetch + decode, 64MiB (ms)" "$(ms "$f")" "$(ms "${CURL[64m]}") (curl JSON)" \
+    "$(ratio "$f" "${CURL[64m]}")" - - "$req for $RUNS files"
+
+for size in 1m 10m 64m; do
+    curl -fsS -H 'Accept: application/octet-stream' "$BASE/Binary/c$size-0" -o "$SHM/c$size"
+    cmp "$MNT/c$size-0" "$SHM/c$size" || die "c$size-0 read through the mount differs from the server's bytes"
+done
+for size in 1m 10m 64m; do
+    say "warm reads of c$size-0 ($((RUNS * 4)) runs)"
+    warm=() shm=()
+    stats_reset
+    for ((i = 0; i < RUNS * 4; i++)); do
+        time_us cat "$MNT/c$size-0"
+        warm+=("$ELAPSED")
+        time_us cat "$SHM/c$size"
+        shm+=("$ELAPSED")
+    done
+    w=$(median "${warm[@]}") s=$(median "${shm[@]}")
+    if [[ $size == 64m ]]; then
+        row "  of which first cat after stat = FUSE transfer, 64MiB (ms)" "$(ms "$r")" \
+            "$(ms "$s") (tmpfs)" "$(ratio "$r" "$s")" - - -
+    fi
+    row "warm read ${size^^}iB (ms)" "$(ms "$w")" "$(ms "$s") (tmpfs)" "$(ratio "$w" "$s")" \
+        "<= 1.2" "$(met "$(ratio "$w" "$s")" 1.2)" "$(stats)"
+done
+
+# 3: time to first byte of 1 KiB files.
+say "time to first byte, 1 KiB"
+stats_reset
+paths=() urls=()
+for ((i = 0; i < RUNS; i++)); do
+    paths+=("$MNT/t1k-$i")
+    urls+=("$BASE/Binary/t1k-$i")
+done
+mapfile -t cold < <(python3 "$HELPER" ttfb "${paths[@]}")
+req=$(stats)
+mapfile -t http < <(python3 "$HELPER" ttfb-http "${urls[@]}")
+c=$(median "${cold[@]}") h=$(median "${http[@]}")
+row "first byte 1 KiB, cold (µs)" "$c" "$h (HTTP GET, new connection)" \
+    "$(ratio "$c" "$h")" - - "$req for $RUNS files"
+head -c 1024 "$MNT/t1k-0" >"$SHM/t1k"
+mnt_paths=() shm_paths=()
+for ((i = 0; i < RUNS * 4; i++)); do
+    mnt_paths+=("$MNT/t1k-0")
+    shm_paths+=("$SHM/t1k")
+done
+stats_reset
+mapfile -t warm < <(python3 "$HELPER" ttfb "${mnt_paths[@]}")
+req=$(stats)
+mapfile -t shm < <(python3 "$HELPER" ttfb "${shm_paths[@]}")
+w=$(median "${warm[@]}") s=$(median "${shm[@]}")
+row "first byte 1 KiB, warm (µs)" "$w" "$s (tmpfs)" "$(ratio "$w" "$s")" \
+    "< 1000 µs" "$(met "$w" 999)" "$req"
+
+# 4: six parallel reads of files delayed 2 s each.
+say "six parallel reads of 2 s-delayed files"
+stats_reset
+start=$(now_us) pids=()
+for i in 0 1 2 3 4 5; do
+    timeout 60 cat "$MNT/slow-$i" >/dev/null &
+    pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p" || die "a parallel read failed"; done
+par=$(($(now_us) - start))
+req=$(stats)
+start=$(now_us) pids=()
+for i in 0 1 2 3 4 5; do
+    curl -fsS -m 60 -H 'Accept: application/fhir+json' "$BASE/Binary/slow-$i" -o /dev/null &
+    pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p" || die "a parallel curl failed"; done
+base=$(($(now_us) - start))
+row "6 parallel reads, 2 s delay each (s)" "$(ratio "$par" 1000000)" \
+    "$(ratio "$base" 1000000) (6 parallel curls)" "$(ratio "$par" "$base")" "about 2 s" \
+    "$(met "$(ratio "$par" 1000000)" 3)" "$req"
+
+# 5: eight concurrent opens of one cold id.
+say "eight concurrent reads of one cold id"
+stats_reset
+pids=()
+for i in 1 2 3 4 5 6 7 8; do
+    timeout 60 cat "$MNT/herd" >/dev/null &
+    pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p" || die "a concurrent read failed"; done
+req=$(stats)
+gets=$(($(count json "$req") + $(count raw "$req")))
+row "8 concurrent opens of one cold id (GETs)" "$gets" "1 (expected)" "$(ratio "$gets" 1)" \
+    "1 GET" "$(met "$gets" 1)" "$req"
+unmount_fs
+
+# 6: peak RSS through a 256 MiB cache.
+say "peak RSS while reading 32 x 64 MiB through --cache-size 256MiB"
+mount_fs "$MNT" --cache-size 256MiB || die "cannot mount"
+idle=$(awk '/^VmHWM/{ print $2 }' "/proc/$FS_PID/status")
+stats_reset
+start=$(now_us)
+for i in $(seq 0 31); do cat "$MNT/r64m-$i" >/dev/null; done
+took=$(($(now_us) - start))
+req=$(stats)
+hwm=$(awk '/^VmHWM/{ print $2 }' "/proc/$FS_PID/status")
+rss=$(awk '/^VmRSS/{ print $2 }' "/proc/$FS_PID/status")
+limit=$(((256 + 64) * 1024))
+row "peak RSS reading 2 GiB, 256 MiB cache (MiB)" "$((hwm / 1024)) (idle $((idle / 1024)), after $((rss / 1024)))" \
+    "$((limit / 1024)) (cache + 64 MiB)" "$(ratio "$hwm" "$limit")" "<= 320 MiB" "$(met "$hwm" "$limit")" \
+    "$req; $(awk -v us="$took" 'BEGIN { printf "%.0f MiB/s", 2048 / (us / 1e6) }')"
+unmount_fs
+
+# 7: --fetch json / raw, when the daemon has the option.
+if [[ -n $HAS_FETCH ]]; then
+    for mode in json raw; do
+        say "cold reads of 64 MiB with --fetch $mode"
+        prefix=f${mode:0:1}64m
+        accept=application/fhir+json
+        if [[ $mode == raw ]]; then accept=application/octet-stream; fi
+        if ! mount_fs "$MNT" --fetch "$mode"; then
+            row "cold read 64MiB, --fetch $mode (ms)" "mount failed" - - - - -
+            continue
+        fi
+        cold=() curls=()
+        stats_reset
+        for ((i = 0; i < RUNS; i++)); do
+            time_us cat "$MNT/$prefix-$i"
+            cold+=("$ELAPSED")
+        done
+        req=$(stats)
+        for ((i = 0; i < RUNS; i++)); do
+            time_us curl -fsS -H "Accept: $accept" "$BASE/Binary/$prefix-$i" -o /dev/null
+            curls+=("$ELAPSED")
+        done
+        c=$(median "${cold[@]}") b=$(median "${curls[@]}")
+        row "cold read 64MiB, --fetch $mode (ms)" "$(ms "$c")" "$(ms "$b") (curl $mode)" \
+            "$(ratio "$c" "$b")" "<= 1.5" "$(met "$(ratio "$c" "$b")" 1.5)" "$req for $RUNS files"
+        unmount_fs
+    done
+else
+    row "--fetch json / raw" "skipped" - - - - "this fhirfs --help has no --fetch"
+fi
+
+print_table "bench/run.sh (RUNS=$RUNS)"
