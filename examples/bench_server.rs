@@ -221,9 +221,7 @@ struct Options {
 /// `1KiB` = 1024, `1KB` = 1000, `1M` = 1MiB; a bare number is bytes.
 fn parse_size(text: &str) -> Result<usize, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: usize = number.parse().map_err(|_| format!("bad size {text:?}"))?;
     let scale: usize = match unit.trim().to_ascii_lowercase().as_str() {
@@ -236,23 +234,19 @@ fn parse_size(text: &str) -> Result<usize, String> {
         "gb" => 1_000_000_000,
         _ => return Err(format!("bad size unit in {text:?}")),
     };
-    number
-        .checked_mul(scale)
-        .ok_or_else(|| format!("size {text:?} is too large"))
+    number.checked_mul(scale).ok_or_else(|| format!("size {text:?} is too large"))
 }
 
 /// `ID=SIZE` or `PREFIX*N=SIZE`, comma-separated.
 fn parse_spec(spec: &str, files: &mut Vec<(String, usize)>) -> Result<(), String> {
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (name, size) = item
-            .split_once('=')
-            .ok_or_else(|| format!("spec item {item:?} is not ID=SIZE"))?;
+        let (name, size) =
+            item.split_once('=').ok_or_else(|| format!("spec item {item:?} is not ID=SIZE"))?;
         let size = parse_size(size)?;
         match name.split_once('*') {
             Some((prefix, count)) => {
-                let count: usize = count
-                    .parse()
-                    .map_err(|_| format!("bad count in spec item {item:?}"))?;
+                let count: usize =
+                    count.parse().map_err(|_| format!("bad count in spec item {item:?}"))?;
                 files.extend((0..count).map(|i| (format!("{prefix}-{i}"), size)));
             }
             None => files.push((name.to_owned(), size)),
@@ -290,9 +284,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, String>
                     .split_once('=')
                     .ok_or_else(|| format!("--delay-id takes ID=MS, not {item:?}"))?;
                 let ms = number(ms.to_owned())?;
-                options
-                    .delays
-                    .insert(id.to_owned(), Duration::from_millis(ms));
+                options.delays.insert(id.to_owned(), Duration::from_millis(ms));
             }
             "--listing-data" => options.listing_data = true,
             "--page-cap" => options.page_cap = number(value()?)?.max(1) as usize,
@@ -307,17 +299,16 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, String>
             _ => return Err(format!("unknown argument {arg:?} (try --help)")),
         }
     }
-    options
-        .files
-        .extend((0..count).map(|i| (format!("f{i:05}"), size)));
+    options.files.extend((0..count).map(|i| (format!("f{i:05}"), size)));
     Ok(options)
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), seeded from the id (FNV-1a).
 fn pseudo_random(id: &str, len: usize) -> Vec<u8> {
-    let mut state = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    }) | 1;
+    let mut state = id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+        | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         state ^= state >> 12;
@@ -385,23 +376,14 @@ impl Binary {
         entry_full.push_str(&entry_head);
         entry_full.extend(&json);
         entry_full.push_str(entry_tail);
-        Binary {
-            id: id.to_owned(),
-            raw,
-            data,
-            json,
-            entry_subset: Bytes::from(subset),
-            entry_full,
-        }
+        Binary { id: id.to_owned(), raw, data, json, entry_subset: Bytes::from(subset), entry_full }
     }
 }
 
 impl Server {
     fn build(options: &Options, addr: SocketAddr) -> Server {
         let base = format!("http://{addr}/fhir");
-        let since = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         // Whole seconds, so that lastUpdated and Last-Modified agree exactly.
         let now = UNIX_EPOCH + Duration::from_secs(since.as_secs());
         let last_updated = instant(now);
@@ -412,11 +394,7 @@ impl Server {
             .iter()
             .map(|(id, size)| Binary::encode(&base, id, *size, &last_updated))
             .collect();
-        let index = binaries
-            .iter()
-            .enumerate()
-            .map(|(i, b)| (b.id.clone(), i))
-            .collect();
+        let index = binaries.iter().enumerate().map(|(i, b)| (b.id.clone(), i)).collect();
         let last_modified = HeaderValue::from_str(&httpdate::fmt_http_date(now))
             .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
         Server {
@@ -455,20 +433,12 @@ impl Server {
 
 /// The first value of query parameter `name`.
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+    params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 /// A cursor names (offset, count, with data); opaque to clients.
 fn cursor(offset: usize, count: usize, with_data: bool) -> String {
-    format!(
-        "{:016x}{:x}{}",
-        offset as u64 ^ CURSOR_KEY,
-        count,
-        if with_data { 'd' } else { 's' }
-    )
+    format!("{:016x}{:x}{}", offset as u64 ^ CURSOR_KEY, count, if with_data { 'd' } else { 's' })
 }
 
 fn parse_cursor(text: &str) -> Option<(usize, usize, bool)> {
@@ -510,27 +480,17 @@ async fn search(
             let no_data_element = param(&params, "_elements")
                 .is_some_and(|v| !v.split(',').any(|e| e.trim() == "data"));
             let summary = param(&params, "_summary").is_some_and(|v| v == "true" || v == "text");
-            (
-                0,
-                count,
-                server.listing_data || !(no_data_element || summary),
-            )
+            (0, count, server.listing_data || !(no_data_element || summary))
         }
     };
     let size = count.min(server.page_cap);
     let total = server.binaries.len();
     let start = offset.min(total);
     let end = start.saturating_add(size).min(total);
-    let mut links = vec![
-        json!({"relation": "self", "url": format!("{}/Binary?_cursor={}",
-        server.base, cursor(offset, count, with_data))}),
-    ];
+    let mut links = vec![json!({"relation": "self", "url": format!("{}/Binary?_cursor={}",
+        server.base, cursor(offset, count, with_data))})];
     if size > 0 && end < total {
-        let next = format!(
-            "{}/Binary?_cursor={}",
-            server.base,
-            cursor(end, count, with_data)
-        );
+        let next = format!("{}/Binary?_cursor={}", server.base, cursor(end, count, with_data));
         links.push(json!({"relation": "next", "url": next}));
     }
     let head = json!({
@@ -616,11 +576,8 @@ async fn read(
     } else {
         Stats::add(&stats.raw_reads, 1);
     }
-    let (content_type, body) = if json {
-        (FHIR_JSON, &binary.json)
-    } else {
-        (CONTENT_TYPE, &binary.raw)
-    };
+    let (content_type, body) =
+        if json { (FHIR_JSON, &binary.json) } else { (CONTENT_TYPE, &binary.raw) };
     let mut response = server.answer(StatusCode::OK, content_type, body);
     response.headers_mut().extend(validators);
     response
@@ -694,22 +651,12 @@ mod tests {
         assert!(parse_size("1XB").is_err());
         let mut files = Vec::new();
         parse_spec("a=1KiB, c*2=3", &mut files).unwrap();
-        assert_eq!(
-            files,
-            [
-                ("a".to_owned(), 1024),
-                ("c-0".to_owned(), 3),
-                ("c-1".to_owned(), 3)
-            ]
-        );
+        assert_eq!(files, [("a".to_owned(), 1024), ("c-0".to_owned(), 3), ("c-1".to_owned(), 3)]);
     }
 
     #[test]
     fn cursors_round_trip() {
-        assert_eq!(
-            parse_cursor(&cursor(12_345, 1000, true)),
-            Some((12_345, 1000, true))
-        );
+        assert_eq!(parse_cursor(&cursor(12_345, 1000, true)), Some((12_345, 1000, true)));
         assert_eq!(parse_cursor("nonsense"), None);
     }
 
@@ -720,9 +667,7 @@ mod tests {
         let join = |s: &Segments| s.parts.iter().flat_map(|p| p.to_vec()).collect::<Vec<u8>>();
         let raw = join(&binary.raw);
         assert_eq!(raw.len(), size);
-        let decoded = base64_simd::STANDARD
-            .decode_to_vec(join(&binary.data))
-            .unwrap();
+        let decoded = base64_simd::STANDARD.decode_to_vec(join(&binary.data)).unwrap();
         assert_eq!(decoded, raw);
         let resource: Value = serde_json::from_slice(&join(&binary.json)).unwrap();
         assert_eq!(resource["id"], "x");
@@ -731,10 +676,7 @@ mod tests {
         assert_eq!(entry["resource"]["meta"]["tag"][0]["code"], "SUBSETTED");
         assert!(entry["resource"].get("data").is_none());
         let full: Value = serde_json::from_slice(&join(&binary.entry_full)).unwrap();
-        assert_eq!(
-            full["resource"]["data"].as_str().map(str::len),
-            Some(join(&binary.data).len())
-        );
+        assert_eq!(full["resource"]["data"].as_str().map(str::len), Some(join(&binary.data).len()));
     }
 
     #[test]

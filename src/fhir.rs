@@ -23,10 +23,46 @@ struct RawResource<'a> {
     content_type: Option<String>,
     #[serde(rename = "securityContext")]
     security_context: Option<RawReference>,
-    // Borrowed when the JSON string has no escapes (the common case); owned when a server
-    // escapes `/` as `\/`.
+    // Borrowed from the body when the JSON string has no escapes (the common case); owned
+    // when a server escapes `/` as `\/`. (`Option<Cow<str>>` with `#[serde(borrow)]` would
+    // always copy: serde borrows only a bare `Cow`.)
     #[serde(borrow)]
-    data: Option<Cow<'a, str>>,
+    data: Option<Text<'a>>,
+}
+
+/// A JSON string, borrowed from the input when it has no escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                v: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
 }
 
 #[derive(Deserialize)]
@@ -107,20 +143,76 @@ pub struct Binary {
     pub subsetted: bool,
 }
 
+/// Where `data` is, once the JSON is parsed.
+enum Data {
+    Absent,
+    /// A byte range of the body itself (no escapes): decoded in place.
+    InBody {
+        start: usize,
+        len: usize,
+    },
+    /// Unescaped into its own string.
+    Owned(String),
+}
+
 /// Parses a Binary resource and decodes its `data` exactly once.
 pub fn parse_binary(body: &[u8]) -> Result<Binary, String> {
-    let raw: RawResource<'_> =
-        serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
-    if !raw.is_binary() {
-        return Err(format!(
-            "resourceType is {:?}, not Binary",
-            raw.resource_type.as_deref().unwrap_or("(missing)")
-        ));
-    }
-    let data = raw.data.as_deref().map(decode_base64).transpose()?;
-    let mut meta = raw.meta();
-    meta.size = data.as_ref().map(|d| d.len() as u64);
-    Ok(Binary { id: raw.id.clone(), subsetted: raw.subsetted(), meta, data })
+    decode_binary(body.to_vec())
+}
+
+/// Parses a Binary resource and decodes its `data` exactly once, in place: the base64 text is
+/// turned into bytes inside the body's own buffer, which becomes the content. A 64 MiB Binary
+/// costs its ~85 MiB body and nothing more.
+pub fn decode_binary(mut body: Vec<u8>) -> Result<Binary, String> {
+    let (mut binary, data) = {
+        let raw: RawResource<'_> =
+            serde_json::from_slice(&body).map_err(|e| format!("malformed JSON: {e}"))?;
+        if !raw.is_binary() {
+            return Err(format!(
+                "resourceType is {:?}, not Binary",
+                raw.resource_type.as_deref().unwrap_or("(missing)")
+            ));
+        }
+        let binary =
+            Binary { id: raw.id.clone(), subsetted: raw.subsetted(), meta: raw.meta(), data: None };
+        let data = match raw.data {
+            None => Data::Absent,
+            Some(Text(Cow::Borrowed(text))) => {
+                // A borrowed string lies inside `body`: its offset is the pointer difference.
+                let start = text.as_ptr() as usize - body.as_ptr() as usize;
+                Data::InBody { start, len: text.len() }
+            }
+            Some(Text(Cow::Owned(text))) => Data::Owned(text),
+        };
+        (binary, data)
+    };
+    binary.data = match data {
+        Data::Absent => None,
+        Data::InBody { start, len } => {
+            let decoded = decode_in_place(&mut body[start..start + len])?;
+            body.copy_within(start..start + decoded, 0);
+            body.truncate(decoded);
+            // Large buffers are their own mappings: shrinking them moves no bytes.
+            body.shrink_to_fit();
+            Some(body)
+        }
+        Data::Owned(text) => {
+            let mut bytes = text.into_bytes();
+            let decoded = decode_in_place(&mut bytes)?;
+            bytes.truncate(decoded);
+            bytes.shrink_to_fit();
+            Some(bytes)
+        }
+    };
+    binary.meta.size = binary.data.as_ref().map(|d| d.len() as u64);
+    Ok(binary)
+}
+
+/// Decodes base64 in place (whitespace and missing padding tolerated); the decoded length.
+fn decode_in_place(buf: &mut [u8]) -> Result<usize, String> {
+    base64_simd::forgiving_decode_inplace(buf)
+        .map(|decoded| decoded.len())
+        .map_err(|_| "invalid base64".to_owned())
 }
 
 /// True when the body looks like a FHIR resource of type Binary (used for `application/json`,
@@ -179,11 +271,6 @@ pub fn parse_bundle(body: &[u8]) -> Result<Page, String> {
     Ok(page)
 }
 
-/// Decodes base64 (standard alphabet; whitespace and missing padding are tolerated).
-pub fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
-    base64_simd::forgiving_decode_to_vec(text.as_bytes()).map_err(|_| "invalid base64".to_owned())
-}
-
 /// The decoded length of base64 text, from its length and padding, without decoding.
 pub fn decoded_len(text: &str) -> u64 {
     let bytes = text.as_bytes();
@@ -236,6 +323,16 @@ mod tests {
         assert_eq!(bin.meta.security_context.as_deref(), Some("Patient/1"));
         let expected = UNIX_EPOCH + Duration::from_millis(1_714_979_289_123);
         assert_eq!(bin.meta.last_updated, Some(expected));
+    }
+
+    #[test]
+    fn data_without_escapes_is_borrowed_from_the_body() {
+        let plain = br#"{"resourceType":"Binary","data":"aGVsbG8="}"#;
+        let raw: RawResource<'_> = serde_json::from_slice(plain).unwrap();
+        assert!(matches!(raw.data, Some(Text(Cow::Borrowed(_)))), "no copy of the base64 text");
+        let escaped = br#"{"resourceType":"Binary","data":"a\/b="}"#;
+        let raw: RawResource<'_> = serde_json::from_slice(escaped).unwrap();
+        assert!(matches!(raw.data, Some(Text(Cow::Owned(_)))));
     }
 
     #[test]

@@ -564,6 +564,9 @@ impl<S: Source> FhirFs<S> {
             }
         };
         self.content.insert(id.to_owned(), Arc::clone(&content));
+        // moka evicts lazily, on later cache calls; with large entries that lets the cache
+        // overshoot its size by several files. Settle it now.
+        self.content.run_pending_tasks();
         Ok(content)
     }
 

@@ -111,7 +111,7 @@ struct Get<'a> {
 struct Answer {
     status: StatusCode,
     headers: HeaderMap,
-    body: Bytes,
+    body: Vec<u8>,
 }
 
 /// A failed try, and whether trying again may help.
@@ -248,7 +248,7 @@ impl HttpSource {
     }
 
     /// Reads a body into one buffer sized from `Content-Length`, refusing more than `limit`.
-    async fn body(mut response: reqwest::Response, limit: u64) -> Result<Bytes, Failure> {
+    async fn body(mut response: reqwest::Response, limit: u64) -> Result<Vec<u8>, Failure> {
         let too_large = || Failure::fatal(SourceError::TooLarge { limit });
         let declared = response.content_length();
         if declared.is_some_and(|len| len > limit) {
@@ -268,7 +268,7 @@ impl HttpSource {
             let error = format!("body has {got} bytes, Content-Length said {declared}");
             return Err(Failure::transient(SourceError::BadBody(error)));
         }
-        Ok(Bytes::from(buf))
+        Ok(buf)
     }
 
     /// GET with retries (transient statuses and connection errors, backing off, honouring
@@ -422,9 +422,9 @@ impl HttpSource {
         if !is_fhir {
             self.check_size(answer.body.len())?;
             let meta = Meta { content_type: (!kind.is_empty()).then_some(kind), ..from_headers };
-            return Ok(Fetched::Content { meta, bytes: answer.body });
+            return Ok(Fetched::Content { meta, bytes: Bytes::from(answer.body) });
         }
-        let binary = fhir::parse_binary(&answer.body).map_err(SourceError::BadBody)?;
+        let binary = fhir::decode_binary(answer.body).map_err(SourceError::BadBody)?;
         self.learn_content_type(id, binary.meta.content_type.as_deref());
         let mut meta = binary.meta;
         meta.version_id = meta.version_id.or(from_headers.version_id);
@@ -462,7 +462,7 @@ impl HttpSource {
                     security_context: meta.security_context.or(from_headers.security_context),
                     size: None,
                 };
-                Ok(Fetched::Content { meta: merged, bytes: answer.body })
+                Ok(Fetched::Content { meta: merged, bytes: Bytes::from(answer.body) })
             }
             Err(e @ SourceError::TooLarge { .. }) => Err(e),
             _ if subsetted => {

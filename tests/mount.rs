@@ -306,13 +306,14 @@ fn a_reader_killed_mid_fetch_leaves_the_fetch_to_finish_and_the_daemon_serving()
         .spawn()
         .unwrap();
     server.wait_for_reads("slow", 1);
-    // SIGKILL while the kernel waits on the daemon: FUSE interrupts the request.
+    // SIGKILL while the kernel waits on the daemon. The kernel lets the reader go only once
+    // the daemon answers the request it already took (or the --timeout deadline passes).
     reader.kill().unwrap();
-    reader.wait().unwrap();
     gate.release();
+    reader.wait().unwrap();
     // The fetch ran to its end and was cached: the next reader costs no request.
     assert_eq!(std::fs::read(mount.path("slow")).unwrap(), bytes);
-    assert_eq!(server.reads_of("slow"), 1);
+    assert_eq!(server.reads_of("slow"), 1, "{}", mount.log());
     assert!(!mount.log().contains("panicked"), "{}", mount.log());
 }
 
