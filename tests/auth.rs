@@ -100,7 +100,20 @@ impl TokenEndpoint {
             jtis: Mutex::default(),
             issued: Arc::clone(&issued),
         });
-        let app = axum::Router::new().route("/token", post(token)).with_state(state);
+        // Also the SMART configuration, as a FHIR base at `/fhir` would publish it.
+        let configuration = serde_json::json!({
+            "token_endpoint": url.clone(),
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        })
+        .to_string();
+        let app = axum::Router::new()
+            .route("/token", post(token))
+            .route(
+                "/fhir/.well-known/smart-configuration",
+                get(move || async move { ([("content-type", "application/json")], configuration) }),
+            )
+            .with_state(state);
         server.runtime.spawn(async move { axum::serve(listener, app).await });
         TokenEndpoint { url, issued }
     }
@@ -253,4 +266,26 @@ fn the_token_never_goes_to_another_origin() {
     names.sort();
     assert_eq!(names, ["on-a", "on-b"]);
     assert_eq!(seen_by_b.lock().unwrap().as_slice(), [None], "origin B saw no token");
+}
+
+#[test]
+fn the_token_endpoint_is_discovered_from_the_smart_configuration() {
+    use fhirfs::smart::{SmartClient, SmartConfig};
+    let server = Server::start();
+    let endpoint = TokenEndpoint::start(&server, "smart-es384.pub.pem", Algorithm::ES384, 300);
+    let base = url::Url::parse(&endpoint.url.replace("/token", "/fhir")).unwrap();
+    let client = SmartClient::new(SmartConfig {
+        client_id: CLIENT_ID.into(),
+        key_pem: std::fs::read(fixture("smart-es384.key.pem")).unwrap(),
+        token_url: None,
+        scope: "system/Binary.read".into(),
+        kid: None,
+    })
+    .unwrap();
+    let http = reqwest::Client::new();
+    let issued = server.runtime.block_on(client.issue(&http, &base)).unwrap();
+    assert_eq!(issued.token, fhirfs::auth::Secret::new("smart-token-1").unwrap());
+    assert_eq!(issued.lifetime, Some(Duration::from_secs(300)));
+    // The assertion's audience was the discovered endpoint (the endpoint checks `aud`).
+    assert_eq!(endpoint.issued(), 1);
 }

@@ -542,3 +542,91 @@ fn random_faults_only_surface_as_eio_for_a_500() {
         mount.log()
     );
 }
+
+/// A TCP front for the loopback server that can be switched off (connection refused, and
+/// every open connection cut) and on again, on the same port.
+struct Switch {
+    port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl Switch {
+    fn start(server: &Server) -> Switch {
+        let target =
+            server.base_url().trim_start_matches("http://").split('/').next().unwrap().to_owned();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (up, mut watch) = tokio::sync::watch::channel(true);
+        server.runtime.spawn(async move {
+            loop {
+                if watch.wait_for(|up| *up).await.is_err() {
+                    return;
+                }
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+                let mut connections = tokio::task::JoinSet::new();
+                loop {
+                    tokio::select! {
+                        accepted = listener.accept() => {
+                            let Ok((mut inbound, _)) = accepted else { continue };
+                            let target = target.clone();
+                            connections.spawn(async move {
+                                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                                }
+                            });
+                        }
+                        changed = watch.changed() => {
+                            if changed.is_err() || !*watch.borrow() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                // Down: refuse new connections and cut the open ones.
+                drop(listener);
+                connections.abort_all();
+            }
+        });
+        // Wait until the first listener is up.
+        let deadline = Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the switch did not start");
+            thread::sleep(Duration::from_millis(5));
+        }
+        Switch { port, up }
+    }
+
+    fn set(&self, up: bool) {
+        self.up.send_replace(up);
+        // Wait until the port says so.
+        let deadline = Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() != up {
+            assert!(Instant::now() < deadline, "the switch did not turn {up}");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+#[test]
+fn while_the_server_is_down_reads_fail_with_eio_and_work_again_once_it_is_back() {
+    let server = Server::start();
+    server.server.set_search_status(Some(400));
+    for id in ["a", "b"] {
+        server.server.put(id, "text/plain", id);
+    }
+    let switch = Switch::start(&server);
+    let mount = Mount::builder()
+        .args(&["--timeout", "10"])
+        .mount(&format!("http://127.0.0.1:{}/fhir", switch.port));
+    assert_eq!(read(mount.path("a")), Ok(b"a".to_vec()));
+
+    switch.set(false);
+    let started = Instant::now();
+    assert_eq!(read(mount.path("b")), Err(libc::EIO));
+    // Refused connections are retried a few times, not until the 10 s deadline.
+    assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
+    assert_eq!(server.reads_of("b"), 0);
+
+    switch.set(true);
+    assert_eq!(read(mount.path("b")), Ok(b"b".to_vec()), "{}", mount.log());
+    assert_eq!(read(mount.path("a")), Ok(b"a".to_vec()));
+}
