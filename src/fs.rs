@@ -688,7 +688,16 @@ impl<S: Source> FhirFs<S> {
                 if let Ok(_permit) = permits.acquire_owned().await {
                     // It may have been fetched by a reader meanwhile.
                     if this.fresh_attr(&id).is_none() {
-                        let _ = this.content(&id).await;
+                        // A HEAD tells the size without the content where the server can;
+                        // else the content comes (and stays cached for the read after).
+                        match this.source.stat(&id).await {
+                            Ok(Some(meta)) if meta.size.is_some() => {
+                                this.apply_meta(&id, meta, false);
+                            }
+                            _ => {
+                                let _ = this.content(&id).await;
+                            }
+                        }
                     }
                 }
                 if let Some(node) = lock(&this.nodes).by_ino.get_mut(&ino) {

@@ -97,6 +97,8 @@ pub struct HttpSource {
     content_types: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// RAW_UNKNOWN, RAW_PROVEN or RAW_REFUSED.
     raw: std::sync::atomic::AtomicU8,
+    /// The server answered HEAD with 405 or 501.
+    head_useless: std::sync::atomic::AtomicBool,
 }
 
 /// One GET to make: where, what to accept, the version held, and the most body to read.
@@ -209,6 +211,7 @@ impl HttpSource {
             base,
             content_types: std::sync::Mutex::default(),
             raw: std::sync::atomic::AtomicU8::new(RAW_UNKNOWN),
+            head_useless: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -521,6 +524,39 @@ impl HttpSource {
 impl Source for HttpSource {
     async fn list(&self) -> Result<Vec<Listed>, SourceError> {
         self.list_inner().await
+    }
+
+    /// HEAD, on a server that has shown it serves native bytes: their `Content-Length` is the
+    /// size. Never trusted for a JSON answer (its length is the resource's; some servers say 0).
+    async fn stat(&self, id: &str) -> Result<Option<Meta>, SourceError> {
+        use std::sync::atomic::Ordering;
+        let raw =
+            self.raw.load(Ordering::Relaxed) == RAW_PROVEN || self.config.fetch == FetchMode::Raw;
+        let known = self.content_types.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned();
+        let Some(kind) = known.filter(|k| raw && !k.contains("json")) else { return Ok(None) };
+        if self.head_useless.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let url = self.binary_url(id)?;
+        let mut request = self.client.head(url.clone()).header(header::ACCEPT, &kind);
+        if let Some(token) = self.auth.token().await? {
+            request = request.header(header::AUTHORIZATION, token.bearer()?);
+        }
+        let sent = tokio::time::timeout(self.config.timeout, request.send()).await;
+        let Ok(Ok(response)) = sent else { return Ok(None) };
+        self.config.stats.count_status(response.status().as_u16());
+        if matches!(response.status().as_u16(), 405 | 501) {
+            // HEAD is allowed by the spec but not required: stop asking.
+            self.head_useless.store(true, Ordering::Relaxed);
+            return Ok(None);
+        }
+        let headers = response.headers();
+        let length = header_text(headers, header::CONTENT_LENGTH).and_then(|l| l.parse().ok());
+        if !response.status().is_success() || media_type(headers) != essence(&kind) {
+            return Ok(None);
+        }
+        let Some(size) = length else { return Ok(None) };
+        Ok(Some(Meta { size: Some(size), content_type: Some(kind), ..header_meta(headers) }))
     }
 
     async fn probe(&self) -> Result<(), SourceError> {

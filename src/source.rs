@@ -53,6 +53,13 @@ pub trait Source: Send + Sync + 'static {
         cached_version: Option<&str>,
     ) -> impl Future<Output = Result<Fetched, SourceError>> + Send;
 
+    /// The metadata of one Binary with its exact size, when the source can tell without
+    /// sending the content (None: it cannot; fetch instead).
+    fn stat(&self, id: &str) -> impl Future<Output = Result<Option<Meta>, SourceError>> + Send {
+        let _ = id;
+        async { Ok(None) }
+    }
+
     /// Checks that the source can be reached at all (an answer of any status will do).
     fn probe(&self) -> impl Future<Output = Result<(), SourceError>> + Send {
         async { Ok(()) }

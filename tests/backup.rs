@@ -215,3 +215,34 @@ fn extensions_name_files_by_content_type_and_both_names_open() {
     let mount = Mount::builder().arg("--extensions").mount(&server.base_url());
     assert_eq!(std::fs::read(mount.path("late.png")).unwrap(), b"late png");
 }
+
+#[test]
+fn ls_l_on_a_server_with_native_bytes_takes_sizes_from_head() {
+    let server = Server::start();
+    let mut seeded = Vec::new();
+    for i in 0..120 {
+        let id = format!("scan-{i:03}");
+        let bytes = noise(1000 + i * 37, i as u64);
+        server.server.put(&id, "image/png", bytes.clone());
+        seeded.push((id, bytes));
+    }
+    let mount = Mount::new(&server.base_url());
+    // `ls -l`: the folder in order, a stat for each file.
+    let mut sizes = Vec::new();
+    for entry in std::fs::read_dir(&mount.mountpoint).unwrap() {
+        let entry = entry.unwrap();
+        sizes.push((entry.file_name().into_string().unwrap(), entry.metadata().unwrap().len()));
+    }
+    sizes.sort();
+    let expected: Vec<_> = seeded.iter().map(|(id, b)| (id.clone(), b.len() as u64)).collect();
+    assert_eq!(sizes, expected);
+    let counts = server.server.counts();
+    assert!(counts.heads > 0, "{counts:?}");
+    assert!(
+        counts.reads < seeded.len() as u64 / 2,
+        "most sizes came without their content: {counts:?}"
+    );
+    for (id, bytes) in &seeded {
+        assert_eq!(&std::fs::read(mount.path(id)).unwrap(), bytes, "{id}");
+    }
+}
