@@ -218,6 +218,17 @@ impl Nodes {
 
 type Snapshot = Arc<Vec<(u64, String)>>;
 
+/// Where news about a Binary came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A search page.
+    Listing,
+    /// A HEAD: metadata without content.
+    Stat,
+    /// A GET that brought the content.
+    Fetch,
+}
+
 struct Listing {
     at: Instant,
     entries: Snapshot,
@@ -382,7 +393,7 @@ impl<S: Source> FhirFs<S> {
 
     /// Records what the server said about `id`; returns its inode. A new version drops the
     /// cached bytes and tells the kernel to drop its caches.
-    fn apply_meta(&self, id: &str, meta: Meta, from_listing: bool) -> u64 {
+    fn apply_meta(&self, id: &str, meta: Meta, origin: Origin) -> u64 {
         let now = Instant::now();
         let mut nodes = lock(&self.nodes);
         let ino = nodes.ino_of(id);
@@ -418,7 +429,7 @@ impl<S: Source> FhirFs<S> {
             node.meta = Meta { size, security_context, last_updated, ..meta };
         }
         node.checked = Some(now);
-        if from_listing {
+        if origin == Origin::Listing {
             node.listed = Some(now);
         }
         let changed = was_known && (version_changed || size_changed || time_changed);
@@ -429,7 +440,9 @@ impl<S: Source> FhirFs<S> {
         drop(nodes);
         if changed {
             debug!(id, "binary changed on the server");
-            if from_listing {
+            // A fetch brings the new bytes itself; news of a version from elsewhere makes
+            // the cached bytes stale.
+            if origin != Origin::Fetch {
                 self.content.invalidate(id);
             }
             if !pinned {
@@ -533,7 +546,7 @@ impl<S: Source> FhirFs<S> {
                     version_id: cached.version_id.clone(),
                     ..Meta::default()
                 };
-                self.apply_meta(id, meta, false);
+                self.apply_meta(id, meta, Origin::Fetch);
                 Arc::new(Content { validated: Instant::now(), ..Content::clone_of(&cached) })
             }
             Ok(Fetched::Content { mut meta, bytes }) => {
@@ -546,7 +559,7 @@ impl<S: Source> FhirFs<S> {
                     None => self.next_generation.fetch_add(1, Ordering::Relaxed),
                 };
                 let version_id = meta.version_id.clone();
-                self.apply_meta(id, meta, false);
+                self.apply_meta(id, meta, Origin::Fetch);
                 Arc::new(Content { bytes, version_id, generation, validated: Instant::now() })
             }
             Err(e) => {
@@ -607,7 +620,7 @@ impl<S: Source> FhirFs<S> {
             if seen.insert(id.clone()) {
                 lock(&self.missing).remove(&id);
                 let name = self.listed_name(&id, meta.content_type.as_deref());
-                let ino = self.apply_meta(&id, meta, true);
+                let ino = self.apply_meta(&id, meta, Origin::Listing);
                 entries.push((ino, id, name));
             }
         }
@@ -692,7 +705,7 @@ impl<S: Source> FhirFs<S> {
                         // else the content comes (and stays cached for the read after).
                         match this.source.stat(&id).await {
                             Ok(Some(meta)) if meta.size.is_some() => {
-                                this.apply_meta(&id, meta, false);
+                                this.apply_meta(&id, meta, Origin::Stat);
                             }
                             _ => {
                                 let _ = this.content(&id).await;
