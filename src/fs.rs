@@ -218,6 +218,33 @@ impl Nodes {
 
 type Snapshot = Arc<Vec<(u64, String)>>;
 
+/// A content cache entry: the bytes, which eviction takes out at once.
+#[derive(Clone)]
+struct Slot {
+    content: Arc<Mutex<Option<Arc<Content>>>>,
+    weight: u32,
+}
+
+impl Slot {
+    fn new(content: Arc<Content>) -> Self {
+        let weight = u32::try_from(content.bytes.len()).unwrap_or(u32::MAX);
+        Self { content: Arc::new(Mutex::new(Some(content))), weight }
+    }
+
+    /// Room for content on its way.
+    fn reserved(weight: u32) -> Self {
+        Self { content: Arc::new(Mutex::new(None)), weight }
+    }
+
+    fn get(&self) -> Option<Arc<Content>> {
+        lock(&self.content).clone()
+    }
+
+    fn empty(&self) {
+        lock(&self.content).take();
+    }
+}
+
 /// Where news about a Binary came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
@@ -251,7 +278,7 @@ pub struct FhirFs<S: Source> {
     nodes: Mutex<Nodes>,
     // A tokio mutex, held across the search: concurrent listings wait for one request.
     listing: tokio::sync::Mutex<Option<Listing>>,
-    content: moka::sync::Cache<String, Arc<Content>>,
+    content: moka::sync::Cache<String, Slot>,
     inflight: Mutex<HashMap<String, SharedFetch>>,
     /// Ids the server answered 404 for, and when.
     missing: Mutex<HashMap<String, Instant>>,
@@ -292,9 +319,13 @@ impl<S: Source> FhirFs<S> {
     pub fn with_stats(source: S, config: FsConfig, stats: Arc<Stats>) -> Arc<Self> {
         let content = moka::sync::Cache::builder()
             .max_capacity(config.cache_bytes)
-            .weigher(|_id: &String, c: &Arc<Content>| {
-                u32::try_from(c.bytes.len()).unwrap_or(u32::MAX)
-            })
+            // Plain LRU: TinyLFU's admission would turn away a file just fetched for `stat`
+            // when the cache is full, and the `open` right after would fetch it again.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .weigher(|_id: &String, slot: &Slot| slot.weight)
+            // moka frees a removed entry only once its concurrent map's epoch moves on; the
+            // bytes must go at once, or the cache quietly holds more than its size.
+            .eviction_listener(|_id, slot: Slot, _cause| slot.empty())
             .build();
         Arc::new(Self {
             source: Arc::new(source),
@@ -485,9 +516,24 @@ impl<S: Source> FhirFs<S> {
         NEGATIVE_TTL.min(self.config.dir_ttl)
     }
 
+    /// Holds `len` bytes of the cache for `id`'s coming content (an empty entry of that
+    /// weight), which makes the cache evict to fit it now.
+    fn reserve(&self, id: &str, len: u64) {
+        let weight = u32::try_from(len).unwrap_or(u32::MAX);
+        self.content.insert(id.to_owned(), Slot::reserved(weight));
+        self.content.run_pending_tasks();
+    }
+
+    /// Removes a reservation that no content came for.
+    fn drop_reservation(&self, id: &str) {
+        if self.content.get(id).is_some_and(|slot| slot.get().is_none()) {
+            self.content.invalidate(id);
+        }
+    }
+
     /// Cached content of `id` that needs no revalidation.
     fn fresh_content(&self, id: &str) -> Option<Arc<Content>> {
-        let content = self.content.get(id)?;
+        let content = self.content.get(id)?.get()?;
         if content.validated.elapsed() < self.config.cache_ttl {
             return Some(content);
         }
@@ -532,10 +578,13 @@ impl<S: Source> FhirFs<S> {
     }
 
     async fn fetch_now(&self, id: &str) -> Result<Arc<Content>, SourceError> {
-        let cached = self.content.get(id);
+        let cached = self.content.get(id).and_then(|slot| slot.get());
         let known_version = cached.as_ref().and_then(|c| c.version_id.clone());
         let started = Instant::now();
-        let fetched = self.source.fetch(id, known_version.as_deref()).await;
+        // As soon as the size is known, make room: the cache drops older files before the new
+        // bytes arrive, so memory stays near the cache size plus one file.
+        let reserve = |len: u64| self.reserve(id, len);
+        let fetched = self.source.fetch_reserving(id, known_version.as_deref(), &reserve).await;
         let content = match fetched {
             Ok(Fetched::NotModified) => {
                 let Some(cached) = cached else {
@@ -563,6 +612,7 @@ impl<S: Source> FhirFs<S> {
                 Arc::new(Content { bytes, version_id, generation, validated: Instant::now() })
             }
             Err(e) => {
+                self.drop_reservation(id);
                 if matches!(e, SourceError::NotFound | SourceError::Gone) {
                     debug!(id, error = %e, "binary not found");
                     self.forget_content(id);
@@ -576,7 +626,7 @@ impl<S: Source> FhirFs<S> {
                 return Err(e);
             }
         };
-        self.content.insert(id.to_owned(), Arc::clone(&content));
+        self.content.insert(id.to_owned(), Slot::new(Arc::clone(&content)));
         // moka evicts lazily, on later cache calls; with large entries that lets the cache
         // overshoot its size by several files. Settle it now.
         self.content.run_pending_tasks();
@@ -946,6 +996,21 @@ impl<S: Source> FhirFs<S> {
                 "the server cannot be reached; mounted anyway: reads fail with EIO until it answers"
             ),
         }
+    }
+
+    /// Bytes held by the content cache now (open files may hold more).
+    pub fn cached_bytes(&self) -> u64 {
+        self.content.run_pending_tasks();
+        self.content.weighted_size()
+    }
+
+    /// Open files, and the bytes of the versions they hold (pinned, whether cached or not).
+    pub fn open_files(&self) -> (usize, u64) {
+        let handles = lock(&self.handles);
+        let files = handles.values().filter(|h| matches!(h, Handle::File { .. })).count();
+        let nodes = lock(&self.nodes);
+        let pinned = nodes.by_ino.values().filter_map(|n| n.pin.as_ref());
+        (files, pinned.map(|p| p.content.bytes.len() as u64).sum())
     }
 
     /// How many Binaries the mount knows of.

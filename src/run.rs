@@ -161,7 +161,9 @@ pub async fn serve<S: Source>(
             return std::future::pending().await;
         };
         while usr1.recv().await.is_some() {
-            info!(stats = %stats.stats(), "statistics");
+            let (open_files, pinned_bytes) = stats.open_files();
+            let cached_bytes = stats.cached_bytes();
+            info!(stats = %stats.stats(), cached_bytes, open_files, pinned_bytes, "statistics");
         }
     };
     tokio::pin!(report);

@@ -41,6 +41,9 @@ pub enum Fetched {
     },
 }
 
+/// Told the size of content about to arrive.
+pub type Reserve<'a> = dyn Fn(u64) + Send + Sync + 'a;
+
 /// A store of Binaries: list them all, fetch one.
 pub trait Source: Send + Sync + 'static {
     /// Lists every Binary, all pages followed.
@@ -52,6 +55,18 @@ pub trait Source: Send + Sync + 'static {
         id: &str,
         cached_version: Option<&str>,
     ) -> impl Future<Output = Result<Fetched, SourceError>> + Send;
+
+    /// `fetch`, telling `reserve` how many bytes the content will take as soon as the source
+    /// knows (so that the cache can make room before they arrive).
+    fn fetch_reserving(
+        &self,
+        id: &str,
+        cached_version: Option<&str>,
+        reserve: &Reserve<'_>,
+    ) -> impl Future<Output = Result<Fetched, SourceError>> + Send {
+        let _ = reserve;
+        self.fetch(id, cached_version)
+    }
 
     /// The metadata of one Binary with its exact size, when the source can tell without
     /// sending the content (None: it cannot; fetch instead).

@@ -296,3 +296,32 @@ async fn a_404_is_remembered_briefly_and_other_errors_not_at_all() {
     fs.source().put("nope", "text/plain", "now it exists");
     assert_eq!(fs.lookup(ROOT_INO, OsStr::new("nope")).await.unwrap().size, 13);
 }
+
+#[tokio::test]
+async fn the_content_cache_stays_within_its_size() {
+    let source = MemorySource::new();
+    for i in 0..6 {
+        source.put(&format!("f{i}"), "application/octet-stream", vec![i as u8; 1000]);
+    }
+    let fs = core_with(source, FsConfig { cache_bytes: 4000, ..FsConfig::default() });
+    for i in 0..6 {
+        let ino = fs.lookup(ROOT_INO, OsStr::new(&format!("f{i}"))).await.unwrap().ino;
+        assert_eq!(read_all(&fs, ino).await, vec![i as u8; 1000]);
+        assert!(fs.cached_bytes() <= 4000, "{} bytes cached after f{i}", fs.cached_bytes());
+    }
+    assert_eq!(fs.source().fetch_count(), 6, "lookup and open share each fetch");
+}
+
+#[tokio::test]
+async fn evicted_content_is_freed_at_once() {
+    let source = MemorySource::new();
+    for i in 0..6 {
+        source.put(&format!("f{i}"), "application/octet-stream", vec![i as u8; 1000]);
+    }
+    let fs = core_with(source, FsConfig { cache_bytes: 2000, ..FsConfig::default() });
+    let first = Arc::downgrade(&fs.content("f0").await.unwrap());
+    for i in 1..6 {
+        fs.content(&format!("f{i}")).await.unwrap();
+    }
+    assert!(first.upgrade().is_none(), "an evicted file's bytes must not linger in the cache");
+}
