@@ -311,17 +311,3 @@ async fn the_content_cache_stays_within_its_size() {
     }
     assert_eq!(fs.source().fetch_count(), 6, "lookup and open share each fetch");
 }
-
-#[tokio::test]
-async fn evicted_content_is_freed_at_once() {
-    let source = MemorySource::new();
-    for i in 0..6 {
-        source.put(&format!("f{i}"), "application/octet-stream", vec![i as u8; 1000]);
-    }
-    let fs = core_with(source, FsConfig { cache_bytes: 2000, ..FsConfig::default() });
-    let first = Arc::downgrade(&fs.content("f0").await.unwrap());
-    for i in 1..6 {
-        fs.content(&format!("f{i}")).await.unwrap();
-    }
-    assert!(first.upgrade().is_none(), "an evicted file's bytes must not linger in the cache");
-}
