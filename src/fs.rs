@@ -614,14 +614,15 @@ impl<S: Source> FhirFs<S> {
             Err(e) => {
                 self.drop_reservation(id);
                 if matches!(e, SourceError::NotFound | SourceError::Gone) {
+                    // Normal: programs probe names, and Binaries get deleted.
                     debug!(id, error = %e, "binary not found");
                     self.forget_content(id);
-                }
-                if e == SourceError::NotFound {
-                    self.remember_missing(id);
                 } else {
                     warn!(id, error = %e, elapsed = ?started.elapsed(), "fetch failed");
                     Stats::add(&self.stats.errors, 1);
+                }
+                if e == SourceError::NotFound {
+                    self.remember_missing(id);
                 }
                 return Err(e);
             }
