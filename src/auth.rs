@@ -37,11 +37,6 @@ impl Secret {
         value.set_sensitive(true);
         Ok(value)
     }
-
-    /// The token itself, for the few places that must send it in a body.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
 }
 
 impl fmt::Debug for Secret {
