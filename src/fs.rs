@@ -282,6 +282,9 @@ pub struct FhirFs<S: Source> {
     inflight: Mutex<HashMap<String, SharedFetch>>,
     /// Ids the server answered 404 for, and when.
     missing: Mutex<HashMap<String, Instant>>,
+    /// The last file fetched that is larger than the whole cache: kept (one at a time) so that
+    /// the `open` after the `stat` that fetched it does not fetch it again.
+    oversize: Mutex<Option<(String, Arc<Content>)>>,
     handles: Mutex<HashMap<u64, Handle>>,
     /// The latest listing, in order, for size read-ahead.
     order: Mutex<Snapshot>,
@@ -335,6 +338,7 @@ impl<S: Source> FhirFs<S> {
             content,
             inflight: Mutex::default(),
             missing: Mutex::default(),
+            oversize: Mutex::default(),
             handles: Mutex::default(),
             order: Mutex::default(),
             prefetch_permits: Arc::new(tokio::sync::Semaphore::new(PREFETCH_PARALLELISM)),
@@ -519,6 +523,11 @@ impl<S: Source> FhirFs<S> {
     /// Holds `len` bytes of the cache for `id`'s coming content (an empty entry of that
     /// weight), which makes the cache evict to fit it now.
     fn reserve(&self, id: &str, len: u64) {
+        // A file larger than the whole cache is never cached: emptying the cache for it
+        // would only cost the other files.
+        if len > self.config.cache_bytes {
+            return;
+        }
         let weight = u32::try_from(len).unwrap_or(u32::MAX);
         self.content.insert(id.to_owned(), Slot::reserved(weight));
         self.content.run_pending_tasks();
@@ -533,7 +542,11 @@ impl<S: Source> FhirFs<S> {
 
     /// Cached content of `id` that needs no revalidation.
     fn fresh_content(&self, id: &str) -> Option<Arc<Content>> {
-        let content = self.content.get(id)?.get()?;
+        let cached = self.content.get(id).and_then(|slot| slot.get());
+        let content = cached.or_else(|| {
+            let oversize = lock(&self.oversize);
+            oversize.as_ref().filter(|(held, _)| held == id).map(|(_, c)| Arc::clone(c))
+        })?;
         if content.validated.elapsed() < self.config.cache_ttl {
             return Some(content);
         }
@@ -627,6 +640,12 @@ impl<S: Source> FhirFs<S> {
                 return Err(e);
             }
         };
+        if content.bytes.len() as u64 > self.config.cache_bytes {
+            // The cache cannot hold it; keep just this one until the next such file.
+            self.content.invalidate(id);
+            *lock(&self.oversize) = Some((id.to_owned(), Arc::clone(&content)));
+            return Ok(content);
+        }
         self.content.insert(id.to_owned(), Slot::new(Arc::clone(&content)));
         // moka evicts lazily, on later cache calls; with large entries that lets the cache
         // overshoot its size by several files. Settle it now.

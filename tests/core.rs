@@ -266,6 +266,8 @@ async fn content_larger_than_the_cache_is_still_served() {
     let fs = core_with(source, config);
     let ino = fs.lookup(ROOT_INO, OsStr::new("big")).await.unwrap().ino;
     assert_eq!(read_all(&fs, ino).await.len(), 4096);
+    assert_eq!(fs.source().fetch_count(), 1, "the open after the lookup does not fetch again");
+    assert!(fs.cached_bytes() <= 1024);
 }
 
 #[tokio::test]
