@@ -1017,20 +1017,26 @@ async fn read(
     let response = match inner.take_fault(&id) {
         None => inner.binary(&id, &params, &headers, false, true),
         Some(Fault::Raw) => inner.binary(&id, &params, &headers, true, true),
-        Some(Fault::Status(status) | Fault::FailTimes { status, .. }) => {
-            outcome(status, &format!("injected fault on {id}"))
-        }
+        Some(Fault::Status(status) | Fault::FailTimes { status, .. }) => injected(status, &id),
         Some(Fault::RetryAfter { status, retry_after, .. }) => {
-            with_retry_after(outcome(status, &format!("injected fault on {id}")), &retry_after)
+            with_retry_after(injected(status, &id), &retry_after)
         }
-        Some(Fault::Body { content_type, body }) => {
-            ([(header::CONTENT_TYPE, content_type)], body).into_response()
-        }
+        Some(Fault::Body { content_type, body }) => verbatim(content_type, body),
         Some(Fault::Truncated) => truncated(inner.json_text(&id)),
         Some(Fault::Reset) => reset(inner.json_text(&id)),
         Some(Fault::Hang) => std::future::pending().await,
     };
     inner.answered(response)
+}
+
+/// The answer of a `Fault::Status` (and the statuses of the counted faults).
+fn injected(status: u16, id: &str) -> Response {
+    outcome(status, &format!("injected fault on {id}"))
+}
+
+/// The answer of a `Fault::Body`: 200 with exactly this type and body.
+fn verbatim(content_type: String, body: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 /// `HEAD /fhir/Binary/{id}`: the GET's status and headers, no body, and the `Content-Length`
@@ -1045,10 +1051,8 @@ async fn head(
     let fault = inner.lock().faults.get(&id).map(|armed| armed.fault.clone());
     let response = match (inner.gatekeep(throttled, &headers), fault) {
         (Some(refused), _) => refused,
-        (None, Some(Fault::Status(status))) => outcome(status, &format!("injected fault on {id}")),
-        (None, Some(Fault::Body { content_type, body })) => {
-            ([(header::CONTENT_TYPE, content_type)], body).into_response()
-        }
+        (None, Some(Fault::Status(status))) => injected(status, &id),
+        (None, Some(Fault::Body { content_type, body })) => verbatim(content_type, body),
         (None, Some(Fault::Raw)) => inner.binary(&id, &params, &headers, true, false),
         (None, _) => inner.binary(&id, &params, &headers, false, false),
     };

@@ -343,6 +343,26 @@ fn describe(got: &[u8], versions: &[(&str, &[u8])]) -> String {
 
 /// An update's three versions: several FUSE reads each (128 KiB), so that a switch in the
 /// middle of a read would show; the last two have the same size, so only bytes tell them apart.
+/// A Binary about to be updated, and a mount with short TTLs over it. Holds the suite's writer
+/// lock, so no other test changes the server meanwhile.
+struct Updating {
+    server: &'static FhirServer,
+    created: Version,
+    mount: Mount,
+    path: std::path::PathBuf,
+    _writer: MutexGuard<'static, ()>,
+}
+
+fn create_and_mount(first: &[u8]) -> Updating {
+    let suite = suite();
+    let _writer = suite.writer();
+    let server = &suite.server;
+    let created = server.create(OCTETS, first);
+    let mount = suite.mount(&["--dir-ttl", SHORT_TTL, "--cache-ttl", SHORT_TTL]);
+    let path = mount.path(&created.id);
+    Updating { server, created, mount, path, _writer }
+}
+
 fn update_versions() -> [(&'static str, Vec<u8>); 3] {
     let b = noise(200 * 1024 + 3, 32);
     [("first", noise(300 * 1024 + 7, 31)), ("second", noise(b.len(), 33)), ("third", b)]
@@ -358,13 +378,9 @@ fn which(bytes: &[u8], versions: &[(&str, Vec<u8>)]) -> Result<usize, String> {
 
 #[test]
 fn an_update_shows_its_bytes_size_and_mtime_after_the_ttl() {
-    let suite = suite();
-    let server = &suite.server;
-    let _writer = suite.writer();
     let versions = update_versions();
-    let created = server.create(OCTETS, &versions[0].1);
-    let mount = suite.mount(&["--dir-ttl", SHORT_TTL, "--cache-ttl", SHORT_TTL]);
-    let path = mount.path(&created.id);
+    let Updating { server, created, mount: _mount, path, _writer } =
+        create_and_mount(&versions[0].1);
     assert_eq!(which(&std::fs::read(&path).unwrap(), &versions), Ok(0));
 
     for (i, (name, bytes)) in versions.iter().enumerate().skip(1) {
@@ -380,13 +396,8 @@ fn an_update_shows_its_bytes_size_and_mtime_after_the_ttl() {
 
 #[test]
 fn whole_reads_during_updates_never_mix_versions() {
-    let suite = suite();
-    let server = &suite.server;
-    let _writer = suite.writer();
     let versions = update_versions();
-    let created = server.create(OCTETS, &versions[0].1);
-    let mount = suite.mount(&["--dir-ttl", SHORT_TTL, "--cache-ttl", SHORT_TTL]);
-    let path = mount.path(&created.id);
+    let Updating { server, created, mount, path, _writer } = create_and_mount(&versions[0].1);
     assert_eq!(which(&std::fs::read(&path).unwrap(), &versions), Ok(0));
 
     // A reader opens and reads the whole file again and again, until it sees the last version
@@ -430,13 +441,8 @@ fn whole_reads_during_updates_never_mix_versions() {
 
 #[test]
 fn a_file_opened_before_an_update_reads_the_old_version_to_its_end() {
-    let suite = suite();
-    let server = &suite.server;
-    let _writer = suite.writer();
     let [(_, a), (_, b), _] = update_versions();
-    let created = server.create(OCTETS, &a);
-    let mount = suite.mount(&["--dir-ttl", SHORT_TTL, "--cache-ttl", SHORT_TTL]);
-    let path = mount.path(&created.id);
+    let Updating { server, created, mount, path, _writer } = create_and_mount(&a);
 
     let mut held = std::fs::File::open(&path).unwrap();
     let mut head = vec![0u8; 100 * 1024];

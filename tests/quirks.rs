@@ -112,13 +112,19 @@ fn sorted_ids(samples: &[Sample]) -> Vec<String> {
     ids
 }
 
+/// Mounts the server with default options and checks that the folder lists every sample.
+fn mount_and_check_listing(server: &Server, samples: &[Sample]) -> Mount {
+    let mount = Mount::new(&server.base_url());
+    assert_eq!(listing(&mount), sorted_ids(samples));
+    mount
+}
+
 #[test]
 fn standard_server_serves_every_sample() {
     let server = Server::start();
     let samples = samples();
     store(&server, &samples, false);
-    let mount = Mount::new(&server.base_url());
-    assert_eq!(listing(&mount), sorted_ids(&samples));
+    let mount = mount_and_check_listing(&server, &samples);
     check_files(&server, &mount, &samples);
 }
 
@@ -147,8 +153,7 @@ fn hapi_pages_through_base_links_and_serves_every_sample() {
     server.server.set_page_cap(7);
     let samples = samples();
     store(&server, &samples, false);
-    let mount = Mount::new(&server.base_url());
-    assert_eq!(listing(&mount), sorted_ids(&samples));
+    let mount = mount_and_check_listing(&server, &samples);
     let pages = samples.len().div_ceil(7) as u64;
     assert_eq!(server.server.counts().searches, pages, "one search per page");
     check_files(&server, &mount, &samples);
@@ -162,8 +167,7 @@ fn microsoft_json_only_with_small_pages_serves_every_sample() {
     server.server.set_throttle(None);
     let samples = samples();
     store(&server, &samples, false);
-    let mount = Mount::new(&server.base_url());
-    assert_eq!(listing(&mount), sorted_ids(&samples));
+    let mount = mount_and_check_listing(&server, &samples);
     assert_eq!(
         server.server.counts().searches,
         samples.len().div_ceil(10) as u64,
@@ -187,8 +191,7 @@ fn microsoft_with_throttling_serves_every_sample() {
     server.server.set_quirks(Quirks::Microsoft);
     let samples = samples();
     store(&server, &samples, false);
-    let mount = Mount::new(&server.base_url());
-    assert_eq!(listing(&mount), sorted_ids(&samples));
+    let mount = mount_and_check_listing(&server, &samples);
     check_files(&server, &mount, &samples);
     assert!(server.server.counts().statuses.contains_key(&429));
 }
@@ -199,8 +202,7 @@ fn escaped_slashes_in_reads_decode_the_same() {
     server.server.set_escaped_slashes(true);
     let samples = samples();
     store(&server, &samples, false);
-    let mount = Mount::new(&server.base_url());
-    assert_eq!(listing(&mount), sorted_ids(&samples));
+    let mount = mount_and_check_listing(&server, &samples);
     check_files(&server, &mount, &samples);
 }
 
@@ -211,8 +213,7 @@ fn escaped_slashes_in_listing_data_give_exact_sizes() {
     server.server.set_listing_data(true);
     let samples = samples();
     store(&server, &samples, false);
-    let mount = Mount::new(&server.base_url());
-    assert_eq!(listing(&mount), sorted_ids(&samples));
+    let mount = mount_and_check_listing(&server, &samples);
     let reads = server.server.counts().reads;
     for sample in samples.iter().filter(|s| !s.bytes.is_empty()) {
         let len = std::fs::metadata(mount.path(&sample.id)).unwrap().len();
