@@ -15,10 +15,11 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tracing::{debug, warn};
 
+use crate::body::Body;
 use crate::error::{FsError, SourceError};
 use crate::fhir::Listed;
 use crate::id::id_from_name;
-use crate::source::{Fetched, Meta, Source};
+use crate::source::{Meta, Source, Streamed};
 use crate::stats::Stats;
 
 /// The inode of the mount's root folder (fixed by FUSE).
@@ -142,8 +143,8 @@ pub struct DirEntry {
 /// Fetched bytes of one version of a Binary.
 #[derive(Debug)]
 pub struct Content {
-    /// The decoded bytes.
-    pub bytes: Bytes,
+    /// The decoded bytes, complete or still arriving.
+    pub body: Arc<Body>,
     /// The version they belong to, when the server names versions.
     pub version_id: Option<String>,
     /// Changes whenever the bytes may have changed; equal generations mean equal bytes.
@@ -227,7 +228,7 @@ struct Slot {
 
 impl Slot {
     fn new(content: Arc<Content>) -> Self {
-        let weight = u32::try_from(content.bytes.len()).unwrap_or(u32::MAX);
+        let weight = u32::try_from(content.body.len()).unwrap_or(u32::MAX);
         Self { content: Arc::new(Mutex::new(Some(content))), weight }
     }
 
@@ -419,7 +420,7 @@ impl<S: Source> FhirFs<S> {
         if let Some(pin) = &node.pin {
             // Not cached by the kernel: the pin may go any moment (the kernel closes files
             // without waiting for us), and then a newer version may show.
-            let attr = self.file_attr(ino, &pin.meta, pin.content.bytes.len() as u64);
+            let attr = self.file_attr(ino, &pin.meta, pin.content.body.len());
             return Some(Attr { ttl: Duration::ZERO, ..attr });
         }
         let size = node.meta.size?;
@@ -590,31 +591,45 @@ impl<S: Source> FhirFs<S> {
         shared.await.map_err(|e| FsError::source(id, e))
     }
 
-    async fn fetch_now(&self, id: &str) -> Result<Arc<Content>, SourceError> {
+    async fn fetch_now(self: &Arc<Self>, id: &str) -> Result<Arc<Content>, SourceError> {
         let cached = self.content.get(id).and_then(|slot| slot.get());
         let known_version = cached.as_ref().and_then(|c| c.version_id.clone());
         let started = Instant::now();
         // As soon as the size is known, make room: the cache drops older files before the new
         // bytes arrive, so memory stays near the cache size plus one file.
         let reserve = |len: u64| self.reserve(id, len);
-        let fetched = self.source.fetch_reserving(id, known_version.as_deref(), &reserve).await;
+        let fetched = self.source.fetch_streaming(id, known_version.as_deref(), &reserve).await;
+        let fetched = match fetched {
+            // The same version fetched again keeps its generation (and the kernel its pages)
+            // only if the bytes are the same: wait for all of them to compare.
+            Ok(Streamed::Content { meta, body })
+                if cached
+                    .as_ref()
+                    .is_some_and(|c| c.version_id.is_some() && c.version_id == meta.version_id) =>
+            {
+                body.complete().await.map(|()| Streamed::Content { meta, body })
+            }
+            other => other,
+        };
         let content = match fetched {
-            Ok(Fetched::NotModified) => {
+            Ok(Streamed::NotModified) => {
                 let Some(cached) = cached else {
                     return Err(SourceError::BadBody("304 for a version not asked for".into()));
                 };
                 let meta = Meta {
-                    size: Some(cached.bytes.len() as u64),
+                    size: Some(cached.body.len()),
                     version_id: cached.version_id.clone(),
                     ..Meta::default()
                 };
                 self.apply_meta(id, meta, Origin::Fetch);
                 Arc::new(Content { validated: Instant::now(), ..Content::clone_of(&cached) })
             }
-            Ok(Fetched::Content { mut meta, bytes }) => {
-                meta.size = Some(bytes.len() as u64);
+            Ok(Streamed::Content { mut meta, body }) => {
+                meta.size = Some(body.len());
                 let same = cached.as_ref().filter(|c| {
-                    c.version_id.is_some() && c.version_id == meta.version_id && c.bytes == bytes
+                    c.version_id.is_some()
+                        && c.version_id == meta.version_id
+                        && c.body.same_bytes(&body)
                 });
                 let generation = match same {
                     Some(c) => c.generation,
@@ -622,25 +637,18 @@ impl<S: Source> FhirFs<S> {
                 };
                 let version_id = meta.version_id.clone();
                 self.apply_meta(id, meta, Origin::Fetch);
-                Arc::new(Content { bytes, version_id, generation, validated: Instant::now() })
+                Arc::new(Content { body, version_id, generation, validated: Instant::now() })
             }
             Err(e) => {
                 self.drop_reservation(id);
-                if matches!(e, SourceError::NotFound | SourceError::Gone) {
-                    // Normal: programs probe names, and Binaries get deleted.
-                    debug!(id, error = %e, "binary not found");
-                    self.forget_content(id);
-                } else {
-                    warn!(id, error = %e, elapsed = ?started.elapsed(), "fetch failed");
-                    Stats::add(&self.stats.errors, 1);
-                }
-                if e == SourceError::NotFound {
-                    self.remember_missing(id);
-                }
+                self.fetch_failed(id, &e, started);
                 return Err(e);
             }
         };
-        if content.bytes.len() as u64 > self.config.cache_bytes {
+        if !content.body.is_complete() {
+            self.watch_body(id, &content, started);
+        }
+        if content.body.len() > self.config.cache_bytes {
             // The cache cannot hold it; keep just this one until the next such file.
             self.content.invalidate(id);
             *lock(&self.oversize) = Some((id.to_owned(), Arc::clone(&content)));
@@ -651,6 +659,44 @@ impl<S: Source> FhirFs<S> {
         // overshoot its size by several files. Settle it now.
         self.content.run_pending_tasks();
         Ok(content)
+    }
+
+    /// Logs and counts a failed fetch, and forgets what a 404 or 410 made stale.
+    fn fetch_failed(&self, id: &str, e: &SourceError, started: Instant) {
+        if matches!(e, SourceError::NotFound | SourceError::Gone) {
+            // Normal: programs probe names, and Binaries get deleted.
+            debug!(id, error = %e, "binary not found");
+            self.forget_content(id);
+        } else {
+            warn!(id, error = %e, elapsed = ?started.elapsed(), "fetch failed");
+            Stats::add(&self.stats.errors, 1);
+        }
+        if *e == SourceError::NotFound {
+            self.remember_missing(id);
+        }
+    }
+
+    /// Follows a body that is still arriving: if the rest never comes, the content leaves the
+    /// cache (the next open fetches again) while readers of the missing bytes get the error.
+    fn watch_body(self: &Arc<Self>, id: &str, content: &Arc<Content>, started: Instant) {
+        let this = Arc::clone(self);
+        let id = id.to_owned();
+        let weak = Arc::downgrade(content);
+        let body = Arc::clone(&content.body);
+        tokio::spawn(async move {
+            let Err(e) = body.complete().await else { return };
+            drop(body);
+            this.fetch_failed(&id, &e, started);
+            let Some(failed) = weak.upgrade() else { return };
+            let cached = this.content.get(&id).and_then(|slot| slot.get());
+            if cached.is_some_and(|c| Arc::ptr_eq(&c, &failed)) {
+                this.content.invalidate(&id);
+            }
+            let mut oversize = lock(&this.oversize);
+            if oversize.as_ref().is_some_and(|(_, c)| Arc::ptr_eq(c, &failed)) {
+                *oversize = None;
+            }
+        });
     }
 
     /// The listing, from the cache or the source (one search however many callers ask).
@@ -820,7 +866,7 @@ impl<S: Source> FhirFs<S> {
         let nodes = lock(&self.nodes);
         let ino = *nodes.by_id.get(id).ok_or(FsError::NoEntry)?;
         let node = nodes.by_ino.get(&ino).ok_or(FsError::NoEntry)?;
-        Ok(self.file_attr(ino, &node.meta, content.bytes.len() as u64))
+        Ok(self.file_attr(ino, &node.meta, content.body.len()))
     }
 
     fn id_of(&self, ino: u64) -> Result<String, FsError> {
@@ -923,17 +969,36 @@ impl<S: Source> FhirFs<S> {
         Ok(Opened { fh, keep_cache })
     }
 
-    /// Reads from an open file; offsets past the end give no bytes.
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
-        let handles = lock(&self.handles);
-        let Some(Handle::File { content, .. }) = handles.get(&fh) else {
-            return Err(FsError::BadHandle);
+    /// Reads from an open file if the bytes are in (`None`: they are on the way, call
+    /// [`FhirFs::read`]); offsets past the end give no bytes.
+    pub fn read_ready(&self, fh: u64, offset: u64, size: u32) -> Option<Result<Bytes, FsError>> {
+        let (ino, body) = match self.open_body(fh) {
+            Ok(open) => open,
+            Err(e) => return Some(Err(e)),
         };
-        let len = content.bytes.len();
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(len);
-        let end = start.saturating_add(size as usize).min(len);
-        Stats::add(&self.stats.bytes_served, (end - start) as u64);
-        Ok(content.bytes.slice(start..end))
+        let read = body.read_now(offset, size)?;
+        Some(self.served(ino, read))
+    }
+
+    /// Reads from an open file, waiting for bytes still on the way; offsets past the end give
+    /// no bytes.
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
+        let (ino, body) = self.open_body(fh)?;
+        let read = body.read(offset, size).await;
+        self.served(ino, read)
+    }
+
+    fn open_body(&self, fh: u64) -> Result<(u64, Arc<Body>), FsError> {
+        match lock(&self.handles).get(&fh) {
+            Some(Handle::File { ino, content }) => Ok((*ino, Arc::clone(&content.body))),
+            _ => Err(FsError::BadHandle),
+        }
+    }
+
+    fn served(&self, ino: u64, read: Result<Bytes, SourceError>) -> Result<Bytes, FsError> {
+        let bytes = read.map_err(|e| FsError::source(&self.id_of(ino).unwrap_or_default(), e))?;
+        Stats::add(&self.stats.bytes_served, bytes.len() as u64);
+        Ok(bytes)
     }
 
     /// Closes a file or folder handle.
@@ -1030,7 +1095,7 @@ impl<S: Source> FhirFs<S> {
         let files = handles.values().filter(|h| matches!(h, Handle::File { .. })).count();
         let nodes = lock(&self.nodes);
         let pinned = nodes.by_ino.values().filter_map(|n| n.pin.as_ref());
-        (files, pinned.map(|p| p.content.bytes.len() as u64).sum())
+        (files, pinned.map(|p| p.content.body.len()).sum())
     }
 
     /// How many Binaries the mount knows of.
@@ -1042,7 +1107,7 @@ impl<S: Source> FhirFs<S> {
 impl Content {
     fn clone_of(other: &Content) -> Content {
         Content {
-            bytes: other.bytes.clone(),
+            body: Arc::clone(&other.body),
             version_id: other.version_id.clone(),
             generation: other.generation,
             validated: other.validated,

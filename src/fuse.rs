@@ -170,10 +170,23 @@ impl<S: Source> Filesystem for FuseAdapter<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        // The bytes are in memory once a file is open: answer right here.
-        match self.fs.read(fh.0, offset, size) {
-            Ok(bytes) => reply.data(&bytes),
-            Err(e) => reply.error(errno(&e)),
+        // Bytes already in memory are answered right here; bytes still on their way from the
+        // server are answered by a task when they arrive.
+        match self.fs.read_ready(fh.0, offset, size) {
+            Some(Ok(bytes)) => reply.data(&bytes),
+            Some(Err(e)) => reply.error(errno(&e)),
+            None => {
+                let fs = Arc::clone(&self.fs);
+                self.runtime.spawn(async move {
+                    match fs.read(fh.0, offset, size).await {
+                        Ok(bytes) => reply.data(&bytes),
+                        Err(e) => {
+                            log_error("read", fh.0, &e);
+                            reply.error(errno(&e));
+                        }
+                    }
+                });
+            }
         }
     }
 

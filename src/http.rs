@@ -14,9 +14,10 @@ use url::Url;
 
 pub use crate::auth::Secret;
 use crate::auth::{Auth, TokenSource};
+use crate::body::{Body, Filler};
 use crate::error::SourceError;
 use crate::fhir::{self, FHIR_JSON, Listed};
-use crate::source::{Fetched, Meta, Reserve, Source};
+use crate::source::{Fetched, Meta, Reserve, Source, Streamed};
 use crate::stats::Stats;
 
 /// First pause before a retry; doubled each time, with jitter.
@@ -109,13 +110,49 @@ struct Get<'a> {
     limit: u64,
     /// Told the body's size (Content-Length) before it is read.
     reserve: Option<&'a Reserve<'a>>,
+    /// Leave a native body of known length unread, for the caller to stream.
+    stream: bool,
 }
 
-/// One answer with its body read.
+/// One answer with its body read, or left to stream.
 struct Answer {
     status: StatusCode,
     headers: HeaderMap,
     body: Vec<u8>,
+    /// The response whose body is still to be read (`body` is then empty).
+    rest: Option<reqwest::Response>,
+}
+
+/// What a fetch got: everything, or the headers of a body to stream.
+enum Got {
+    Done(Fetched),
+    Streaming(Box<Streaming>),
+}
+
+/// A native body of known length whose headers are in and whose bytes are still to be read.
+struct Streaming {
+    meta: Meta,
+    len: u64,
+    response: reqwest::Response,
+    resume: Resume,
+}
+
+/// How to ask again for a streamed body cut short, and how to know the answer is the same.
+struct Resume {
+    url: Url,
+    accept: String,
+    etag: Option<HeaderValue>,
+    content_type: String,
+}
+
+impl Resume {
+    /// True when `response` announces the same body as the first answer did.
+    fn same(&self, response: &reqwest::Response, len: u64) -> bool {
+        response.status() == StatusCode::OK
+            && response.content_length() == Some(len)
+            && response.headers().get(header::ETAG) == self.etag.as_ref()
+            && media_type(response.headers()) == self.content_type
+    }
 }
 
 /// A failed try, and whether trying again may help.
@@ -257,8 +294,13 @@ impl HttpSource {
             let json = kind == FHIR_JSON || kind == "application/json";
             reserve(if json { len / 4 * 3 } else { len });
         }
+        let native = !matches!(media_type(&headers).as_str(), FHIR_JSON | "application/json");
+        let known_len = response.content_length().is_some_and(|len| len > 0 && len <= get.limit);
+        if get.stream && status == StatusCode::OK && native && known_len {
+            return Ok(Answer { status, headers, body: Vec::new(), rest: Some(response) });
+        }
         let body = Self::body(response, get.limit).await?;
-        Ok(Answer { status, headers, body })
+        Ok(Answer { status, headers, body, rest: None })
     }
 
     /// Reads a body into one buffer sized from `Content-Length`, refusing more than `limit`.
@@ -383,25 +425,30 @@ impl HttpSource {
         cached: Option<&str>,
         deadline: Instant,
         reserve: &Reserve<'_>,
-    ) -> Result<Fetched, SourceError> {
+        stream: bool,
+    ) -> Result<Got, SourceError> {
         use std::sync::atomic::Ordering;
         let url = self.binary_url(id)?;
         let mut answer = None;
-        if let Some(accept) = self.raw_accept(id) {
+        let raw_accept = self.raw_accept(id);
+        if let Some(accept) = &raw_accept {
             let get = Get {
                 url: &url,
-                accept: &accept,
+                accept,
                 if_none_match: cached,
                 limit: self.json_limit(),
                 reserve: Some(reserve),
+                stream,
             };
             let raw = self.get(&get, deadline).await;
             match raw {
-                Ok(a) if a.status == StatusCode::NOT_MODIFIED => return Ok(Fetched::NotModified),
+                Ok(a) if a.status == StatusCode::NOT_MODIFIED => {
+                    return Ok(Got::Done(Fetched::NotModified));
+                }
                 Ok(a) => {
                     let kind = media_type(&a.headers);
                     let native = kind != FHIR_JSON && kind != "application/json";
-                    let expected = essence(&accept);
+                    let expected = essence(accept);
                     let verdict = if native && (kind == expected || accept == "*/*") {
                         RAW_PROVEN
                     } else {
@@ -433,12 +480,13 @@ impl HttpSource {
                     if_none_match: cached,
                     limit,
                     reserve: Some(reserve),
+                    stream: false,
                 };
                 self.get(&get, deadline).await?
             }
         };
         if answer.status == StatusCode::NOT_MODIFIED {
-            return Ok(Fetched::NotModified);
+            return Ok(Got::Done(Fetched::NotModified));
         }
         let kind = media_type(&answer.headers);
         let from_headers = header_meta(&answer.headers);
@@ -446,9 +494,17 @@ impl HttpSource {
         let is_fhir = kind == FHIR_JSON
             || (kind == "application/json" && fhir::looks_like_binary(&answer.body));
         if !is_fhir {
+            let content_type = (!kind.is_empty()).then(|| kind.clone());
+            let meta = Meta { content_type, ..from_headers };
+            if let (Some(response), Some(accept)) = (answer.rest, raw_accept) {
+                let len = response.content_length().unwrap_or(0);
+                self.check_size(usize::try_from(len).unwrap_or(usize::MAX))?;
+                let etag = answer.headers.get(header::ETAG).cloned();
+                let resume = Resume { url, accept, etag, content_type: kind };
+                return Ok(Got::Streaming(Box::new(Streaming { meta, len, response, resume })));
+            }
             self.check_size(answer.body.len())?;
-            let meta = Meta { content_type: (!kind.is_empty()).then_some(kind), ..from_headers };
-            return Ok(Fetched::Content { meta, bytes: Bytes::from(answer.body) });
+            return Ok(Got::Done(Fetched::Content { meta, bytes: Bytes::from(answer.body) }));
         }
         let binary = fhir::decode_binary(answer.body).map_err(SourceError::BadBody)?;
         self.learn_content_type(id, binary.meta.content_type.as_deref());
@@ -458,11 +514,11 @@ impl HttpSource {
         meta.security_context = meta.security_context.or(from_headers.security_context);
         if let Some(data) = binary.data {
             self.check_size(data.len())?;
-            return Ok(Fetched::Content { meta, bytes: Bytes::from(data) });
+            return Ok(Got::Done(Fetched::Content { meta, bytes: Bytes::from(data) }));
         }
         // No `data`: some servers keep the bytes outside the resource and only serve them raw.
         // Ask for the native form before calling the file empty.
-        self.fetch_raw(&url, meta, binary.subsetted, deadline).await
+        self.fetch_raw(&url, meta, binary.subsetted, deadline).await.map(Got::Done)
     }
 
     async fn fetch_raw(
@@ -477,7 +533,8 @@ impl HttpSource {
             _ => "*/*".to_owned(),
         };
         let limit = self.config.max_size;
-        let get = Get { url, accept: &accept, if_none_match: None, limit, reserve: None };
+        let get =
+            Get { url, accept: &accept, if_none_match: None, limit, reserve: None, stream: false };
         let raw = self.get(&get, deadline).await;
         match raw {
             Ok(answer) if media_type(&answer.headers) != FHIR_JSON => {
@@ -499,6 +556,76 @@ impl HttpSource {
                 let status = other.as_ref().map(|a| a.status.as_u16()).ok();
                 debug!(?status, "no raw form either: the Binary is empty");
                 Ok(Fetched::Content { meta, bytes: Bytes::new() })
+            }
+        }
+    }
+
+    /// Reads a streamed body into `filler` as it arrives, within the fetch's deadline. A body
+    /// cut short is asked for again (as often as a GET is retried): the new answer must
+    /// announce the same length, ETag and type and repeat the bytes already read, or the
+    /// readers get an error rather than a mix of two versions.
+    async fn fill(
+        self: Arc<Self>,
+        mut response: reqwest::Response,
+        mut filler: Filler,
+        resume: Resume,
+        deadline: Instant,
+    ) {
+        let len = response.content_length().unwrap_or(0);
+        let changed = || SourceError::BadBody("the Binary changed while it was being read".into());
+        let mut resumes = 0;
+        // Where the current response is in the body.
+        let mut at = 0u64;
+        loop {
+            let chunk = tokio::time::timeout_at(deadline.into(), response.chunk()).await;
+            let error = match chunk {
+                Ok(Ok(Some(chunk))) => {
+                    if filler.abandoned() {
+                        debug!(url = %resume.url, "nobody reads this body any more: stopped");
+                        return;
+                    }
+                    let repeated = filler.written().saturating_sub(at).min(chunk.len() as u64);
+                    let (old, new) = chunk.split_at(repeated as usize);
+                    if !filler.matches(at, old) {
+                        return filler.fail(changed());
+                    }
+                    at += chunk.len() as u64;
+                    if let Err(e) = filler.push(new) {
+                        return filler.fail(e);
+                    }
+                    continue;
+                }
+                Ok(Ok(None)) if filler.written() == len => {
+                    let _ = filler.finish();
+                    return;
+                }
+                Ok(Ok(None)) => SourceError::BadBody(format!(
+                    "body has {} bytes, Content-Length said {len}",
+                    filler.written()
+                )),
+                Ok(Err(e)) => transport(e),
+                Err(_) => return filler.fail(SourceError::Timeout(self.config.timeout)),
+            };
+            resumes += 1;
+            if resumes > MAX_RETRIES {
+                return filler.fail(error);
+            }
+            debug!(url = %resume.url, %error, "body cut short: asking again");
+            let get = Get {
+                url: &resume.url,
+                accept: &resume.accept,
+                if_none_match: None,
+                limit: len,
+                reserve: None,
+                stream: true,
+            };
+            match self.get(&get, deadline).await {
+                Ok(Answer { rest: Some(again), .. }) if resume.same(&again, len) => {
+                    response = again;
+                    at = 0;
+                }
+                Ok(_) => return filler.fail(changed()),
+                Err(e) => return filler.fail(e),
             }
         }
     }
@@ -540,7 +667,14 @@ impl HttpSource {
 
     async fn page(&self, url: &Url, deadline: Instant) -> Result<fhir::Page, SourceError> {
         let limit = self.json_limit();
-        let get = Get { url, accept: FHIR_JSON, if_none_match: None, limit, reserve: None };
+        let get = Get {
+            url,
+            accept: FHIR_JSON,
+            if_none_match: None,
+            limit,
+            reserve: None,
+            stream: false,
+        };
         let answer = self.get(&get, deadline).await?;
         fhir::parse_bundle(&answer.body).map_err(SourceError::BadBody)
     }
@@ -596,20 +730,46 @@ impl Source for HttpSource {
     }
 
     async fn fetch(&self, id: &str, cached_version: Option<&str>) -> Result<Fetched, SourceError> {
-        self.fetch_reserving(id, cached_version, &|_| {}).await
-    }
-
-    async fn fetch_reserving(
-        &self,
-        id: &str,
-        cached_version: Option<&str>,
-        reserve: &Reserve<'_>,
-    ) -> Result<Fetched, SourceError> {
         let deadline = Instant::now() + self.config.timeout;
-        let fetch = self.fetch_inner(id, cached_version, deadline, reserve);
+        let fetch = async {
+            match self.fetch_inner(id, cached_version, deadline, &|_| {}, false).await? {
+                Got::Done(fetched) => Ok(fetched),
+                // Not asked for; should a body come unread anyway, read it here.
+                Got::Streaming(streaming) => {
+                    let Streaming { meta, len, response, .. } = *streaming;
+                    let body = Self::body(response, len).await.map_err(|f| f.error)?;
+                    Ok(Fetched::Content { meta, bytes: Bytes::from(body) })
+                }
+            }
+        };
         tokio::time::timeout(self.config.timeout, fetch)
             .await
             .map_err(|_| SourceError::Timeout(self.config.timeout))?
+    }
+
+    async fn fetch_streaming(
+        self: &Arc<Self>,
+        id: &str,
+        cached_version: Option<&str>,
+        reserve: &Reserve<'_>,
+    ) -> Result<Streamed, SourceError> {
+        let deadline = Instant::now() + self.config.timeout;
+        let fetch = self.fetch_inner(id, cached_version, deadline, reserve, true);
+        let got = tokio::time::timeout(self.config.timeout, fetch)
+            .await
+            .map_err(|_| SourceError::Timeout(self.config.timeout))??;
+        Ok(match got {
+            Got::Done(Fetched::NotModified) => Streamed::NotModified,
+            Got::Done(Fetched::Content { meta, bytes }) => {
+                Streamed::Content { meta, body: Body::whole(bytes) }
+            }
+            Got::Streaming(streaming) => {
+                let Streaming { meta, len, response, resume } = *streaming;
+                let (body, filler) = Body::filling(len);
+                tokio::spawn(Arc::clone(self).fill(response, filler, resume, deadline));
+                Streamed::Content { meta, body }
+            }
+        })
     }
 }
 

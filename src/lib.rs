@@ -3,6 +3,7 @@
 //! The modules, from the kernel inwards:
 //! - [`fuse`]: the only place that speaks fuser; forwards each operation to the core.
 //! - [`fs`]: the core (`FhirFs`): inodes, metadata, listing and content caches.
+//! - [`body`]: the bytes of one version, readable while they still arrive.
 //! - [`source`]: the `Source` trait and the in-memory source.
 //! - [`http`]: the HTTP source (`HttpSource`) that talks to a FHIR server.
 //! - [`auth`]: the bearer token: fixed, from a file that is re-read, renewed after a 401.
@@ -17,6 +18,7 @@
 //! - [`loopback`]: an in-process FHIR server for the demo and the tests.
 
 pub mod auth;
+pub mod body;
 pub mod cli;
 pub mod daemon;
 pub mod error;

@@ -107,6 +107,44 @@ impl Drop for Gate {
     }
 }
 
+/// What a body held by [`LoopbackServer::hold_body`] does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyGateState {
+    Held,
+    Release,
+    Cut,
+}
+
+/// Lets a body held by [`LoopbackServer::hold_body`] go on: its rest, or the connection closed
+/// short of its `Content-Length`. Dropped undecided, it releases.
+pub struct BodyGate {
+    state: watch::Sender<BodyGateState>,
+}
+
+impl BodyGate {
+    /// Sends the rest of the body.
+    pub fn release(&self) {
+        self.state.send_replace(BodyGateState::Release);
+    }
+
+    /// Closes the connection without the rest of the body.
+    pub fn cut(&self) {
+        self.state.send_replace(BodyGateState::Cut);
+    }
+}
+
+impl Drop for BodyGate {
+    fn drop(&mut self) {
+        self.state.send_if_modified(|state| {
+            let held = *state == BodyGateState::Held;
+            if held {
+                *state = BodyGateState::Release;
+            }
+            held
+        });
+    }
+}
+
 /// A misbehaviour injected on reads (`GET`) of one id.
 ///
 /// `HEAD` requests see only the answer-shaping faults (`Status`, `Body`, `Raw`); they neither
@@ -224,6 +262,8 @@ struct ServerState {
     token: Option<String>,
     faults: HashMap<String, Armed>,
     holds: HashMap<String, watch::Receiver<bool>>,
+    /// Ids whose next read stops after this many body bytes until its gate says how to go on.
+    body_holds: HashMap<String, (usize, watch::Receiver<BodyGateState>)>,
     search_fault: Option<SearchFault>,
     page_cap: usize,
     listing_data: bool,
@@ -504,6 +544,15 @@ impl LoopbackServer {
         let (open, closed) = watch::channel(false);
         self.inner.lock().holds.insert(id.to_owned(), closed);
         Gate { open }
+    }
+
+    /// The next read of `id` sends its headers (with the full `Content-Length`) and the first
+    /// `after` bytes of its body, then waits for the returned gate: the rest, or a cut
+    /// connection. Later reads are not held.
+    pub fn hold_body(&self, id: &str, after: usize) -> BodyGate {
+        let (state, held) = watch::channel(BodyGateState::Held);
+        self.inner.lock().body_holds.insert(id.to_owned(), (after, held));
+        BodyGate { state }
     }
 
     /// Request counters.
@@ -1026,7 +1075,46 @@ async fn read(
         Some(Fault::Reset) => reset(inner.json_text(&id)),
         Some(Fault::Hang) => std::future::pending().await,
     };
+    let body_hold = inner.lock().body_holds.remove(&id);
+    let response = match body_hold {
+        Some((after, gate)) => held_body(response, after, gate).await,
+        None => response,
+    };
     inner.answered(response)
+}
+
+/// `response` with its body sent in two parts: `after` bytes, then (once `gate` decides) the
+/// rest or an early end, which makes hyper close the connection short of `Content-Length`.
+async fn held_body(
+    response: Response,
+    after: usize,
+    gate: watch::Receiver<BodyGateState>,
+) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let Ok(full) = axum::body::to_bytes(body, usize::MAX).await else {
+        return outcome(500, "could not build the held body");
+    };
+    parts.headers.insert(header::CONTENT_LENGTH, full.len().into());
+    let (first, rest) = (full.slice(..after.min(full.len())), full.slice(after.min(full.len())..));
+    let parts_stream = futures::stream::unfold(Some((first, rest)), move |state| {
+        let mut gate = gate.clone();
+        async move {
+            let (first, rest) = state?;
+            if !first.is_empty() {
+                return Some((Ok::<_, std::io::Error>(first), Some((Bytes::new(), rest))));
+            }
+            let decided = gate.wait_for(|s| *s != BodyGateState::Held).await.map(|s| *s);
+            match decided {
+                Ok(BodyGateState::Cut) => {
+                    tokio::time::sleep(FLUSH_PAUSE).await;
+                    None
+                }
+                _ if rest.is_empty() => None,
+                _ => Some((Ok(rest), None)),
+            }
+        }
+    });
+    Response::from_parts(parts, Body::from_stream(parts_stream))
 }
 
 /// The answer of a `Fault::Status` (and the statuses of the counted faults).

@@ -2,13 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use crate::body::Body;
 use crate::error::SourceError;
 pub use crate::fhir::Listed;
 
@@ -41,6 +42,20 @@ pub enum Fetched {
     },
 }
 
+/// The answer to a fetch whose content may still be arriving.
+#[derive(Debug)]
+pub enum Streamed {
+    /// The server confirmed that the version the caller holds is current (304).
+    NotModified,
+    /// The content, complete or filling; `meta.size` equals `body.len()`.
+    Content {
+        /// What the response said about the Binary.
+        meta: Meta,
+        /// The decoded bytes, readable as they arrive.
+        body: Arc<Body>,
+    },
+}
+
 /// Told the size of content about to arrive.
 pub type Reserve<'a> = dyn Fn(u64) + Send + Sync + 'a;
 
@@ -56,16 +71,25 @@ pub trait Source: Send + Sync + 'static {
         cached_version: Option<&str>,
     ) -> impl Future<Output = Result<Fetched, SourceError>> + Send;
 
-    /// `fetch`, telling `reserve` how many bytes the content will take as soon as the source
-    /// knows (so that the cache can make room before they arrive).
-    fn fetch_reserving(
-        &self,
+    /// `fetch`, answering as soon as the size and the metadata are known, with a body that
+    /// fills as the bytes arrive (a source that cannot stream answers with the whole body).
+    /// `reserve` is told how many bytes the content will take as soon as the source knows,
+    /// so that the cache can make room before they arrive.
+    fn fetch_streaming(
+        self: &Arc<Self>,
         id: &str,
         cached_version: Option<&str>,
         reserve: &Reserve<'_>,
-    ) -> impl Future<Output = Result<Fetched, SourceError>> + Send {
+    ) -> impl Future<Output = Result<Streamed, SourceError>> + Send {
         let _ = reserve;
-        self.fetch(id, cached_version)
+        async move {
+            Ok(match self.fetch(id, cached_version).await? {
+                Fetched::NotModified => Streamed::NotModified,
+                Fetched::Content { meta, bytes } => {
+                    Streamed::Content { meta, body: Body::whole(bytes) }
+                }
+            })
+        }
     }
 
     /// The metadata of one Binary with its exact size, when the source can tell without

@@ -33,7 +33,7 @@ async fn read_all(fs: &Arc<FhirFs<MemorySource>>, ino: u64) -> Vec<u8> {
     let opened = fs.open(ino, false).await.unwrap();
     let mut out = Vec::new();
     loop {
-        let chunk = fs.read(opened.fh, out.len() as u64, 4096).unwrap();
+        let chunk = fs.read(opened.fh, out.len() as u64, 4096).await.unwrap();
         if chunk.is_empty() {
             break;
         }
@@ -161,11 +161,11 @@ async fn reads_past_the_end_are_empty() {
     let fs = core(source);
     let attr = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap();
     let opened = fs.open(attr.ino, false).await.unwrap();
-    assert_eq!(&fs.read(opened.fh, 1, 100).unwrap()[..], b"bc");
-    assert!(fs.read(opened.fh, 3, 100).unwrap().is_empty());
-    assert!(fs.read(opened.fh, u64::MAX, u32::MAX).unwrap().is_empty());
+    assert_eq!(&fs.read(opened.fh, 1, 100).await.unwrap()[..], b"bc");
+    assert!(fs.read(opened.fh, 3, 100).await.unwrap().is_empty());
+    assert!(fs.read(opened.fh, u64::MAX, u32::MAX).await.unwrap().is_empty());
     fs.release(opened.fh);
-    assert_eq!(fs.read(opened.fh, 0, 1).unwrap_err(), FsError::BadHandle);
+    assert_eq!(fs.read(opened.fh, 0, 1).await.unwrap_err(), FsError::BadHandle);
 }
 
 #[tokio::test]
@@ -201,7 +201,7 @@ async fn concurrent_opens_of_one_cold_id_make_one_fetch() {
     fs.source().release();
     for open in opens {
         let opened = open.await.unwrap().unwrap();
-        assert_eq!(&fs.read(opened.fh, 0, 100).unwrap()[..], b"payload");
+        assert_eq!(&fs.read(opened.fh, 0, 100).await.unwrap()[..], b"payload");
     }
     assert_eq!(fs.source().fetch_count(), 1);
 }
@@ -227,7 +227,7 @@ async fn a_new_version_is_served_after_the_ttl_and_the_kernel_is_told() {
     assert_eq!(attr2.size, 5);
     let third = fs.open(attr.ino, false).await.unwrap();
     assert!(!third.keep_cache, "new bytes: the kernel must drop its pages");
-    assert_eq!(&fs.read(third.fh, 0, 100).unwrap()[..], b"newer");
+    assert_eq!(&fs.read(third.fh, 0, 100).await.unwrap()[..], b"newer");
     assert_eq!(invalidated.lock().unwrap().as_slice(), [attr.ino]);
 }
 
@@ -244,8 +244,8 @@ async fn an_open_file_pins_its_version_until_the_last_close() {
     assert_eq!(fs.getattr(ino).await.unwrap().size, 9);
     let second = fs.open(ino, false).await.unwrap();
     assert!(second.keep_cache);
-    assert_eq!(&fs.read(second.fh, 0, 100).unwrap()[..], b"old bytes");
-    assert_eq!(&fs.read(old.fh, 0, 100).unwrap()[..], b"old bytes");
+    assert_eq!(&fs.read(second.fh, 0, 100).await.unwrap()[..], b"old bytes");
+    assert_eq!(&fs.read(old.fh, 0, 100).await.unwrap()[..], b"old bytes");
     assert!(invalidated.lock().unwrap().is_empty());
     fs.release(second.fh);
     fs.release(old.fh);
@@ -254,7 +254,7 @@ async fn an_open_file_pins_its_version_until_the_last_close() {
     assert_eq!(fs.getattr(ino).await.unwrap().size, 17);
     let new = fs.open(ino, false).await.unwrap();
     assert!(!new.keep_cache);
-    assert_eq!(&fs.read(new.fh, 0, 100).unwrap()[..], b"new bytes, longer");
+    assert_eq!(&fs.read(new.fh, 0, 100).await.unwrap()[..], b"new bytes, longer");
     assert_eq!(invalidated.lock().unwrap().as_slice(), [ino]);
 }
 
