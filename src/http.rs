@@ -17,6 +17,7 @@ use crate::auth::{Auth, TokenSource};
 use crate::body::{Body, Filler};
 use crate::error::SourceError;
 use crate::fhir::{self, FHIR_JSON, Listed};
+use crate::json_body::JsonBinaryDecoder;
 use crate::source::{Fetched, Meta, Reserve, Source, Streamed};
 use crate::stats::Stats;
 
@@ -112,6 +113,8 @@ struct Get<'a> {
     reserve: Option<&'a Reserve<'a>>,
     /// Leave a native body of known length unread, for the caller to stream.
     stream: bool,
+    /// Decode a FHIR JSON Binary as its body arrives, instead of keeping the body.
+    decode: bool,
 }
 
 /// One answer with its body read, or left to stream.
@@ -121,6 +124,8 @@ struct Answer {
     body: Vec<u8>,
     /// The response whose body is still to be read (`body` is then empty).
     rest: Option<reqwest::Response>,
+    /// The Binary decoded as the body arrived (`body` is then empty).
+    binary: Option<Result<fhir::Binary, String>>,
 }
 
 /// What a fetch got: everything, or the headers of a body to stream.
@@ -297,10 +302,20 @@ impl HttpSource {
         let native = !matches!(media_type(&headers).as_str(), FHIR_JSON | "application/json");
         let known_len = response.content_length().is_some_and(|len| len > 0 && len <= get.limit);
         if get.stream && status == StatusCode::OK && native && known_len {
-            return Ok(Answer { status, headers, body: Vec::new(), rest: Some(response) });
+            return Ok(Answer {
+                status,
+                headers,
+                body: Vec::new(),
+                rest: Some(response),
+                binary: None,
+            });
+        }
+        if get.decode && status == StatusCode::OK && media_type(&headers) == FHIR_JSON {
+            let binary = Some(Self::decoded(response, get.limit).await?);
+            return Ok(Answer { status, headers, body: Vec::new(), rest: None, binary });
         }
         let body = Self::body(response, get.limit).await?;
-        Ok(Answer { status, headers, body, rest: None })
+        Ok(Answer { status, headers, body, rest: None, binary: None })
     }
 
     /// Reads a body into one buffer sized from `Content-Length`, refusing more than `limit`.
@@ -325,6 +340,35 @@ impl HttpSource {
             return Err(Failure::transient(SourceError::BadBody(error)));
         }
         Ok(buf)
+    }
+
+    /// Reads a FHIR JSON Binary, decoding `data` as the body arrives (see [`JsonBinaryDecoder`]);
+    /// the body's own faults (too long, cut short) are the read's, the resource's are inside.
+    async fn decoded(
+        mut response: reqwest::Response,
+        limit: u64,
+    ) -> Result<Result<fhir::Binary, String>, Failure> {
+        let too_large = || Failure::fatal(SourceError::TooLarge { limit });
+        let declared = response.content_length();
+        if declared.is_some_and(|len| len > limit) {
+            return Err(too_large());
+        }
+        let mut decoder = JsonBinaryDecoder::new(declared.unwrap_or(0) as usize);
+        let mut read = 0u64;
+        while let Some(chunk) =
+            response.chunk().await.map_err(|e| Failure::transient(transport(e)))?
+        {
+            read += chunk.len() as u64;
+            if read > limit {
+                return Err(too_large());
+            }
+            decoder.push(&chunk);
+        }
+        if let Some(declared) = declared.filter(|&len| len != read) {
+            let error = format!("body has {read} bytes, Content-Length said {declared}");
+            return Err(Failure::transient(SourceError::BadBody(error)));
+        }
+        Ok(decoder.finish())
     }
 
     /// GET with retries (transient statuses and connection errors, backing off, honouring
@@ -439,6 +483,7 @@ impl HttpSource {
                 limit: self.json_limit(),
                 reserve: Some(reserve),
                 stream,
+                decode: true,
             };
             let raw = self.get(&get, deadline).await;
             match raw {
@@ -481,6 +526,7 @@ impl HttpSource {
                     limit,
                     reserve: Some(reserve),
                     stream: false,
+                    decode: true,
                 };
                 self.get(&get, deadline).await?
             }
@@ -506,7 +552,11 @@ impl HttpSource {
             self.check_size(answer.body.len())?;
             return Ok(Got::Done(Fetched::Content { meta, bytes: Bytes::from(answer.body) }));
         }
-        let binary = fhir::decode_binary(answer.body).map_err(SourceError::BadBody)?;
+        let binary = match answer.binary {
+            Some(decoded) => decoded,
+            None => fhir::decode_binary(answer.body),
+        };
+        let binary = binary.map_err(SourceError::BadBody)?;
         self.learn_content_type(id, binary.meta.content_type.as_deref());
         let mut meta = binary.meta;
         meta.version_id = meta.version_id.or(from_headers.version_id);
@@ -533,8 +583,15 @@ impl HttpSource {
             _ => "*/*".to_owned(),
         };
         let limit = self.config.max_size;
-        let get =
-            Get { url, accept: &accept, if_none_match: None, limit, reserve: None, stream: false };
+        let get = Get {
+            url,
+            accept: &accept,
+            if_none_match: None,
+            limit,
+            reserve: None,
+            stream: false,
+            decode: false,
+        };
         let raw = self.get(&get, deadline).await;
         match raw {
             Ok(answer) if media_type(&answer.headers) != FHIR_JSON => {
@@ -618,6 +675,7 @@ impl HttpSource {
                 limit: len,
                 reserve: None,
                 stream: true,
+                decode: false,
             };
             match self.get(&get, deadline).await {
                 Ok(Answer { rest: Some(again), .. }) if resume.same(&again, len) => {
@@ -674,6 +732,7 @@ impl HttpSource {
             limit,
             reserve: None,
             stream: false,
+            decode: false,
         };
         let answer = self.get(&get, deadline).await?;
         fhir::parse_bundle(&answer.body).map_err(SourceError::BadBody)

@@ -8,6 +8,7 @@
 //! - [`http`]: the HTTP source (`HttpSource`) that talks to a FHIR server.
 //! - [`auth`]: the bearer token: fixed, from a file that is re-read, renewed after a 401.
 //! - [`fhir`]: parsing of Binary resources and searchset Bundles.
+//! - [`json_body`]: decoding a Binary's JSON while it streams in.
 //! - [`id`]: which names are FHIR ids.
 //! - [`error`]: error types and the errno table.
 //! - [`smart`]: SMART Backend Services client (signed assertions, token endpoint).
@@ -27,6 +28,7 @@ pub mod fs;
 pub mod fuse;
 pub mod http;
 pub mod id;
+pub mod json_body;
 pub mod loopback;
 pub mod run;
 pub mod smart;
