@@ -1,6 +1,10 @@
 //! The bytes of one version of a Binary: whole, or still arriving from the server and readable
 //! as they arrive, so that a program reading a cold file gets its first bytes while the rest
 //! is on the way (the kernel moves the start of a file while the source fetches its end).
+//!
+//! A streamed body is kept as the pieces the network delivered (hyper's buffers, a few hundred
+//! KiB each on a fast link), without copying them: a read within one piece is a slice, a read
+//! across pieces the only copy.
 
 use std::sync::Arc;
 
@@ -9,24 +13,18 @@ use tokio::sync::watch;
 
 use crate::error::SourceError;
 
-/// Size of the pieces a streamed body is kept in. A read waits for the piece that holds its
-/// last byte, so this is how far a reader may lag behind the network; a read within one piece
-/// is served without a copy (the kernel asks for at most 1 MiB at page-aligned offsets, so few
-/// reads straddle two pieces).
-pub const SEGMENT_BYTES: usize = 1 << 20;
-
 /// Bytes of known length, complete or filling up from the front.
 #[derive(Debug)]
 pub struct Body {
     len: u64,
-    /// Every piece holds `segment` bytes but the last.
-    segment: usize,
     state: watch::Sender<State>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     pieces: Vec<Bytes>,
+    /// Where each piece starts in the body.
+    starts: Vec<u64>,
     /// Bytes in `pieces`.
     filled: u64,
     /// Why the rest will never come.
@@ -37,23 +35,14 @@ impl Body {
     /// A complete body.
     pub fn whole(bytes: Bytes) -> Arc<Self> {
         let len = bytes.len() as u64;
-        let state = State { filled: len, pieces: vec![bytes], failed: None };
-        Arc::new(Self {
-            len,
-            segment: usize::try_from(len).unwrap_or(usize::MAX).max(1),
-            state: watch::Sender::new(state),
-        })
+        let state = State { filled: len, pieces: vec![bytes], starts: vec![0], failed: None };
+        Arc::new(Self { len, state: watch::Sender::new(state) })
     }
 
     /// An empty body of `len` bytes, and the [`Filler`] that writes them in order.
     pub fn filling(len: u64) -> (Arc<Self>, Filler) {
-        let body = Arc::new(Self {
-            len,
-            segment: SEGMENT_BYTES,
-            state: watch::Sender::new(State::default()),
-        });
-        let filler =
-            Filler { body: Arc::clone(&body), current: BytesMut::new(), written: 0, done: false };
+        let body = Arc::new(Self { len, state: watch::Sender::new(State::default()) });
+        let filler = Filler { body: Arc::clone(&body), done: false };
         (body, filler)
     }
 
@@ -116,8 +105,8 @@ impl Body {
             return false;
         }
         let (a, b) = (self.state.borrow(), other.state.borrow());
-        let left = a.pieces.iter().flat_map(|p| p.chunks(SEGMENT_BYTES));
-        let right = b.pieces.iter().flat_map(|p| p.chunks(SEGMENT_BYTES));
+        let left = a.pieces.iter().map(|p| &p[..]);
+        let right = b.pieces.iter().map(|p| &p[..]);
         // Piece boundaries may differ: compare as two streams of bytes.
         let mut right = right.peekable();
         let mut right_at = 0;
@@ -152,17 +141,18 @@ impl Body {
         if start == end {
             return Some(Ok(Bytes::new()));
         }
-        let segment = self.segment as u64;
-        let (first, last) = (start / segment, (end - 1) / segment);
-        let piece_at = |i: u64| &state.pieces[i as usize];
-        if first == last {
-            let base = first * segment;
-            return Some(Ok(piece_at(first).slice((start - base) as usize..(end - base) as usize)));
+        // The piece holding `start`: the last one starting at or before it.
+        let first = state.starts.partition_point(|&s| s <= start) - 1;
+        let piece = &state.pieces[first];
+        let base = state.starts[first];
+        if end - base <= piece.len() as u64 {
+            return Some(Ok(piece.slice((start - base) as usize..(end - base) as usize)));
         }
         let mut out = BytesMut::with_capacity((end - start) as usize);
-        for i in first..=last {
-            let base = i * segment;
-            let piece = piece_at(i);
+        for (piece, &base) in state.pieces[first..].iter().zip(&state.starts[first..]) {
+            if base >= end {
+                break;
+            }
             let from = start.saturating_sub(base) as usize;
             let to = ((end - base) as usize).min(piece.len());
             out.extend_from_slice(&piece[from..to]);
@@ -180,17 +170,13 @@ fn abandoned() -> SourceError {
 #[derive(Debug)]
 pub struct Filler {
     body: Arc<Body>,
-    /// The piece being filled.
-    current: BytesMut,
-    /// Bytes written so far, `current` included.
-    written: u64,
     done: bool,
 }
 
 impl Filler {
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
-        self.written
+        self.body.state.borrow().filled
     }
 
     /// True when nobody holds the body any more: the rest of it is not worth fetching.
@@ -198,75 +184,47 @@ impl Filler {
         Arc::strong_count(&self.body) == 1
     }
 
-    /// Appends `bytes`; an error if they run past the body's length.
-    pub fn push(&mut self, mut bytes: &[u8]) -> Result<(), SourceError> {
-        if self.written + bytes.len() as u64 > self.body.len {
+    /// Appends `bytes` (kept as they are, not copied); an error if they run past the body's
+    /// length.
+    pub fn push(&mut self, bytes: Bytes) -> Result<(), SourceError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let written = self.written();
+        if written + bytes.len() as u64 > self.body.len {
             return Err(SourceError::BadBody(format!(
                 "body runs past its Content-Length of {} bytes",
                 self.body.len
             )));
         }
-        while !bytes.is_empty() {
-            if self.current.capacity() == 0 {
-                let left = self.body.len - self.written;
-                self.current = BytesMut::with_capacity(
-                    usize::try_from(left).unwrap_or(usize::MAX).min(SEGMENT_BYTES),
-                );
-            }
-            let room = self.piece_len() - self.current.len();
-            let n = room.min(bytes.len());
-            self.current.extend_from_slice(&bytes[..n]);
-            self.written += n as u64;
-            bytes = &bytes[n..];
-            if self.current.len() == self.piece_len() {
-                self.publish();
-            }
-        }
+        self.body.state.send_modify(|s| {
+            s.starts.push(written);
+            s.filled += bytes.len() as u64;
+            s.pieces.push(bytes);
+        });
         Ok(())
     }
 
     /// True when `bytes` equal the body's bytes from `offset` (all of them written already):
     /// a second answer for the same version must repeat what the first one sent.
     pub fn matches(&self, offset: u64, bytes: &[u8]) -> bool {
-        let end = offset + bytes.len() as u64;
-        if end > self.written {
+        let Ok(size) = u32::try_from(bytes.len()) else { return false };
+        if offset + bytes.len() as u64 > self.written() {
             return false;
         }
-        let published = self.body.state.borrow().filled;
-        let mut at = offset;
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            let (have, n) = if at < published {
-                let n = rest.len().min((published - at) as usize).min(u32::MAX as usize);
-                match self.body.read_now(at, n as u32) {
-                    Some(Ok(have)) => (have, n),
-                    _ => return false,
-                }
-            } else {
-                let from = (at - published) as usize;
-                (Bytes::copy_from_slice(&self.current[from..from + rest.len()]), rest.len())
-            };
-            if have[..] != rest[..n] {
-                return false;
-            }
-            at += n as u64;
-            rest = &rest[n..];
-        }
-        true
+        matches!(self.body.read_now(offset, size), Some(Ok(have)) if have[..] == bytes[..])
     }
 
     /// Ends the body; an error (which fails it) when bytes are missing.
     pub fn finish(mut self) -> Result<(), SourceError> {
-        if self.written != self.body.len {
+        let written = self.written();
+        if written != self.body.len {
             let error = SourceError::BadBody(format!(
-                "body has {} bytes, Content-Length said {}",
-                self.written, self.body.len
+                "body has {written} bytes, Content-Length said {}",
+                self.body.len
             ));
             self.fail(error.clone());
             return Err(error);
-        }
-        if !self.current.is_empty() {
-            self.publish();
         }
         self.done = true;
         Ok(())
@@ -277,20 +235,6 @@ impl Filler {
         self.done = true;
         self.body.state.send_modify(|s| {
             s.failed.get_or_insert(error);
-        });
-    }
-
-    /// How long the piece being filled will be.
-    fn piece_len(&self) -> usize {
-        let published = self.written - self.current.len() as u64;
-        usize::try_from(self.body.len - published).unwrap_or(usize::MAX).min(SEGMENT_BYTES)
-    }
-
-    fn publish(&mut self) {
-        let piece = std::mem::take(&mut self.current).freeze();
-        self.body.state.send_modify(|s| {
-            s.filled += piece.len() as u64;
-            s.pieces.push(piece);
         });
     }
 }
@@ -322,33 +266,33 @@ mod tests {
     }
 
     #[test]
-    fn filling_body_serves_whole_pieces_only_and_reads_across_pieces() {
-        let data = pattern(SEGMENT_BYTES * 2 + 100);
+    fn filling_body_serves_what_arrived_and_reads_across_pieces() {
+        let data = Bytes::from(pattern(3000));
         let (body, mut filler) = Body::filling(data.len() as u64);
-        filler.push(&data[..SEGMENT_BYTES - 1]).unwrap();
-        assert!(body.read_now(0, 1).is_none(), "a piece is served only once it is whole");
-        filler.push(&data[SEGMENT_BYTES - 1..SEGMENT_BYTES + 10]).unwrap();
-        assert_eq!(&body.read_now(0, 4096).unwrap().unwrap()[..], &data[..4096]);
-        assert!(body.read_now(SEGMENT_BYTES as u64 - 5, 10).is_none());
-        filler.push(&data[SEGMENT_BYTES + 10..]).unwrap();
-        assert!(filler.matches(3, &data[3..SEGMENT_BYTES + 50]));
-        assert!(!filler.matches(3, &data[4..SEGMENT_BYTES + 51]));
+        filler.push(data.slice(..1000)).unwrap();
+        assert_eq!(&body.read_now(0, 1000).unwrap().unwrap()[..], &data[..1000]);
+        assert!(body.read_now(990, 20).is_none(), "bytes not arrived yet are waited for");
+        filler.push(data.slice(1000..1001)).unwrap();
+        filler.push(data.slice(1001..)).unwrap();
+        assert!(filler.matches(3, &data[3..2000]));
+        assert!(!filler.matches(3, &data[4..2001]));
         filler.finish().unwrap();
-        let across = body.read_now(SEGMENT_BYTES as u64 - 5, 10).unwrap().unwrap();
-        assert_eq!(&across[..], &data[SEGMENT_BYTES - 5..SEGMENT_BYTES + 5]);
-        let tail = body.read_now(2 * SEGMENT_BYTES as u64, 1000).unwrap().unwrap();
-        assert_eq!(&tail[..], &data[2 * SEGMENT_BYTES..]);
-        assert!(body.same_bytes(&Body::whole(Bytes::from(data.clone()))));
-        let mut other = data.clone();
-        other[SEGMENT_BYTES + 3] ^= 1;
+        let across = body.read_now(990, 20).unwrap().unwrap();
+        assert_eq!(&across[..], &data[990..1010]);
+        assert_eq!(&body.read_now(1000, 1).unwrap().unwrap()[..], &data[1000..1001]);
+        let tail = body.read_now(2500, 1000).unwrap().unwrap();
+        assert_eq!(&tail[..], &data[2500..]);
+        assert!(body.same_bytes(&Body::whole(data.clone())));
+        let mut other = data.to_vec();
+        other[1500] ^= 1;
         assert!(!body.same_bytes(&Body::whole(Bytes::from(other))));
     }
 
     #[test]
     fn pushing_past_the_length_is_an_error() {
         let (_body, mut filler) = Body::filling(4);
-        filler.push(b"abc").unwrap();
-        assert!(filler.push(b"de").is_err());
+        filler.push(Bytes::from_static(b"abc")).unwrap();
+        assert!(filler.push(Bytes::from_static(b"de")).is_err());
     }
 
     #[tokio::test]
@@ -358,7 +302,7 @@ mod tests {
             let body = Arc::clone(&body);
             async move { body.read(0, 10).await }
         });
-        filler.push(b"01234").unwrap();
+        filler.push(Bytes::from_static(b"01234")).unwrap();
         assert!(filler.finish().is_err());
         let error = waiting.await.unwrap().unwrap_err();
         assert!(matches!(error, SourceError::BadBody(_)), "{error:?}");
@@ -374,10 +318,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_finished_body_reads_whole() {
-        let data = pattern(SEGMENT_BYTES + 7);
+        let data = Bytes::from(pattern(100_007));
         let (body, mut filler) = Body::filling(data.len() as u64);
-        for chunk in data.chunks(4093) {
-            filler.push(chunk).unwrap();
+        for at in (0..data.len()).step_by(4093) {
+            filler.push(data.slice(at..(at + 4093).min(data.len()))).unwrap();
         }
         filler.finish().unwrap();
         assert_eq!(&body.to_bytes().await.unwrap()[..], &data[..]);

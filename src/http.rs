@@ -29,6 +29,9 @@ const RETRY_MAX_DELAY: Duration = Duration::from_secs(4);
 /// with jitter), so a server that is down gives EIO promptly, not at the deadline.
 const MAX_RETRIES: usize = 4;
 
+/// Chunks read off the connection ahead of the JSON decoder (hyper's are up to 408 KiB).
+const DECODE_READ_AHEAD: usize = 32;
+
 /// How long the start-up check waits for the server.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -354,10 +357,27 @@ impl HttpSource {
             return Err(too_large());
         }
         let mut decoder = JsonBinaryDecoder::new(declared.unwrap_or(0) as usize);
+        // Another task takes the chunks off the connection while this one decodes, so that
+        // receiving and decoding overlap (dropping the set stops it).
+        let (sender, mut chunks) = tokio::sync::mpsc::channel(DECODE_READ_AHEAD);
+        let mut reader = tokio::task::JoinSet::new();
+        reader.spawn(async move {
+            loop {
+                let next = response.chunk().await.transpose();
+                let last = !matches!(next, Some(Ok(_)));
+                if let Some(next) = next
+                    && sender.send(next).await.is_err()
+                {
+                    break;
+                }
+                if last {
+                    break;
+                }
+            }
+        });
         let mut read = 0u64;
-        while let Some(chunk) =
-            response.chunk().await.map_err(|e| Failure::transient(transport(e)))?
-        {
+        while let Some(chunk) = chunks.recv().await {
+            let chunk = chunk.map_err(|e| Failure::transient(transport(e)))?;
             read += chunk.len() as u64;
             if read > limit {
                 return Err(too_large());
@@ -642,12 +662,11 @@ impl HttpSource {
                         return;
                     }
                     let repeated = filler.written().saturating_sub(at).min(chunk.len() as u64);
-                    let (old, new) = chunk.split_at(repeated as usize);
-                    if !filler.matches(at, old) {
+                    if !filler.matches(at, &chunk[..repeated as usize]) {
                         return filler.fail(changed());
                     }
                     at += chunk.len() as u64;
-                    if let Err(e) = filler.push(new) {
+                    if let Err(e) = filler.push(chunk.slice(repeated as usize..)) {
                         return filler.fail(e);
                     }
                     continue;
