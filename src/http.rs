@@ -666,7 +666,7 @@ impl HttpSource {
                         return filler.fail(changed());
                     }
                     at += chunk.len() as u64;
-                    if let Err(e) = filler.push(chunk.slice(repeated as usize..)) {
+                    if let Err(e) = filler.push(&chunk[repeated as usize..]) {
                         return filler.fail(e);
                     }
                     continue;
