@@ -8,6 +8,7 @@
 //! mapping, returned to the system the moment the body is dropped, whereas hundreds of
 //! 400 KiB chunks would stay in the allocator's arenas and grow the daemon well past its cache.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -81,6 +82,28 @@ impl Body {
             .await
             .map_err(|_| abandoned())?;
         self.slice(&state, start, end).unwrap_or_else(|| Err(abandoned()))
+    }
+
+    /// True when the rest of the body will never come.
+    pub fn failed(&self) -> bool {
+        self.state.borrow().failed.is_some()
+    }
+
+    /// Resolves when the body is complete, or with the error when it will not be; holds the
+    /// body's progress, not the body.
+    pub fn outcome(&self) -> impl Future<Output = Result<(), SourceError>> + Send + 'static {
+        let mut progress = self.state.subscribe();
+        let len = self.len;
+        async move {
+            let state = progress
+                .wait_for(|s| s.filled >= len || s.failed.is_some())
+                .await
+                .map_err(|_| abandoned())?;
+            match &state.failed {
+                Some(e) if state.filled < len => Err(e.clone()),
+                _ => Ok(()),
+            }
+        }
     }
 
     /// Waits until every byte is in; the error when they will not all come.

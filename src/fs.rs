@@ -645,19 +645,20 @@ impl<S: Source> FhirFs<S> {
                 return Err(e);
             }
         };
-        if !content.body.is_complete() {
-            self.watch_body(id, &content, started);
-        }
         if content.body.len() > self.config.cache_bytes {
             // The cache cannot hold it; keep just this one until the next such file.
             self.content.invalidate(id);
             *lock(&self.oversize) = Some((id.to_owned(), Arc::clone(&content)));
-            return Ok(content);
+        } else {
+            self.content.insert(id.to_owned(), Slot::new(Arc::clone(&content)));
+            // moka evicts lazily, on later cache calls; with large entries that lets the cache
+            // overshoot its size by several files. Settle it now.
+            self.content.run_pending_tasks();
         }
-        self.content.insert(id.to_owned(), Slot::new(Arc::clone(&content)));
-        // moka evicts lazily, on later cache calls; with large entries that lets the cache
-        // overshoot its size by several files. Settle it now.
-        self.content.run_pending_tasks();
+        // Only once it is cached: a body that fails at once must find its entry to remove.
+        if !content.body.is_complete() {
+            self.watch_body(id, &content, started);
+        }
         Ok(content)
     }
 
@@ -678,16 +679,18 @@ impl<S: Source> FhirFs<S> {
 
     /// Follows a body that is still arriving: if the rest never comes, the content leaves the
     /// cache (the next open fetches again) while readers of the missing bytes get the error.
+    /// The watcher holds neither the content nor its body, so that a body nobody holds any
+    /// more (evicted, every file closed) stops downloading.
     fn watch_body(self: &Arc<Self>, id: &str, content: &Arc<Content>, started: Instant) {
         let this = Arc::clone(self);
         let id = id.to_owned();
         let weak = Arc::downgrade(content);
-        let body = Arc::clone(&content.body);
+        let outcome = content.body.outcome();
         tokio::spawn(async move {
-            let Err(e) = body.complete().await else { return };
-            drop(body);
-            this.fetch_failed(&id, &e, started);
+            let Err(e) = outcome.await else { return };
+            // Abandoned: nobody wanted the rest.
             let Some(failed) = weak.upgrade() else { return };
+            this.fetch_failed(&id, &e, started);
             let cached = this.content.get(&id).and_then(|slot| slot.get());
             if cached.is_some_and(|c| Arc::ptr_eq(&c, &failed)) {
                 this.content.invalidate(&id);
@@ -935,7 +938,8 @@ impl<S: Source> FhirFs<S> {
         let pinned = {
             let mut nodes = lock(&self.nodes);
             let node = nodes.by_ino.get_mut(&ino).ok_or(FsError::NoEntry)?;
-            node.pin.as_mut().map(|pin| {
+            // A version whose body failed is not joined: this open fetches again.
+            node.pin.as_mut().filter(|pin| !pin.content.body.failed()).map(|pin| {
                 pin.handles += 1;
                 Arc::clone(&pin.content)
             })
@@ -951,11 +955,13 @@ impl<S: Source> FhirFs<S> {
             // The version this open already joined above.
             Some(pin) if Arc::ptr_eq(&pin.content, &fetched) => fetched,
             // Another open pinned a version while we fetched: join it, one version at a time.
-            Some(pin) => {
+            Some(pin) if !pin.content.body.failed() => {
                 pin.handles += 1;
                 Arc::clone(&pin.content)
             }
-            pin @ None => {
+            // No pin, or one whose body failed: this version replaces it (the handles of the
+            // failed one keep it, and their release does not count against this pin).
+            pin => {
                 let meta = node.meta.clone();
                 *pin = Some(Pin { content: Arc::clone(&fetched), meta, handles: 1 });
                 fetched
@@ -1003,10 +1009,12 @@ impl<S: Source> FhirFs<S> {
 
     /// Closes a file or folder handle.
     pub fn release(&self, fh: u64) {
-        let Some(Handle::File { ino, .. }) = lock(&self.handles).remove(&fh) else { return };
+        let Some(Handle::File { ino, content }) = lock(&self.handles).remove(&fh) else { return };
         let mut nodes = lock(&self.nodes);
         let Some(node) = nodes.by_ino.get_mut(&ino) else { return };
-        let Some(pin) = node.pin.as_mut() else { return };
+        let Some(pin) = node.pin.as_mut().filter(|pin| Arc::ptr_eq(&pin.content, &content)) else {
+            return;
+        };
         pin.handles = pin.handles.saturating_sub(1);
         if pin.handles > 0 {
             return;

@@ -29,8 +29,9 @@ const RETRY_MAX_DELAY: Duration = Duration::from_secs(4);
 /// with jitter), so a server that is down gives EIO promptly, not at the deadline.
 const MAX_RETRIES: usize = 4;
 
-/// Chunks read off the connection ahead of the JSON decoder (hyper's are up to 408 KiB).
-const DECODE_READ_AHEAD: usize = 32;
+/// Chunks read off the connection ahead of the JSON decoder (hyper's are up to 408 KiB, so
+/// about 3 MiB at most, outside the cache's count).
+const DECODE_READ_AHEAD: usize = 8;
 
 /// How long the start-up check waits for the server.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -150,6 +151,7 @@ struct Resume {
     url: Url,
     accept: String,
     etag: Option<HeaderValue>,
+    last_modified: Option<HeaderValue>,
     content_type: String,
 }
 
@@ -159,6 +161,7 @@ impl Resume {
         response.status() == StatusCode::OK
             && response.content_length() == Some(len)
             && response.headers().get(header::ETAG) == self.etag.as_ref()
+            && response.headers().get(header::LAST_MODIFIED) == self.last_modified.as_ref()
             && media_type(response.headers()) == self.content_type
     }
 }
@@ -566,7 +569,8 @@ impl HttpSource {
                 let len = response.content_length().unwrap_or(0);
                 self.check_size(usize::try_from(len).unwrap_or(usize::MAX))?;
                 let etag = answer.headers.get(header::ETAG).cloned();
-                let resume = Resume { url, accept, etag, content_type: kind };
+                let last_modified = answer.headers.get(header::LAST_MODIFIED).cloned();
+                let resume = Resume { url, accept, etag, last_modified, content_type: kind };
                 return Ok(Got::Streaming(Box::new(Streaming { meta, len, response, resume })));
             }
             self.check_size(answer.body.len())?;
@@ -696,7 +700,10 @@ impl HttpSource {
                 stream: true,
                 decode: false,
             };
-            match self.get(&get, deadline).await {
+            // The retries keep their waits inside the deadline; the deadline bounds the rest.
+            let again = tokio::time::timeout_at(deadline.into(), self.get(&get, deadline)).await;
+            let again = again.unwrap_or(Err(SourceError::Timeout(self.config.timeout)));
+            match again {
                 Ok(Answer { rest: Some(again), .. }) if resume.same(&again, len) => {
                     response = again;
                     at = 0;

@@ -13,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Mount, PATIENCE, Server, errno};
-use fhirfs::loopback::noise;
+use fhirfs::loopback::{Fault, noise};
 
 const MIB: usize = 1 << 20;
 /// The test file: four pieces of the daemon's 1 MiB streaming segments.
@@ -103,15 +103,37 @@ fn a_body_that_changed_before_it_was_asked_for_again_gives_eio_never_a_mix() {
     server.server.put("big", "application/pdf", newer.clone());
     gate.cut();
     assert_eq!(read_rest(&mut file), Err(libc::EIO), "the rest of a body that changed");
-    drop(file);
     assert_eq!(server.reads_of("big"), 2);
+    // While the failed version is still open, a new open does not join it: it fetches anew.
     let reread = std::fs::read(mount.path("big")).expect("a new open after the failure");
     assert!(reread == newer, "a new open gets the new version, whole");
+    drop(file);
+    assert!(std::fs::read(mount.path("big")).unwrap() == newer, "and so does the next one");
     assert!(
         mount.log().contains("changed while it was being read"),
         "the log names the reason:\n{}",
         mount.log()
     );
+}
+
+#[test]
+fn a_cut_body_whose_second_answer_never_comes_gives_eio_at_the_deadline() {
+    let (server, mount, _bytes, gate) = held_mount("2");
+    let (mut file, _, _) = open_and_read_first_mib(&mount);
+    // The GET that would resume the body is accepted and never answered.
+    server.server.set_fault("big", Some(Fault::Hang));
+    gate.cut();
+    let started = Instant::now();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(read_rest(&mut file));
+    });
+    let rest = rx.recv_timeout(PATIENCE).unwrap_or_else(|_| {
+        panic!("the read waited past the deadline for an answer that never came\n{}", mount.log())
+    });
+    assert_eq!(rest, Err(libc::EIO));
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(2) + Duration::from_millis(2500), "waited {waited:?}");
 }
 
 #[test]
