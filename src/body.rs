@@ -16,6 +16,12 @@ use tokio::sync::watch;
 
 use crate::error::SourceError;
 
+/// Pieces of a streamed body end at multiples of this (but the last): the kernel reads a file
+/// in aligned blocks of up to 128 KiB (its read-ahead), so none of its reads straddles two
+/// pieces and each is answered with a slice, not a copy. A reader waits at most this much
+/// longer than the bytes it needs.
+const PIECE_ALIGN: usize = 256 << 10;
+
 /// Bytes of known length, complete or filling up from the front.
 #[derive(Debug)]
 pub struct Body {
@@ -46,7 +52,7 @@ impl Body {
     pub fn filling(len: u64) -> (Arc<Self>, Filler) {
         let body = Arc::new(Self { len, state: watch::Sender::new(State::default()) });
         let rest = BytesMut::with_capacity(usize::try_from(len).unwrap_or(usize::MAX));
-        let filler = Filler { body: Arc::clone(&body), rest, done: false };
+        let filler = Filler { body: Arc::clone(&body), rest, written: 0, done: false };
         (body, filler)
     }
 
@@ -196,15 +202,18 @@ fn abandoned() -> SourceError {
 #[derive(Debug)]
 pub struct Filler {
     body: Arc<Body>,
-    /// The unwritten part of the body's buffer.
+    /// The part of the body's buffer after the published pieces: written bytes not published
+    /// yet, then room for the rest.
     rest: BytesMut,
+    /// Bytes written so far, published or not.
+    written: u64,
     done: bool,
 }
 
 impl Filler {
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
-        self.body.state.borrow().filled
+        self.written
     }
 
     /// True when nobody holds the body any more: the rest of it is not worth fetching.
@@ -217,38 +226,59 @@ impl Filler {
         if bytes.is_empty() {
             return Ok(());
         }
-        let written = self.written();
-        if written + bytes.len() as u64 > self.body.len {
+        if self.written + bytes.len() as u64 > self.body.len {
             return Err(SourceError::BadBody(format!(
                 "body runs past its Content-Length of {} bytes",
                 self.body.len
             )));
         }
-        // Within the capacity reserved for the whole body: no reallocation, and the piece
-        // split off shares the one buffer.
+        // Within the capacity reserved for the whole body: no reallocation, and the pieces
+        // split off share the one buffer.
         self.rest.extend_from_slice(bytes);
-        let bytes = self.rest.split().freeze();
-        self.body.state.send_modify(|s| {
-            s.starts.push(written);
-            s.filled += bytes.len() as u64;
-            s.pieces.push(bytes);
-        });
+        self.written += bytes.len() as u64;
+        if self.written == self.body.len {
+            self.publish(self.rest.len());
+        } else {
+            self.publish(self.rest.len() / PIECE_ALIGN * PIECE_ALIGN);
+        }
         Ok(())
+    }
+
+    /// Makes the first `n` unpublished bytes readable as one piece.
+    fn publish(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let piece = self.rest.split_to(n).freeze();
+        self.body.state.send_modify(|s| {
+            s.starts.push(s.filled);
+            s.filled += piece.len() as u64;
+            s.pieces.push(piece);
+        });
     }
 
     /// True when `bytes` equal the body's bytes from `offset` (all of them written already):
     /// a second answer for the same version must repeat what the first one sent.
     pub fn matches(&self, offset: u64, bytes: &[u8]) -> bool {
-        let Ok(size) = u32::try_from(bytes.len()) else { return false };
-        if offset + bytes.len() as u64 > self.written() {
+        if offset + bytes.len() as u64 > self.written {
             return false;
         }
-        matches!(self.body.read_now(offset, size), Some(Ok(have)) if have[..] == bytes[..])
+        let published = self.written - self.rest.len() as u64;
+        let split = usize::try_from(published.saturating_sub(offset)).unwrap_or(usize::MAX);
+        let (old, new) = bytes.split_at(split.min(bytes.len()));
+        let Ok(size) = u32::try_from(old.len()) else { return false };
+        let old_ok = old.is_empty()
+            || matches!(self.body.read_now(offset, size), Some(Ok(have)) if have[..] == old[..]);
+        // `new`, when not empty, starts at or after `published`.
+        let from = usize::try_from((offset + old.len() as u64).saturating_sub(published));
+        let new_ok = new.is_empty()
+            || from.is_ok_and(|from| self.rest.get(from..from + new.len()) == Some(new));
+        old_ok && new_ok
     }
 
     /// Ends the body; an error (which fails it) when bytes are missing.
     pub fn finish(mut self) -> Result<(), SourceError> {
-        let written = self.written();
+        let written = self.written;
         if written != self.body.len {
             let error = SourceError::BadBody(format!(
                 "body has {written} bytes, Content-Length said {}",
@@ -298,24 +328,27 @@ mod tests {
 
     #[test]
     fn filling_body_serves_what_arrived_and_reads_across_pieces() {
-        let data = Bytes::from(pattern(3000));
+        let align = PIECE_ALIGN;
+        let data = Bytes::from(pattern(3 * align + 100));
         let (body, mut filler) = Body::filling(data.len() as u64);
-        filler.push(&data[..1000]).unwrap();
-        assert_eq!(&body.read_now(0, 1000).unwrap().unwrap()[..], &data[..1000]);
-        assert!(body.read_now(990, 20).is_none(), "bytes not arrived yet are waited for");
-        filler.push(&data[1000..1001]).unwrap();
-        filler.push(&data[1001..]).unwrap();
-        assert!(filler.matches(3, &data[3..2000]));
-        assert!(!filler.matches(3, &data[4..2001]));
+        filler.push(&data[..align - 1]).unwrap();
+        assert!(body.read_now(0, 1).is_none(), "a piece is readable once whole");
+        assert!(filler.matches(3, &data[3..align - 1]), "unpublished bytes compare too");
+        filler.push(&data[align - 1..align + 10]).unwrap();
+        assert_eq!(&body.read_now(0, 4096).unwrap().unwrap()[..], &data[..4096]);
+        assert!(body.read_now(align as u64 - 5, 10).is_none(), "bytes not in yet are waited for");
+        filler.push(&data[align + 10..3 * align]).unwrap();
+        assert!(filler.matches(3, &data[3..2 * align]));
+        assert!(!filler.matches(3, &data[4..2 * align + 1]));
+        filler.push(&data[3 * align..]).unwrap();
         filler.finish().unwrap();
-        let across = body.read_now(990, 20).unwrap().unwrap();
-        assert_eq!(&across[..], &data[990..1010]);
-        assert_eq!(&body.read_now(1000, 1).unwrap().unwrap()[..], &data[1000..1001]);
-        let tail = body.read_now(2500, 1000).unwrap().unwrap();
-        assert_eq!(&tail[..], &data[2500..]);
+        let across = body.read_now(align as u64 - 5, 10).unwrap().unwrap();
+        assert_eq!(&across[..], &data[align - 5..align + 5]);
+        let tail = body.read_now(3 * align as u64 + 50, 1000).unwrap().unwrap();
+        assert_eq!(&tail[..], &data[3 * align + 50..]);
         assert!(body.same_bytes(&Body::whole(data.clone())));
         let mut other = data.to_vec();
-        other[1500] ^= 1;
+        other[align + 1500] ^= 1;
         assert!(!body.same_bytes(&Body::whole(Bytes::from(other))));
     }
 
