@@ -944,6 +944,7 @@ impl<S: Source> FhirFs<S> {
                 Arc::clone(&pin.content)
             })
         };
+        let joined = pinned.is_some();
         let fetched = match pinned {
             Some(content) => Ok(content),
             None => self.content(&id).await,
@@ -953,7 +954,7 @@ impl<S: Source> FhirFs<S> {
         let fetched = fetched?;
         let content = match &mut node.pin {
             // The version this open already joined above.
-            Some(pin) if Arc::ptr_eq(&pin.content, &fetched) => fetched,
+            Some(pin) if joined && Arc::ptr_eq(&pin.content, &fetched) => fetched,
             // Another open pinned a version while we fetched: join it, one version at a time.
             Some(pin) if !pin.content.body.failed() => {
                 pin.handles += 1;

@@ -259,6 +259,29 @@ async fn an_open_file_pins_its_version_until_the_last_close() {
 }
 
 #[tokio::test]
+async fn two_opens_that_share_one_fetch_both_hold_the_pin() {
+    let source = MemorySource::new();
+    source.put("a", "text/plain", "old bytes");
+    let (fs, _) = uncached_core_watching_the_kernel(source);
+    let ino = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
+    // Both opens find no pin and wait on the same fetch; the second to finish must join the
+    // pin the first one made, not just share its bytes.
+    fs.source().hold();
+    let (a, b) = (Arc::clone(&fs), Arc::clone(&fs));
+    let first = tokio::spawn(async move { a.open(ino, false).await.unwrap() });
+    let second = tokio::spawn(async move { b.open(ino, false).await.unwrap() });
+    fs.source().wait_for_fetches(2).await;
+    fs.source().release();
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    fs.release(first.fh);
+    fs.source().put("a", "text/plain", "new bytes, longer");
+    // `second` is still open: a third open sees its version.
+    let third = fs.open(ino, false).await.unwrap();
+    assert_eq!(&fs.read(third.fh, 0, 100).await.unwrap()[..], b"old bytes");
+    assert_eq!(&fs.read(second.fh, 0, 100).await.unwrap()[..], b"old bytes");
+}
+
+#[tokio::test]
 async fn content_larger_than_the_cache_is_still_served() {
     let source = MemorySource::new();
     source.put("big", "application/octet-stream", vec![1u8; 4096]);
