@@ -2,16 +2,18 @@
 //! as they arrive, so that a program reading a cold file gets its first bytes while the rest
 //! is on the way (the kernel moves the start of a file while the source fetches its end).
 //!
-//! A streamed body is one buffer of its full length, filled as chunks arrive; each chunk's
-//! part is published as a piece of it (a read within one piece is a slice, a read across pieces
-//! the only copy). One buffer, not the network's own chunks: a 64 MiB buffer is its own
-//! mapping, returned to the system the moment the body is dropped, whereas hundreds of
-//! 400 KiB chunks would stay in the allocator's arenas and grow the daemon well past its cache.
+//! A streamed body is one buffer of its full length (from the [`pool`](crate::pool) when one
+//! fits), filled as chunks arrive and published in aligned pieces of it (a read within one
+//! piece is a slice, a read across pieces the only copy). One buffer, not the network's own
+//! chunks: hundreds of 400 KiB chunks would stay in the allocator's arenas after the body is
+//! dropped and grow the daemon well past its cache.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+
+use crate::pool;
 use tokio::sync::watch;
 
 use crate::error::SourceError;
@@ -51,8 +53,9 @@ impl Body {
     /// An empty body of `len` bytes, and the [`Filler`] that writes them in order.
     pub fn filling(len: u64) -> (Arc<Self>, Filler) {
         let body = Arc::new(Self { len, state: watch::Sender::new(State::default()) });
-        let rest = BytesMut::with_capacity(usize::try_from(len).unwrap_or(usize::MAX));
-        let filler = Filler { body: Arc::clone(&body), rest, written: 0, done: false };
+        let slab = Arc::new(Slab::new(pool::take(usize::try_from(len).unwrap_or(usize::MAX))));
+        let filler =
+            Filler { body: Arc::clone(&body), slab, written: 0, published: 0, done: false };
         (body, filler)
     }
 
@@ -197,16 +200,80 @@ fn abandoned() -> SourceError {
     SourceError::Transport("the fetch stopped before the end of the body".into())
 }
 
+/// A body's buffer, shared by its writer and the pieces readers hold; given back to the pool
+/// when the last of them is dropped. The writer writes each byte once, front to back, and
+/// readers only ever see bytes published before them (through the body's watch channel, which
+/// orders the writes before the reads), so no byte is read while it is written.
+#[derive(Debug)]
+struct Slab {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain bytes owned by the slab; concurrent access is confined as the
+// type's documentation says: one writer on bytes no reader can reach yet, readers on bytes no
+// longer written.
+unsafe impl Send for Slab {}
+// SAFETY: as above.
+unsafe impl Sync for Slab {}
+
+impl Slab {
+    fn new(buf: Box<[u8]>) -> Self {
+        let len = buf.len();
+        Self { ptr: Box::into_raw(buf).cast::<u8>(), len }
+    }
+
+    /// Copies `bytes` to `at` (the writer only, at or after everything published).
+    fn write(&self, at: usize, bytes: &[u8]) {
+        assert!(at.checked_add(bytes.len()).is_some_and(|end| end <= self.len));
+        // SAFETY: in bounds (checked above); the range is not published yet, so no reader holds
+        // it, and the single writer is the caller; `bytes` cannot overlap the slab, which
+        // nothing else writes to or lends out mutably.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(at), bytes.len()) }
+    }
+
+    /// The bytes at `at..at + len`, written before and never written again.
+    fn written(&self, at: usize, len: usize) -> &[u8] {
+        assert!(at.checked_add(len).is_some_and(|end| end <= self.len));
+        // SAFETY: in bounds (checked above), initialized (the buffer came initialized), and,
+        // by the callers' contract, no longer written while borrowed.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(at), len) }
+    }
+}
+
+impl Drop for Slab {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` and `len` came from `Box::into_raw` of a `Box<[u8]>` in `new`, and
+        // this is the only place that turns them back into it.
+        let buf = unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) };
+        pool::give_back(buf);
+    }
+}
+
+/// A published piece of a slab, as the owner of a `Bytes`.
+struct Piece {
+    slab: Arc<Slab>,
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for Piece {
+    fn as_ref(&self) -> &[u8] {
+        self.slab.written(self.start, self.len)
+    }
+}
+
 /// Writes a [`Body`] from the front. Dropped before [`Filler::finish`], it fails the body, so
 /// a reader never waits for bytes nobody is fetching.
 #[derive(Debug)]
 pub struct Filler {
     body: Arc<Body>,
-    /// The part of the body's buffer after the published pieces: written bytes not published
-    /// yet, then room for the rest.
-    rest: BytesMut,
+    /// The body's buffer.
+    slab: Arc<Slab>,
     /// Bytes written so far, published or not.
     written: u64,
+    /// Bytes readers may see: `slab[..published]`, never written again.
+    published: u64,
     done: bool,
 }
 
@@ -232,14 +299,13 @@ impl Filler {
                 self.body.len
             )));
         }
-        // Within the capacity reserved for the whole body: no reallocation, and the pieces
-        // split off share the one buffer.
-        self.rest.extend_from_slice(bytes);
+        self.slab.write(self.written as usize, bytes);
         self.written += bytes.len() as u64;
+        let unpublished = (self.written - self.published) as usize;
         if self.written == self.body.len {
-            self.publish(self.rest.len());
+            self.publish(unpublished);
         } else {
-            self.publish(self.rest.len() / PIECE_ALIGN * PIECE_ALIGN);
+            self.publish(unpublished / PIECE_ALIGN * PIECE_ALIGN);
         }
         Ok(())
     }
@@ -249,7 +315,9 @@ impl Filler {
         if n == 0 {
             return;
         }
-        let piece = self.rest.split_to(n).freeze();
+        let start = self.published as usize;
+        let piece = Bytes::from_owner(Piece { slab: Arc::clone(&self.slab), start, len: n });
+        self.published += n as u64;
         self.body.state.send_modify(|s| {
             s.starts.push(s.filled);
             s.filled += piece.len() as u64;
@@ -263,17 +331,8 @@ impl Filler {
         if offset + bytes.len() as u64 > self.written {
             return false;
         }
-        let published = self.written - self.rest.len() as u64;
-        let split = usize::try_from(published.saturating_sub(offset)).unwrap_or(usize::MAX);
-        let (old, new) = bytes.split_at(split.min(bytes.len()));
-        let Ok(size) = u32::try_from(old.len()) else { return false };
-        let old_ok = old.is_empty()
-            || matches!(self.body.read_now(offset, size), Some(Ok(have)) if have[..] == old[..]);
-        // `new`, when not empty, starts at or after `published`.
-        let from = usize::try_from((offset + old.len() as u64).saturating_sub(published));
-        let new_ok = new.is_empty()
-            || from.is_ok_and(|from| self.rest.get(from..from + new.len()) == Some(new));
-        old_ok && new_ok
+        // This filler is the buffer's only writer: what it wrote does not change under it.
+        self.slab.written(offset as usize, bytes.len()) == bytes
     }
 
     /// Ends the body; an error (which fails it) when bytes are missing.

@@ -18,6 +18,7 @@ use crate::body::{Body, Filler};
 use crate::error::SourceError;
 use crate::fhir::{self, FHIR_JSON, Listed};
 use crate::json_body::JsonBinaryDecoder;
+use crate::pool;
 use crate::source::{Fetched, Meta, Reserve, Source, Streamed};
 use crate::stats::Stats;
 
@@ -588,7 +589,7 @@ impl HttpSource {
         meta.security_context = meta.security_context.or(from_headers.security_context);
         if let Some(data) = binary.data {
             self.check_size(data.len())?;
-            return Ok(Got::Done(Fetched::Content { meta, bytes: Bytes::from(data) }));
+            return Ok(Got::Done(Fetched::Content { meta, bytes: pool::bytes(data) }));
         }
         // No `data`: some servers keep the bytes outside the resource and only serve them raw.
         // Ask for the native form before calling the file empty.

@@ -10,6 +10,7 @@
 use memchr::memchr2;
 
 use crate::fhir::{self, Binary};
+use crate::pool;
 
 /// Base64 characters decoded at a time from the carry-over between chunks.
 const GROUP: usize = 4;
@@ -56,7 +57,7 @@ impl JsonBinaryDecoder {
             scan: Scan::Normal,
             depth: 0,
             skeleton: Vec::with_capacity(1024),
-            decoded: Vec::with_capacity(len / 4 * 3),
+            decoded: pool::vec_with_capacity(len / 4 * 3),
             pending: Vec::with_capacity(GROUP),
             tail: None,
             captured: false,
@@ -98,7 +99,11 @@ impl JsonBinaryDecoder {
                     .map_err(|_| "invalid base64".to_owned())?;
                 self.decoded.extend_from_slice(&last);
             }
-            self.decoded.shrink_to_fit();
+            // Sized from Content-Length, the buffer fits within a few hundred bytes; grown
+            // without one, it may be twice too large.
+            if self.decoded.capacity() - self.decoded.len() > self.decoded.len() / 8 {
+                self.decoded.shrink_to_fit();
+            }
             binary.meta.size = Some(self.decoded.len() as u64);
             binary.data = Some(self.decoded);
         }

@@ -4,6 +4,7 @@
 //! - [`fuse`]: the only place that speaks fuser; forwards each operation to the core.
 //! - [`fs`]: the core (`FhirFs`): inodes, metadata, listing and content caches.
 //! - [`body`]: the bytes of one version, readable while they still arrive.
+//! - [`pool`]: recycled content buffers.
 //! - [`source`]: the `Source` trait and the in-memory source.
 //! - [`http`]: the HTTP source (`HttpSource`) that talks to a FHIR server.
 //! - [`auth`]: the bearer token: fixed, from a file that is re-read, renewed after a 401.
@@ -30,6 +31,7 @@ pub mod http;
 pub mod id;
 pub mod json_body;
 pub mod loopback;
+pub mod pool;
 pub mod run;
 pub mod smart;
 pub mod source;

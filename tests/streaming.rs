@@ -146,3 +146,29 @@ fn a_body_that_stalls_gives_eio_at_the_deadline_not_a_hang() {
     assert!(waited < Duration::from_secs(2) + Duration::from_millis(2500), "waited {waited:?}");
     drop(gate);
 }
+
+#[test]
+fn recycled_buffers_never_show_an_earlier_files_bytes() {
+    // A cache of one file: each read evicts the one before, whose buffer the next body reuses
+    // (sizes within an eighth of each other). Every byte read must be the file's own.
+    let server = Server::start();
+    let sizes = [3 * MIB, 3 * MIB - 1000, 3 * MIB, 3 * MIB - 70_000, 3 * MIB + 5];
+    let files: Vec<Vec<u8>> =
+        sizes.iter().enumerate().map(|(i, &len)| noise(len, 100 + i as u64)).collect();
+    for (i, bytes) in files.iter().enumerate() {
+        server.server.put(&format!("f{i}"), "application/octet-stream", bytes.clone());
+    }
+    for mode in ["raw", "json"] {
+        let mount = Mount::builder()
+            .args(&["--fetch", mode, "--cache-size", "4MiB"])
+            .mount(&server.base_url());
+        for round in 0..2 {
+            for (i, bytes) in files.iter().enumerate() {
+                let path = mount.path(&format!("f{i}"));
+                assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes.len() as u64);
+                let read = std::fs::read(&path).unwrap();
+                assert!(read == *bytes, "f{i} ({mode}, round {round}) differs from its bytes");
+            }
+        }
+    }
+}
