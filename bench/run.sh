@@ -121,7 +121,7 @@ row "  the same 64MiB against curl of the raw bytes (ms)" "$(ms "${COLD[64m]}")"
 
 # Streaming: the first byte of a cold 64 MiB file comes with the first bytes of its body, not
 # after the last (open + read of 1 byte, timed in-process, vs an HTTP GET to its first body
-# byte). The rest of each body is then read (untimed), so no download runs on into what follows.
+# byte). The rest of each body is then read (untimed), so no download runs on into the next.
 say "first byte of cold 64 MiB files ($RUNS runs)"
 paths=() urls=()
 for ((i = 0; i < RUNS; i++)); do
@@ -129,9 +129,13 @@ for ((i = 0; i < RUNS; i++)); do
     urls+=("$BASE/Binary/s64m-$i")
 done
 stats_reset
-mapfile -t first < <(python3 "$HELPER" ttfb "${paths[@]}")
+first=()
+for p in "${paths[@]}"; do
+    # One at a time: a body still arriving would slow the next file's first byte.
+    first+=("$(python3 "$HELPER" ttfb "$p")")
+    cat "$p" >/dev/null
+done
 req=$(stats)
-for p in "${paths[@]}"; do cat "$p" >/dev/null; done
 mapfile -t http < <(python3 "$HELPER" ttfb-http "${urls[@]}")
 f=$(median "${first[@]}") h=$(median "${http[@]}")
 row "  first byte of a cold 64MiB, folder listed (µs)" "$f" "$h (HTTP GET, new connection)" \
