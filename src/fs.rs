@@ -321,6 +321,7 @@ impl<S: Source> FhirFs<S> {
 
     /// A core over `source` that counts into `stats` (shared with the source).
     pub fn with_stats(source: S, config: FsConfig, stats: Arc<Stats>) -> Arc<Self> {
+        crate::pool::limit_to(usize::try_from(config.cache_bytes).unwrap_or(usize::MAX));
         let content = moka::sync::Cache::builder()
             .max_capacity(config.cache_bytes)
             // Plain LRU: TinyLFU's admission would turn away a file just fetched for `stat`
@@ -953,8 +954,14 @@ impl<S: Source> FhirFs<S> {
         let node = nodes.by_ino.get_mut(&ino).ok_or(FsError::NoEntry)?;
         let fetched = fetched?;
         let content = match &mut node.pin {
-            // The version this open already joined above.
-            Some(pin) if joined && Arc::ptr_eq(&pin.content, &fetched) => fetched,
+            // The version this open joined above, or one pinned meanwhile by another open
+            // that shared this fetch: count this open unless it counted itself already.
+            Some(pin) if Arc::ptr_eq(&pin.content, &fetched) => {
+                if !joined {
+                    pin.handles += 1;
+                }
+                fetched
+            }
             // Another open pinned a version while we fetched: join it, one version at a time.
             Some(pin) if !pin.content.body.failed() => {
                 pin.handles += 1;

@@ -8,6 +8,7 @@
 //! fetch.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 
@@ -20,19 +21,31 @@ const MIN_POOLED: usize = 1 << 20;
 
 static POOL: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
 
+/// The pool's budget now: [`POOL_BYTES`], or less for a smaller cache.
+static BUDGET: AtomicUsize = AtomicUsize::new(POOL_BYTES);
+
+/// Keeps the pool within `bytes` (the cache's size): a small cache gets a small pool.
+pub fn limit_to(bytes: usize) {
+    let budget = bytes.min(POOL_BYTES);
+    BUDGET.store(budget, Ordering::Relaxed);
+    let mut kept = pool();
+    while kept.iter().map(|b| b.len()).sum::<usize>() > budget {
+        kept.remove(0);
+    }
+}
+
 fn pool() -> std::sync::MutexGuard<'static, Vec<Box<[u8]>>> {
     POOL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A buffer of at least `len` bytes, recycled when one fits (at most an eighth larger: the
-/// cache weighs content by its length, so a much larger buffer would hide memory from it),
-/// else fresh. Its contents are unspecified (zeros or an earlier file's bytes): callers
+/// A buffer of at least `len` bytes, recycled when one fits (at most a 64th larger: the cache
+/// weighs content by its length, so a larger buffer would hide memory from it), else fresh. Its contents are unspecified (zeros or an earlier file's bytes): callers
 /// overwrite what they use.
 pub fn take(len: usize) -> Box<[u8]> {
     if len >= MIN_POOLED {
         let mut kept = pool();
         let fit = (kept.iter().enumerate())
-            .filter(|(_, b)| b.len() >= len && b.len() - len <= len / 8)
+            .filter(|(_, b)| b.len() >= len && b.len() - len <= len / 64)
             .min_by_key(|(_, b)| b.len())
             .map(|(i, _)| i);
         if let Some(i) = fit {
@@ -43,16 +56,25 @@ pub fn take(len: usize) -> Box<[u8]> {
     vec![0; len].into_boxed_slice()
 }
 
-/// Gives a buffer back, kept if the pool has room for it.
+/// Gives a buffer back, kept if it fits the budget; older buffers make room for it (the one
+/// just evicted is the likeliest to fit the next file).
 pub fn give_back(buf: Box<[u8]>) {
-    if buf.len() < MIN_POOLED {
+    let budget = BUDGET.load(Ordering::Relaxed);
+    if buf.len() < MIN_POOLED || buf.len() > budget {
         return;
     }
     let mut kept = pool();
-    let held: usize = kept.iter().map(|b| b.len()).sum();
-    if held + buf.len() <= POOL_BYTES {
-        kept.push(buf);
+    let mut held: usize = kept.iter().map(|b| b.len()).sum();
+    // Dropped after the lock is released.
+    let mut dropped = Vec::new();
+    while held + buf.len() > budget && !kept.is_empty() {
+        let oldest = kept.remove(0);
+        held -= oldest.len();
+        dropped.push(oldest);
     }
+    kept.push(buf);
+    drop(kept);
+    drop(dropped);
 }
 
 /// Bytes held by the pool now.
@@ -111,13 +133,26 @@ mod tests {
         assert!(take(16 << 20).len() >= 16 << 20, "too small: a fresh one");
         assert_eq!(held(), 4 << 20);
         assert_eq!(take(3 << 20).len(), 3 << 20, "much too large: a fresh one");
-        let again = take((4 << 20) - 4096);
+        let again = take((4 << 20) - (32 << 10));
         assert_eq!(again.as_ptr(), ptr, "a fitting one is recycled");
         assert_eq!(held(), 0);
         for _ in 0..(POOL_BYTES / (4 << 20)) + 2 {
             give_back(vec![0; 4 << 20].into_boxed_slice());
         }
         assert_eq!(held(), POOL_BYTES / (4 << 20) * (4 << 20), "never more than the budget");
+        give_back(vec![0; 16 << 20].into_boxed_slice());
+        assert_eq!(held(), POOL_BYTES / (4 << 20) * (4 << 20), "older buffers made room");
+        assert_eq!(take(16 << 20).len(), 16 << 20, "the newest is kept");
+        limit_to(8 << 20);
+        give_back(vec![0; 16 << 20].into_boxed_slice());
+        assert!(held() <= 8 << 20, "a small cache, a small pool");
+        limit_to(usize::MAX);
+        while held() > 0 {
+            take(4 << 20);
+        }
+        for _ in 0..(POOL_BYTES / (4 << 20)) {
+            give_back(vec![0; 4 << 20].into_boxed_slice());
+        }
         drop(bytes(vec_with_capacity(4 << 20)));
         assert_eq!(held(), POOL_BYTES / (4 << 20) * (4 << 20));
         while held() > 0 {

@@ -4,9 +4,11 @@ use std::ffi::OsStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fhirfs::body::Body;
 use fhirfs::error::{FsError, SourceError};
+use fhirfs::fhir::Listed;
 use fhirfs::fs::{FhirFs, FsConfig, Kind, ROOT_INO};
-use fhirfs::source::MemorySource;
+use fhirfs::source::{Fetched, MemorySource, Reserve, Source, Streamed};
 
 fn core(source: MemorySource) -> Arc<FhirFs<MemorySource>> {
     FhirFs::new(source, FsConfig::default())
@@ -279,6 +281,62 @@ async fn two_opens_that_share_one_fetch_both_hold_the_pin() {
     let third = fs.open(ino, false).await.unwrap();
     assert_eq!(&fs.read(third.fh, 0, 100).await.unwrap()[..], b"old bytes");
     assert_eq!(&fs.read(second.fh, 0, 100).await.unwrap()[..], b"old bytes");
+}
+
+/// A source whose bodies fail right after their headers (when `fail` is set).
+struct CutAfterHeaders {
+    inner: MemorySource,
+    fail: bool,
+}
+
+impl Source for CutAfterHeaders {
+    async fn list(&self) -> Result<Vec<Listed>, SourceError> {
+        self.inner.list().await
+    }
+
+    async fn fetch(&self, id: &str, version: Option<&str>) -> Result<Fetched, SourceError> {
+        self.inner.fetch(id, version).await
+    }
+
+    async fn fetch_streaming(
+        self: &Arc<Self>,
+        id: &str,
+        version: Option<&str>,
+        _reserve: &Reserve<'_>,
+    ) -> Result<Streamed, SourceError> {
+        let Fetched::Content { meta, bytes } = self.inner.fetch(id, version).await? else {
+            return Ok(Streamed::NotModified);
+        };
+        if !self.fail {
+            return Ok(Streamed::Content { meta, body: Body::whole(bytes) });
+        }
+        // The headers came; the connection drops before the first byte of the body.
+        let (body, filler) = Body::filling(bytes.len() as u64);
+        drop(filler);
+        Ok(Streamed::Content { meta, body })
+    }
+}
+
+#[tokio::test]
+async fn two_opens_that_share_a_failed_fetch_both_hold_the_pin() {
+    let inner = MemorySource::new();
+    inner.put("a", "text/plain", "old bytes");
+    let config =
+        FsConfig { dir_ttl: Duration::ZERO, cache_ttl: Duration::ZERO, ..FsConfig::default() };
+    let fs = FhirFs::new(CutAfterHeaders { inner, fail: true }, config);
+    let ino = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
+    fs.source().inner.hold();
+    let (a, b) = (Arc::clone(&fs), Arc::clone(&fs));
+    let first = tokio::spawn(async move { a.open(ino, false).await.unwrap() });
+    let second = tokio::spawn(async move { b.open(ino, false).await.unwrap() });
+    fs.source().inner.wait_for_fetches(2).await;
+    fs.source().inner.release();
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!(fs.open_files(), (2, 9), "one pin of 9 bytes for both");
+    fs.release(first.fh);
+    assert_eq!(fs.open_files(), (1, 9), "the second is still open: its version stays pinned");
+    fs.release(second.fh);
+    assert_eq!(fs.open_files(), (0, 0));
 }
 
 #[tokio::test]
