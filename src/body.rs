@@ -98,8 +98,8 @@ impl Body {
         self.state.borrow().failed.is_some()
     }
 
-    /// Resolves when the body is complete, or with the error when it will not be; holds the
-    /// body's progress, not the body.
+    /// Resolves when every byte is in, or with the error when they will not all come; holds
+    /// the body's progress, not the body (so a watcher does not keep it alive).
     pub fn outcome(&self) -> impl Future<Output = Result<(), SourceError>> + Send + 'static {
         let mut progress = self.state.subscribe();
         let len = self.len;
@@ -113,25 +113,6 @@ impl Body {
                 _ => Ok(()),
             }
         }
-    }
-
-    /// Waits until every byte is in; the error when they will not all come.
-    pub async fn complete(&self) -> Result<(), SourceError> {
-        self.read(self.len.saturating_sub(1), 1).await.map(|_| ())
-    }
-
-    /// The whole content as one buffer (a copy when it is in pieces), once complete.
-    pub async fn to_bytes(&self) -> Result<Bytes, SourceError> {
-        self.complete().await?;
-        let state = self.state.borrow();
-        if let [one] = state.pieces.as_slice() {
-            return Ok(one.clone());
-        }
-        let mut all = BytesMut::with_capacity(usize::try_from(self.len).unwrap_or(0));
-        for piece in &state.pieces {
-            all.extend_from_slice(piece);
-        }
-        Ok(all.freeze())
     }
 
     /// True when both are complete and hold the same bytes.
@@ -436,7 +417,7 @@ mod tests {
         let (body, filler) = Body::filling(3);
         drop(filler);
         assert!(body.read(0, 3).await.is_err());
-        assert!(body.complete().await.is_err());
+        assert!(body.outcome().await.is_err());
     }
 
     #[tokio::test]
@@ -447,8 +428,9 @@ mod tests {
             filler.push(&data[at..(at + 4093).min(data.len())]).unwrap();
         }
         filler.finish().unwrap();
-        assert_eq!(&body.to_bytes().await.unwrap()[..], &data[..]);
+        assert!(body.outcome().await.is_ok());
+        assert_eq!(&body.read_now(0, u32::MAX).unwrap().unwrap()[..], &data[..]);
         let empty = Body::whole(Bytes::new());
-        assert!(empty.complete().await.is_ok());
+        assert!(empty.outcome().await.is_ok());
     }
 }

@@ -608,7 +608,7 @@ impl<S: Source> FhirFs<S> {
                     .as_ref()
                     .is_some_and(|c| c.version_id.is_some() && c.version_id == meta.version_id) =>
             {
-                body.complete().await.map(|()| Streamed::Content { meta, body })
+                body.outcome().await.map(|()| Streamed::Content { meta, body })
             }
             other => other,
         };
