@@ -30,9 +30,9 @@ const RETRY_MAX_DELAY: Duration = Duration::from_secs(4);
 /// with jitter), so a server that is down gives EIO promptly, not at the deadline.
 const MAX_RETRIES: usize = 4;
 
-/// Chunks read off the connection ahead of the JSON decoder (hyper's are up to 408 KiB, so
-/// about 3 MiB at most, outside the cache's count).
-const DECODE_READ_AHEAD: usize = 8;
+/// Chunks read off the connection ahead of the code that takes them (hyper's are up to
+/// 408 KiB, so about 3 MiB at most, outside the cache's count).
+const READ_AHEAD_CHUNKS: usize = 8;
 
 /// How long the start-up check waits for the server.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -325,45 +325,40 @@ impl HttpSource {
         Ok(Answer { status, headers, body, rest: None, binary: None })
     }
 
-    /// Reads a body into one buffer sized from `Content-Length`, refusing more than `limit`.
-    async fn body(mut response: reqwest::Response, limit: u64) -> Result<Vec<u8>, Failure> {
-        let too_large = || Failure::fatal(SourceError::TooLarge { limit });
-        let declared = response.content_length();
-        if declared.is_some_and(|len| len > limit) {
-            return Err(too_large());
-        }
+    /// Reads a body into one buffer sized from `Content-Length`.
+    async fn body(response: reqwest::Response, limit: u64) -> Result<Vec<u8>, Failure> {
+        let declared = response.content_length().filter(|&len| len <= limit);
         let mut buf = Vec::with_capacity(declared.unwrap_or(0) as usize);
-        while let Some(chunk) =
-            response.chunk().await.map_err(|e| Failure::transient(transport(e)))?
-        {
-            if buf.len() as u64 + chunk.len() as u64 > limit {
-                return Err(too_large());
-            }
-            buf.extend_from_slice(&chunk);
-        }
-        if let Some(declared) = declared.filter(|&len| len != buf.len() as u64) {
-            let got = buf.len();
-            let error = format!("body has {got} bytes, Content-Length said {declared}");
-            return Err(Failure::transient(SourceError::BadBody(error)));
-        }
+        Self::each_chunk(response, limit, |chunk| buf.extend_from_slice(chunk)).await?;
         Ok(buf)
     }
 
     /// Reads a FHIR JSON Binary, decoding `data` as the body arrives (see [`JsonBinaryDecoder`]);
     /// the body's own faults (too long, cut short) are the read's, the resource's are inside.
     async fn decoded(
-        mut response: reqwest::Response,
+        response: reqwest::Response,
         limit: u64,
     ) -> Result<Result<fhir::Binary, String>, Failure> {
+        let declared = response.content_length().filter(|&len| len <= limit);
+        let mut decoder = JsonBinaryDecoder::new(declared.unwrap_or(0) as usize);
+        Self::each_chunk(response, limit, |chunk| decoder.push(chunk)).await?;
+        Ok(decoder.finish())
+    }
+
+    /// Hands a body to `sink` chunk by chunk, refusing more than `limit` bytes and a body whose
+    /// length is not its `Content-Length`. Another task takes the chunks off the connection
+    /// meanwhile, so receiving overlaps with what `sink` does (dropping this stops it).
+    async fn each_chunk(
+        mut response: reqwest::Response,
+        limit: u64,
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<(), Failure> {
         let too_large = || Failure::fatal(SourceError::TooLarge { limit });
         let declared = response.content_length();
         if declared.is_some_and(|len| len > limit) {
             return Err(too_large());
         }
-        let mut decoder = JsonBinaryDecoder::new(declared.unwrap_or(0) as usize);
-        // Another task takes the chunks off the connection while this one decodes, so that
-        // receiving and decoding overlap (dropping the set stops it).
-        let (sender, mut chunks) = tokio::sync::mpsc::channel(DECODE_READ_AHEAD);
+        let (sender, mut chunks) = tokio::sync::mpsc::channel(READ_AHEAD_CHUNKS);
         let mut reader = tokio::task::JoinSet::new();
         reader.spawn(async move {
             loop {
@@ -386,13 +381,13 @@ impl HttpSource {
             if read > limit {
                 return Err(too_large());
             }
-            decoder.push(&chunk);
+            sink(&chunk);
         }
         if let Some(declared) = declared.filter(|&len| len != read) {
             let error = format!("body has {read} bytes, Content-Length said {declared}");
             return Err(Failure::transient(SourceError::BadBody(error)));
         }
-        Ok(decoder.finish())
+        Ok(())
     }
 
     /// GET with retries (transient statuses and connection errors, backing off, honouring
