@@ -517,22 +517,6 @@ async fn search(
     server.answer(StatusCode::OK, FHIR_JSON, &body)
 }
 
-/// Whether the client asked for the FHIR JSON form (the default when it names no type).
-fn wants_json(headers: &HeaderMap, params: &[(String, String)]) -> bool {
-    let json_type = |t: &str| matches!(t, "json" | FHIR_JSON | "application/json");
-    if param(params, "_format").is_some_and(json_type) {
-        return true;
-    }
-    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
-        return true;
-    };
-    accept.trim().is_empty()
-        || accept
-            .split(',')
-            .filter_map(|item| item.split(';').next())
-            .any(|media| json_type(&media.trim().to_ascii_lowercase()))
-}
-
 /// Whether `If-None-Match` names version 1 (weak comparison) or `*`.
 fn not_modified(headers: &HeaderMap) -> bool {
     headers
@@ -568,7 +552,7 @@ async fn read(
         Stats::add(&stats.not_modified, 1);
         return (StatusCode::NOT_MODIFIED, validators).into_response();
     }
-    let json = wants_json(&headers, &params);
+    let json = fhirfs::loopback::wants_json(&headers, &params);
     if method == Method::HEAD {
         Stats::add(&stats.heads, 1);
     } else if json {

@@ -729,7 +729,7 @@ impl Inner {
             && match quirks {
                 Quirks::Standard | Quirks::Hapi => wants_json(headers, params),
                 Quirks::Medplum => accept_starts_with_fhir_json(headers),
-                Quirks::Microsoft if microsoft_accepts(headers, params) => true,
+                Quirks::Microsoft if accepts_json(headers, params, true) => true,
                 Quirks::Microsoft => {
                     return outcome(406, "this server only serves FHIR formats");
                 }
@@ -1218,28 +1218,15 @@ fn outcome_entry() -> Value {
     })
 }
 
-/// Whether the client asked for the FHIR JSON form (the default when it names no type).
-fn wants_json(headers: &HeaderMap, params: &[(String, String)]) -> bool {
-    let json_type = |t: &str| matches!(t, "json" | FHIR_JSON | "application/json");
-    if param(params, "_format").is_some_and(json_type) {
-        return true;
-    }
-    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
-        return true;
-    };
-    accept.trim().is_empty() || media_ranges(accept).any(|media| json_type(&media))
+/// Whether the client asked for the FHIR JSON form, as HAPI decides it: the default when it
+/// names no type (`_format` or `Accept`); also used by `examples/bench_server.rs`.
+pub fn wants_json(headers: &HeaderMap, params: &[(String, String)]) -> bool {
+    accepts_json(headers, params, false)
 }
 
-/// Medplum: FHIR JSON only when the Accept header starts with `application/fhir+json`.
-fn accept_starts_with_fhir_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|accept| accept.trim_start().starts_with(FHIR_JSON))
-}
-
-/// Microsoft: whether the request accepts the FHIR JSON form (else 406).
-fn microsoft_accepts(headers: &HeaderMap, params: &[(String, String)]) -> bool {
+/// Whether the request accepts the FHIR JSON form: `_format=json`, no or an empty Accept, or an
+/// Accept naming a JSON type (or `*/*` when `star` counts, as Microsoft's server has it).
+fn accepts_json(headers: &HeaderMap, params: &[(String, String)], star: bool) -> bool {
     let json_type = |t: &str| matches!(t, "json" | FHIR_JSON | "application/json");
     if param(params, "_format").is_some_and(json_type) {
         return true;
@@ -1248,7 +1235,15 @@ fn microsoft_accepts(headers: &HeaderMap, params: &[(String, String)]) -> bool {
         return true;
     };
     accept.trim().is_empty()
-        || media_ranges(accept).any(|media| json_type(&media) || media == "*/*")
+        || media_ranges(accept).any(|media| json_type(&media) || (star && media == "*/*"))
+}
+
+/// Medplum: FHIR JSON only when the Accept header starts with `application/fhir+json`.
+fn accept_starts_with_fhir_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.trim_start().starts_with(FHIR_JSON))
 }
 
 /// The media ranges of an Accept header, lowercased, without parameters.
