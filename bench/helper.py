@@ -102,6 +102,7 @@ def stats(url):
     names = [
         ("searches", "search"),
         ("json_reads", "json"),
+        ("summary_reads", "summary"),
         ("raw_reads", "raw"),
         ("not_modified", "304"),
         ("heads", "head"),

@@ -118,6 +118,8 @@ struct Binary {
     data: Segments,
     /// `GET Binary/{id}` as FHIR JSON.
     json: Segments,
+    /// `GET Binary/{id}?_summary=true`: the resource without `data`, tagged SUBSETTED.
+    subset: Segments,
     /// A search entry without `data`, tagged SUBSETTED.
     entry_subset: Bytes,
     /// A search entry with `data`.
@@ -129,6 +131,7 @@ struct Binary {
 struct Stats {
     searches: AtomicU64,
     json_reads: AtomicU64,
+    summary_reads: AtomicU64,
     raw_reads: AtomicU64,
     not_modified: AtomicU64,
     heads: AtomicU64,
@@ -145,6 +148,7 @@ impl Stats {
         json!({
             "searches": get(&self.searches),
             "json_reads": get(&self.json_reads),
+            "summary_reads": get(&self.summary_reads),
             "raw_reads": get(&self.raw_reads),
             "not_modified": get(&self.not_modified),
             "heads": get(&self.heads),
@@ -159,6 +163,7 @@ impl Stats {
         for counter in [
             &self.searches,
             &self.json_reads,
+            &self.summary_reads,
             &self.raw_reads,
             &self.not_modified,
             &self.heads,
@@ -364,19 +369,23 @@ impl Binary {
         let full_url = serde_json::to_string(&format!("{base}/Binary/{id}")).unwrap_or_default();
         let entry_head = format!("{{\"fullUrl\":{full_url},\"resource\":");
         let entry_tail = ",\"search\":{\"mode\":\"match\"}}";
-        let subset = format!(
-            "{entry_head}{}{entry_tail}",
-            envelope.replacen(
-                "\"versionId\"",
-                &format!("\"tag\":{SUBSETTED_TAG},\"versionId\""),
-                1
-            )
+        let subset = envelope.replacen(
+            "\"versionId\"",
+            &format!("\"tag\":{SUBSETTED_TAG},\"versionId\""),
+            1,
         );
+        let entry_subset = format!("{entry_head}{subset}{entry_tail}");
         let mut entry_full = Segments::default();
         entry_full.push_str(&entry_head);
         entry_full.extend(&json);
         entry_full.push_str(entry_tail);
-        Binary { id: id.to_owned(), raw, data, json, entry_subset: Bytes::from(subset), entry_full }
+        let entry_subset = Bytes::from(entry_subset);
+        let subset = {
+            let mut body = Segments::default();
+            body.push_str(&subset);
+            body
+        };
+        Binary { id: id.to_owned(), raw, data, json, subset, entry_subset, entry_full }
     }
 }
 
@@ -477,10 +486,7 @@ async fn search(
                     return server.outcome(StatusCode::BAD_REQUEST, "invalid", "invalid _count");
                 }
             };
-            let no_data_element = param(&params, "_elements")
-                .is_some_and(|v| !v.split(',').any(|e| e.trim() == "data"));
-            let summary = param(&params, "_summary").is_some_and(|v| v == "true" || v == "text");
-            (0, count, server.listing_data || !(no_data_element || summary))
+            (0, count, server.listing_data || !fhirfs::loopback::leaves_data_out(&params))
         }
     };
     let size = count.min(server.page_cap);
@@ -553,15 +559,21 @@ async fn read(
         return (StatusCode::NOT_MODIFIED, validators).into_response();
     }
     let json = fhirfs::loopback::wants_json(&headers, &params);
+    let summary = json && fhirfs::loopback::leaves_data_out(&params);
     if method == Method::HEAD {
         Stats::add(&stats.heads, 1);
+    } else if summary {
+        Stats::add(&stats.summary_reads, 1);
     } else if json {
         Stats::add(&stats.json_reads, 1);
     } else {
         Stats::add(&stats.raw_reads, 1);
     }
-    let (content_type, body) =
-        if json { (FHIR_JSON, &binary.json) } else { (CONTENT_TYPE, &binary.raw) };
+    let (content_type, body) = match (json, summary) {
+        (true, true) => (FHIR_JSON, &binary.subset),
+        (true, false) => (FHIR_JSON, &binary.json),
+        _ => (CONTENT_TYPE, &binary.raw),
+    };
     let mut response = server.answer(StatusCode::OK, content_type, body);
     response.headers_mut().extend(validators);
     response

@@ -37,6 +37,13 @@ const READ_AHEAD_CHUNKS: usize = 8;
 /// How long the start-up check waits for the server.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The most a `_summary=true` read may send: the resource without `data` is a few hundred
+/// bytes. A server that ignores `_summary` sends the whole Binary, which is not read.
+const SUMMARY_LIMIT: u64 = 64 << 10;
+
+/// How long a raw read waits for its `_summary=true` read once its own headers are in.
+const SUMMARY_WAIT: Duration = Duration::from_secs(2);
+
 /// Settings of the HTTP source.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -106,6 +113,8 @@ pub struct HttpSource {
     raw: std::sync::atomic::AtomicU8,
     /// The server answered HEAD with 405 or 501.
     head_useless: std::sync::atomic::AtomicBool,
+    /// The server refused `_summary=true` reads or ignored them (sent `data` anyway).
+    summary_useless: std::sync::atomic::AtomicBool,
 }
 
 /// One GET to make: where, what to accept, the version held, and the most body to read.
@@ -263,6 +272,7 @@ impl HttpSource {
             content_types: std::sync::Mutex::default(),
             raw: std::sync::atomic::AtomicU8::new(RAW_UNKNOWN),
             head_useless: std::sync::atomic::AtomicBool::new(false),
+            summary_useless: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -454,8 +464,9 @@ impl HttpSource {
         Ok(())
     }
 
-    /// The Accept for a raw request of `id`, when this fetch should ask for raw bytes.
-    fn raw_accept(&self, id: &str) -> Option<String> {
+    /// The Accept for a raw request of `id`, when this fetch should ask for raw bytes, and
+    /// whether the file's type is known (from a listing or an earlier read).
+    fn raw_accept(&self, id: &str) -> Option<(String, bool)> {
         use std::sync::atomic::Ordering;
         let known = self.content_types.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned();
         // A Binary that is itself JSON is read as FHIR JSON: its raw form could not be told
@@ -463,16 +474,14 @@ impl HttpSource {
         if known.as_deref().is_some_and(|k| k.contains("json")) {
             return None;
         }
-        match self.config.fetch {
-            FetchMode::Json => None,
-            FetchMode::Raw => Some(known.unwrap_or_else(|| "*/*".to_owned())),
-            // Auto proves the server with the first file whose type is known.
-            FetchMode::Auto => match self.raw.load(Ordering::Relaxed) {
-                RAW_PROVEN => Some(known.unwrap_or_else(|| "*/*".to_owned())),
-                RAW_UNKNOWN => known,
-                _ => None,
-            },
-        }
+        let raw = match self.config.fetch {
+            FetchMode::Json => false,
+            FetchMode::Raw => true,
+            // Auto asks for raw bytes until the server shows it does not serve them.
+            FetchMode::Auto => self.raw.load(Ordering::Relaxed) != RAW_REFUSED,
+        };
+        let typed = known.is_some();
+        raw.then(|| (known.unwrap_or_else(|| "*/*".to_owned()), typed))
     }
 
     fn learn_content_type(&self, id: &str, content_type: Option<&str>) {
@@ -494,7 +503,8 @@ impl HttpSource {
         let url = self.binary_url(id)?;
         let mut answer = None;
         let raw_accept = self.raw_accept(id);
-        if let Some(accept) = &raw_accept {
+        let mut summary = None;
+        if let Some((accept, typed)) = &raw_accept {
             let get = Get {
                 url: &url,
                 accept,
@@ -504,12 +514,37 @@ impl HttpSource {
                 stream,
                 decode: true,
             };
-            let raw = self.get(&get, deadline).await;
+            // A raw answer's headers give only whole seconds (HAPI not even those), and say
+            // nothing of a JSON-typed Binary. For a file no listing has described, ask for the
+            // resource without `data` at the same time.
+            let (raw, summarised) = if *typed || cached.is_some() {
+                (self.get(&get, deadline).await, None)
+            } else {
+                let raw_get = self.get(&get, deadline);
+                let summary_get = self.summary(&url, deadline);
+                tokio::pin!(raw_get, summary_get);
+                tokio::select! {
+                    raw = &mut raw_get => {
+                        // Not worth waiting long for: without it, the headers' times do.
+                        let wait = tokio::time::timeout(SUMMARY_WAIT, &mut summary_get);
+                        let summarised = if raw.is_ok() { wait.await.ok().flatten() } else { None };
+                        (raw, summarised)
+                    }
+                    summarised = &mut summary_get => (raw_get.await, summarised),
+                }
+            };
+            summary = summarised;
+            let json_typed = summary.as_ref().is_some_and(|s| {
+                s.meta.content_type.as_deref().is_some_and(|k| k.contains("json"))
+            });
+            // Read a JSON-typed Binary as FHIR JSON, whatever this answer holds.
+            let raw =
+                raw.map(|a| (!json_typed || a.status == StatusCode::NOT_MODIFIED).then_some(a));
             match raw {
-                Ok(a) if a.status == StatusCode::NOT_MODIFIED => {
+                Ok(Some(a)) if a.status == StatusCode::NOT_MODIFIED => {
                     return Ok(Got::Done(Fetched::NotModified));
                 }
-                Ok(a) => {
+                Ok(Some(a)) => {
                     let kind = media_type(&a.headers);
                     let native = kind != FHIR_JSON && kind != "application/json";
                     let expected = essence(accept);
@@ -527,6 +562,7 @@ impl HttpSource {
                     );
                     answer = Some(a);
                 }
+                Ok(None) => {}
                 // 406: this server does not serve native bytes; ask for FHIR JSON.
                 Err(SourceError::Status(406)) => {
                     self.raw.store(RAW_REFUSED, Ordering::Relaxed);
@@ -560,8 +596,11 @@ impl HttpSource {
             || (kind == "application/json" && fhir::looks_like_binary(&answer.body));
         if !is_fhir {
             let content_type = (!kind.is_empty()).then(|| kind.clone());
-            let meta = Meta { content_type, ..from_headers };
-            if let (Some(response), Some(accept)) = (answer.rest, raw_accept) {
+            let mut meta = Meta { content_type, ..from_headers };
+            if let Some(summary) = summary {
+                meta = self.with_summary(id, meta, summary.meta);
+            }
+            if let (Some(response), Some((accept, _))) = (answer.rest, raw_accept) {
                 let len = response.content_length().unwrap_or(0);
                 self.check_size(usize::try_from(len).unwrap_or(usize::MAX))?;
                 let etag = answer.headers.get(header::ETAG).cloned();
@@ -589,6 +628,71 @@ impl HttpSource {
         // No `data`: some servers keep the bytes outside the resource and only serve them raw.
         // Ask for the native form before calling the file empty.
         self.fetch_raw(&url, meta, binary.subsetted, deadline).await.map(Got::Done)
+    }
+
+    /// The Binary without `data` (`_summary=true`): its times to the millisecond and its type,
+    /// for a raw read of a file no listing has described. `None` when the server cannot say;
+    /// a server that refuses or ignores `_summary` is not asked again.
+    async fn summary(&self, url: &Url, deadline: Instant) -> Option<fhir::Binary> {
+        use std::sync::atomic::Ordering;
+        if self.summary_useless.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut url = url.clone();
+        url.query_pairs_mut().append_pair("_summary", "true");
+        let get = Get {
+            url: &url,
+            accept: FHIR_JSON,
+            if_none_match: None,
+            limit: SUMMARY_LIMIT,
+            reserve: None,
+            stream: false,
+            decode: false,
+        };
+        let (summary, useless) = match self.get(&get, deadline).await {
+            Ok(answer)
+                if matches!(
+                    media_type(&answer.headers).as_str(),
+                    FHIR_JSON | "application/json"
+                ) =>
+            {
+                match fhir::decode_binary(answer.body) {
+                    // `data` came anyway: the server ignores `_summary`.
+                    Ok(binary) => {
+                        let ignored = binary.data.is_some();
+                        (Some(binary), ignored)
+                    }
+                    Err(_) => (None, true),
+                }
+            }
+            Ok(_) | Err(SourceError::TooLarge { .. } | SourceError::BadBody(_)) => (None, true),
+            Err(SourceError::Status(400 | 405 | 406 | 501)) => (None, true),
+            Err(_) => (None, false),
+        };
+        if useless {
+            debug!("the server does not answer `_summary=true` reads: no longer asking");
+            self.summary_useless.store(true, Ordering::Relaxed);
+        }
+        summary
+    }
+
+    /// `meta` from a raw answer's headers, completed by the summary read beside it when both
+    /// describe the same version: `meta.lastUpdated` has the milliseconds `Last-Modified` lacks.
+    fn with_summary(&self, id: &str, meta: Meta, summary: Meta) -> Meta {
+        if let (Some(raw), Some(summarised)) = (&meta.version_id, &summary.version_id)
+            && raw != summarised
+        {
+            debug!(id, "the summary read saw another version: keeping the headers' times");
+            return meta;
+        }
+        self.learn_content_type(id, summary.content_type.as_deref());
+        Meta {
+            version_id: meta.version_id.or(summary.version_id),
+            last_updated: summary.last_updated.or(meta.last_updated),
+            content_type: summary.content_type.or(meta.content_type),
+            security_context: summary.security_context.or(meta.security_context),
+            size: meta.size,
+        }
     }
 
     async fn fetch_raw(

@@ -72,7 +72,7 @@ pub struct Counts {
     /// `GET /Binary?...` requests, cursor pages included (also HAPI-style `GET [base]?_getpages`
     /// pages and `GET /Binary/_history`).
     pub searches: u64,
-    /// All `GET /Binary/{id}` requests, 304s, 401s and errors included.
+    /// All `GET /Binary/{id}` requests, 304s, 401s and errors included, but not summary reads.
     pub reads: u64,
     /// Reads answered 304 Not Modified.
     pub not_modified: u64,
@@ -82,8 +82,12 @@ pub struct Counts {
     pub heads: u64,
     /// Reads answered 200 with the Binary's native bytes.
     pub raw_reads: u64,
-    /// Reads answered 200 with the Binary as FHIR JSON (injected bodies not included).
+    /// Reads answered 200 with the Binary as FHIR JSON (injected bodies not included), not
+    /// counting those that left `data` out.
     pub json_reads: u64,
+    /// `GET /Binary/{id}` requests that leave `data` out (`_summary=true`, `_elements` without
+    /// `data`), whatever their answer. Faults, holds and gates do not apply to them.
+    pub summary_reads: u64,
     /// Answers to reads and searches by status, faults included. HEADs are not counted, nor
     /// requests that are never answered (`Fault::Hang`).
     pub statuses: BTreeMap<u16, u64>,
@@ -367,6 +371,8 @@ impl Xorshift {
 enum Arrival<'a> {
     Search,
     Read(&'a str),
+    /// A read that leaves `data` out (`_summary=true`, `_elements` without `data`).
+    Summary,
     Head,
 }
 
@@ -533,8 +539,8 @@ impl LoopbackServer {
         self.inner.lock().page_cap = cap;
     }
 
-    /// When true, searches include `data` even if `_elements`/`_summary` ask to drop it
-    /// (default false: honour `_elements`).
+    /// When true, searches and reads include `data` even if `_elements`/`_summary` ask to drop
+    /// it, as a server that ignores them does (default false: honour them).
     pub fn set_listing_data(&self, include: bool) {
         self.inner.lock().listing_data = include;
     }
@@ -618,6 +624,7 @@ impl Inner {
         self.counts.send_modify(|c| match arrival {
             Arrival::Search => c.searches += 1,
             Arrival::Head => c.heads += 1,
+            Arrival::Summary => c.summary_reads += 1,
             Arrival::Read(id) => {
                 c.reads += 1;
                 *c.per_id.entry(id.to_owned()).or_default() += 1;
@@ -757,8 +764,12 @@ impl Inner {
             if count {
                 self.counts.send_modify(|c| c.json_reads += 1);
             }
-            let form =
-                if quirks == Quirks::Medplum && item.raw { Form::WithoutData } else { Form::Full };
+            let subset = leaves_data_out(params) && !state.listing_data;
+            let form = match quirks {
+                _ if subset => Form::Subsetted,
+                Quirks::Medplum if item.raw => Form::WithoutData,
+                _ => Form::Full,
+            };
             let pretty = param(params, "_pretty") == Some("true");
             let body = state.render(&state.binary_json(id, version, item, form), pretty);
             return (validators, [(header::CONTENT_TYPE, FHIR_JSON)], body).into_response();
@@ -953,14 +964,11 @@ impl ServerState {
             None if self.quirks == Quirks::Microsoft => MICROSOFT_PAGE_SIZE,
             None => DEFAULT_COUNT,
         };
-        let no_data_element =
-            param("_elements").is_some_and(|v| !v.split(',').any(|e| e.trim() == "data"));
-        let summary = param("_summary").is_some_and(|v| matches!(v, "true" | "text"));
         let ids = param("_id").map(|v| v.split(',').map(|id| id.trim().to_owned()).collect());
         Ok(Page {
             offset: 0,
             count,
-            subsetted: no_data_element || summary,
+            subsetted: leaves_data_out(params),
             ids,
             first: url.to_owned(),
             query: params.to_vec(),
@@ -1054,6 +1062,13 @@ async fn read(
     Query(params): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Response {
+    if leaves_data_out(&params) {
+        let throttled = inner.arrive(Arrival::Summary).await;
+        let response = inner.gatekeep(throttled, &headers);
+        let response =
+            response.unwrap_or_else(|| inner.binary(&id, &params, &headers, false, false));
+        return inner.answered(response);
+    }
     let throttled = inner.arrive(Arrival::Read(&id)).await;
     let gate = inner.lock().holds.get(&id).cloned();
     if let Some(mut gate) = gate {
@@ -1257,6 +1272,14 @@ fn media_ranges(accept: &str) -> impl Iterator<Item = String> + '_ {
 /// The first value of query parameter `name`.
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
     params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// Whether `_elements` (without `data`) or `_summary=true|text` ask for the resource without
+/// its `data`.
+pub fn leaves_data_out(params: &[(String, String)]) -> bool {
+    let no_data_element =
+        param(params, "_elements").is_some_and(|v| !v.split(',').any(|e| e.trim() == "data"));
+    no_data_element || param(params, "_summary").is_some_and(|v| matches!(v, "true" | "text"))
 }
 
 /// Whether `If-None-Match` names `etag` (weak comparison) or `*`.

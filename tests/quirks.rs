@@ -222,3 +222,63 @@ fn escaped_slashes_in_listing_data_give_exact_sizes() {
     assert_eq!(server.server.counts().reads, reads, "sizes came from the listing's `data`");
     check_files(&server, &mount, &samples);
 }
+
+/// A name no listing described is read raw (streamed), with a `_summary=true` read beside it
+/// for what the raw headers lack: `Last-Modified` has whole seconds, HAPI's raw answers none.
+#[test]
+fn a_file_no_listing_named_is_read_raw_with_its_millisecond_time() {
+    for quirks in [Quirks::Standard, Quirks::Hapi] {
+        let server = Server::start();
+        server.server.set_quirks(quirks);
+        server.server.set_search_status(Some(400));
+        let bytes = noise(3 << 20, 40);
+        server.server.put("scan", "application/dicom", bytes.clone());
+        let mount = Mount::new(&server.base_url());
+        let path = mount.path("scan");
+        let meta = std::fs::metadata(&path).unwrap();
+        let stored = server.server.stored("scan").unwrap();
+        assert_eq!(meta.len(), bytes.len() as u64, "{quirks:?}");
+        assert_eq!(meta.modified().unwrap(), stored.last_updated, "{quirks:?}: to the millisecond");
+        assert!(std::fs::read(&path).unwrap() == bytes, "{quirks:?}: bytes differ");
+        let mime = xattr::get(&path, "user.mime_type").unwrap();
+        assert_eq!(mime.as_deref(), Some(&b"application/dicom"[..]), "{quirks:?}");
+        let counts = server.server.counts();
+        let reads = (counts.raw_reads, counts.json_reads, counts.summary_reads);
+        assert_eq!(reads, (1, 0, 1), "{quirks:?}: (raw, json, summary) reads");
+    }
+}
+
+/// A Binary that is itself JSON cannot be told from the resource in raw form: once the summary
+/// read says so, it is read as FHIR JSON, even when its bytes look like a Binary resource.
+#[test]
+fn a_json_binary_no_listing_named_is_read_as_fhir_json() {
+    let server = Server::start();
+    server.server.set_search_status(Some(400));
+    let lookalike = br#"{"resourceType":"Binary","contentType":"text/plain","data":"AAAA"}"#;
+    server.server.put("config", "application/json", &lookalike[..]);
+    let mount = Mount::new(&server.base_url());
+    assert_eq!(std::fs::read(mount.path("config")).unwrap(), lookalike);
+    let counts = server.server.counts();
+    assert_eq!((counts.json_reads, counts.summary_reads), (1, 1), "{counts:?}");
+}
+
+/// A server that ignores `_summary` sends `data` anyway: asked once, then not again.
+#[test]
+fn a_server_that_ignores_summary_is_asked_once() {
+    let server = Server::start();
+    server.server.set_search_status(Some(400));
+    server.server.set_listing_data(true);
+    let (a, b) = (noise(70_000, 41), noise(90_000, 42));
+    server.server.put("a", "application/pdf", a.clone());
+    server.server.put("b", "application/pdf", b.clone());
+    let mount = Mount::new(&server.base_url());
+    assert!(std::fs::read(mount.path("a")).unwrap() == a);
+    assert!(std::fs::read(mount.path("b")).unwrap() == b);
+    let counts = server.server.counts();
+    assert_eq!((counts.raw_reads, counts.json_reads, counts.summary_reads), (2, 0, 1));
+    // Without the summary, `b` has the whole second of its `Last-Modified`.
+    let stored = server.server.stored("b").unwrap().last_updated;
+    let whole = stored.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let mtime = std::fs::metadata(mount.path("b")).unwrap().modified().unwrap();
+    assert_eq!(mtime, std::time::UNIX_EPOCH + std::time::Duration::from_secs(whole));
+}
