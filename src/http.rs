@@ -537,9 +537,14 @@ impl HttpSource {
             let json_typed = summary.as_ref().is_some_and(|s| {
                 s.meta.content_type.as_deref().is_some_and(|k| k.contains("json"))
             });
-            // Read a JSON-typed Binary as FHIR JSON, whatever this answer holds.
-            let raw =
-                raw.map(|a| (!json_typed || a.status == StatusCode::NOT_MODIFIED).then_some(a));
+            // A JSON-typed Binary is read as FHIR JSON: unless this answer is the resource
+            // itself, ask again.
+            let raw = raw.map(|a| {
+                let keep = !json_typed
+                    || a.status == StatusCode::NOT_MODIFIED
+                    || media_type(&a.headers) == FHIR_JSON;
+                keep.then_some(a)
+            });
             match raw {
                 Ok(Some(a)) if a.status == StatusCode::NOT_MODIFIED => {
                     return Ok(Got::Done(Fetched::NotModified));
