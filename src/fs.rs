@@ -302,7 +302,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// True when `new` is `old` with the sub-second part that `old` (a whole-second HTTP date) lacks.
-fn refines(old: SystemTime, new: SystemTime) -> bool {
+pub(crate) fn refines(old: SystemTime, new: SystemTime) -> bool {
     let (Ok(o), Ok(n)) = (old.duration_since(UNIX_EPOCH), new.duration_since(UNIX_EPOCH)) else {
         return false;
     };

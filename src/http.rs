@@ -41,7 +41,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// bytes. A server that ignores `_summary` sends the whole Binary, which is not read.
 const SUMMARY_LIMIT: u64 = 64 << 10;
 
-/// How long a raw read waits for its `_summary=true` read once its own headers are in.
+/// The longest a raw read waits for its `_summary=true` read, asked once the raw headers are
+/// in (and never more than half the time left before the fetch's deadline).
 const SUMMARY_WAIT: Duration = Duration::from_secs(2);
 
 /// Settings of the HTTP source.
@@ -503,8 +504,9 @@ impl HttpSource {
         let url = self.binary_url(id)?;
         let mut answer = None;
         let raw_accept = self.raw_accept(id);
-        let mut summary = None;
-        if let Some((accept, typed)) = &raw_accept {
+        // Set when a raw answer turned out to be the FHIR resource labelled `application/json`.
+        let mut labelled_json = false;
+        if let Some((accept, _)) = &raw_accept {
             let get = Get {
                 url: &url,
                 accept,
@@ -514,46 +516,22 @@ impl HttpSource {
                 stream,
                 decode: true,
             };
-            // A raw answer's headers give only whole seconds (HAPI not even those), and say
-            // nothing of a JSON-typed Binary. For a file no listing has described, ask for the
-            // resource without `data` at the same time.
-            let (raw, summarised) = if *typed || cached.is_some() {
-                (self.get(&get, deadline).await, None)
-            } else {
-                let raw_get = self.get(&get, deadline);
-                let summary_get = self.summary(&url, deadline);
-                tokio::pin!(raw_get, summary_get);
-                tokio::select! {
-                    raw = &mut raw_get => {
-                        // Not worth waiting long for: without it, the headers' times do.
-                        let wait = tokio::time::timeout(SUMMARY_WAIT, &mut summary_get);
-                        let summarised = if raw.is_ok() { wait.await.ok().flatten() } else { None };
-                        (raw, summarised)
-                    }
-                    summarised = &mut summary_get => (raw_get.await, summarised),
-                }
-            };
-            summary = summarised;
-            let json_typed = summary.as_ref().is_some_and(|s| {
-                s.meta.content_type.as_deref().is_some_and(|k| k.contains("json"))
-            });
-            // A JSON-typed Binary is read as FHIR JSON: unless this answer is the resource
-            // itself, ask again.
-            let raw = raw.map(|a| {
-                let keep = !json_typed
-                    || a.status == StatusCode::NOT_MODIFIED
-                    || media_type(&a.headers) == FHIR_JSON;
-                keep.then_some(a)
-            });
-            match raw {
-                Ok(Some(a)) if a.status == StatusCode::NOT_MODIFIED => {
+            match self.get(&get, deadline).await {
+                Ok(a) if a.status == StatusCode::NOT_MODIFIED => {
                     return Ok(Got::Done(Fetched::NotModified));
                 }
-                Ok(Some(a)) => {
+                // The resource or the raw bytes of a JSON Binary that looks like one: ask for
+                // the resource, which says which (`contentType`), and decode it.
+                Ok(a)
+                    if media_type(&a.headers) == "application/json"
+                        && fhir::looks_like_binary(&a.body) =>
+                {
+                    labelled_json = true;
+                }
+                Ok(a) => {
                     let kind = media_type(&a.headers);
-                    let native = kind != FHIR_JSON && kind != "application/json";
                     let expected = essence(accept);
-                    let verdict = if native && (kind == expected || accept == "*/*") {
+                    let verdict = if kind != FHIR_JSON && (kind == expected || accept == "*/*") {
                         RAW_PROVEN
                     } else {
                         RAW_REFUSED
@@ -567,7 +545,6 @@ impl HttpSource {
                     );
                     answer = Some(a);
                 }
-                Ok(None) => {}
                 // 406: this server does not serve native bytes; ask for FHIR JSON.
                 Err(SourceError::Status(406)) => {
                     self.raw.store(RAW_REFUSED, Ordering::Relaxed);
@@ -575,6 +552,7 @@ impl HttpSource {
                 Err(e) => return Err(e),
             }
         }
+        let from_raw = answer.is_some();
         let answer = match answer {
             Some(answer) => answer,
             None => {
@@ -602,8 +580,16 @@ impl HttpSource {
         if !is_fhir {
             let content_type = (!kind.is_empty()).then(|| kind.clone());
             let mut meta = Meta { content_type, ..from_headers };
-            if let Some(summary) = summary {
-                meta = self.with_summary(id, meta, summary.meta);
+            // Raw headers give only whole seconds (HAPI's not even those) and no security
+            // context: for a file no listing described, ask for the resource without `data`.
+            let described = raw_accept.as_ref().is_some_and(|(_, typed)| *typed);
+            if from_raw && !described && cached.is_none() && answer.status == StatusCode::OK {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let wait = SUMMARY_WAIT.min(left / 2);
+                let summary = tokio::time::timeout(wait, self.summary(&url, deadline)).await;
+                if let Ok(Some(summary)) = summary {
+                    meta = self.with_summary(id, meta, summary.meta);
+                }
             }
             if let (Some(response), Some((accept, _))) = (answer.rest, raw_accept) {
                 let len = response.content_length().unwrap_or(0);
@@ -622,6 +608,17 @@ impl HttpSource {
         };
         let binary = binary.map_err(SourceError::BadBody)?;
         self.learn_content_type(id, binary.meta.content_type.as_deref());
+        if labelled_json && !binary.meta.content_type.as_deref().is_some_and(|k| k.contains("json"))
+        {
+            // Not a JSON Binary, so the raw request got the resource: this server answers
+            // `*/*` with FHIR JSON.
+            let _ = self.raw.compare_exchange(
+                RAW_UNKNOWN,
+                RAW_REFUSED,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         let mut meta = binary.meta;
         meta.version_id = meta.version_id.or(from_headers.version_id);
         meta.last_updated = meta.last_updated.or(from_headers.last_updated);
@@ -637,7 +634,8 @@ impl HttpSource {
 
     /// The Binary without `data` (`_summary=true`): its times to the millisecond and its type,
     /// for a raw read of a file no listing has described. `None` when the server cannot say;
-    /// a server that refuses or ignores `_summary` is not asked again.
+    /// a server that ignores `_summary` (sends `data`) or refuses that kind of request (405,
+    /// 406, 501) is not asked again.
     async fn summary(&self, url: &Url, deadline: Instant) -> Option<fhir::Binary> {
         use std::sync::atomic::Ordering;
         if self.summary_useless.load(Ordering::Relaxed) {
@@ -667,12 +665,15 @@ impl HttpSource {
                         let ignored = binary.data.is_some();
                         (Some(binary), ignored)
                     }
-                    Err(_) => (None, true),
+                    Err(_) => (None, false),
                 }
             }
-            Ok(_) | Err(SourceError::TooLarge { .. } | SourceError::BadBody(_)) => (None, true),
-            Err(SourceError::Status(400 | 405 | 406 | 501)) => (None, true),
-            Err(_) => (None, false),
+            // Ignored (the whole Binary is coming) or refused as a kind of request. Any other
+            // failure may be about this one id or this one moment: ask again next time.
+            Err(SourceError::TooLarge { .. } | SourceError::Status(405 | 406 | 501)) => {
+                (None, true)
+            }
+            Ok(_) | Err(_) => (None, false),
         };
         if useless {
             debug!("the server does not answer `_summary=true` reads: no longer asking");
@@ -681,18 +682,28 @@ impl HttpSource {
         summary
     }
 
-    /// `meta` from a raw answer's headers, completed by the summary read beside it when both
-    /// describe the same version: `meta.lastUpdated` has the milliseconds `Last-Modified` lacks.
+    /// `meta` from a raw answer's headers, completed by the summary read after it when both
+    /// surely describe the same version: the same versionId, or (without an ETag) the same
+    /// second as `Last-Modified`. `meta.lastUpdated` has the milliseconds `Last-Modified` lacks.
+    /// The summary's versionId is never taken: the bytes are the raw answer's.
     fn with_summary(&self, id: &str, meta: Meta, summary: Meta) -> Meta {
-        if let (Some(raw), Some(summarised)) = (&meta.version_id, &summary.version_id)
-            && raw != summarised
-        {
-            debug!(id, "the summary read saw another version: keeping the headers' times");
+        let same_version = match (&meta.version_id, &summary.version_id) {
+            (Some(raw), Some(summarised)) => raw == summarised,
+            (None, _) => match (meta.last_updated, summary.last_updated) {
+                (Some(header), Some(summarised)) => {
+                    header == summarised || crate::fs::refines(header, summarised)
+                }
+                _ => false,
+            },
+            (Some(_), None) => false,
+        };
+        if !same_version {
+            debug!(id, "the summary read may describe another version: keeping the headers'");
             return meta;
         }
         self.learn_content_type(id, summary.content_type.as_deref());
         Meta {
-            version_id: meta.version_id.or(summary.version_id),
+            version_id: meta.version_id,
             last_updated: summary.last_updated.or(meta.last_updated),
             content_type: summary.content_type.or(meta.content_type),
             security_context: summary.security_context.or(meta.security_context),
@@ -998,6 +1009,49 @@ mod tests {
         for status in [400, 401, 403, 404, 405, 406, 410, 500, 501] {
             assert!(!is_transient(StatusCode::from_u16(status).unwrap()), "{status}");
         }
+    }
+
+    #[test]
+    fn summaries_complete_only_the_same_version() {
+        let source = HttpSource::new(HttpConfig::new(Url::parse("http://h:1/fhir").unwrap()));
+        let source = source.unwrap();
+        let second = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let precise = second + Duration::from_millis(250);
+        let headers = |version: Option<&str>, time: Option<SystemTime>| Meta {
+            version_id: version.map(str::to_owned),
+            last_updated: time,
+            content_type: Some("application/octet-stream".into()),
+            ..Meta::default()
+        };
+        let summary = |version: Option<&str>| Meta {
+            version_id: version.map(str::to_owned),
+            last_updated: Some(precise),
+            content_type: Some("application/pdf".into()),
+            security_context: Some("Patient/1".into()),
+            size: None,
+        };
+        // The same version: the summary's time, type and security context.
+        let merged = source.with_summary("a", headers(Some("2"), Some(second)), summary(Some("2")));
+        assert_eq!(merged.last_updated, Some(precise));
+        assert_eq!(merged.content_type.as_deref(), Some("application/pdf"));
+        assert_eq!(merged.security_context.as_deref(), Some("Patient/1"));
+        // HAPI: an ETag and no Last-Modified.
+        let merged = source.with_summary("a", headers(Some("2"), None), summary(Some("2")));
+        assert_eq!(merged.last_updated, Some(precise));
+        // Another version, or no way to tell: the headers alone, never the summary's version.
+        for (raw, summarised) in [(Some("1"), Some("2")), (Some("1"), None)] {
+            let raw = headers(raw, Some(second));
+            assert_eq!(source.with_summary("a", raw.clone(), summary(summarised)), raw);
+        }
+        let unversioned = headers(None, Some(second + Duration::from_secs(1)));
+        assert_eq!(source.with_summary("a", unversioned.clone(), summary(Some("2"))), unversioned);
+        assert_eq!(
+            source.with_summary("a", headers(None, None), summary(Some("2"))),
+            headers(None, None)
+        );
+        // No ETag but the same second: the time, not the version.
+        let merged = source.with_summary("a", headers(None, Some(second)), summary(Some("2")));
+        assert_eq!((merged.version_id, merged.last_updated), (None, Some(precise)));
     }
 
     #[test]

@@ -248,12 +248,11 @@ fn a_file_no_listing_named_is_read_raw_with_its_millisecond_time() {
     }
 }
 
-/// A Binary that is itself JSON cannot be told from the resource in raw form: once the summary
-/// read says so, it is read as FHIR JSON, even when its bytes look like a Binary resource.
-/// A server that answers `*/*` with FHIR JSON (Microsoft) has sent the resource already: that
-/// answer is used, not asked for again.
+/// A raw answer of `application/json` that looks like a Binary resource may be the resource or a
+/// JSON Binary's own bytes: the resource is asked for, and says which. A server that answers
+/// `*/*` with FHIR JSON (Microsoft) has sent the resource already: it is used as it is.
 #[test]
-fn a_json_binary_no_listing_named_is_read_as_fhir_json() {
+fn a_json_binary_that_looks_like_a_resource_is_read_as_fhir_json() {
     for quirks in [Quirks::Standard, Quirks::Microsoft] {
         let server = Server::start();
         server.server.set_quirks(quirks);
@@ -266,27 +265,59 @@ fn a_json_binary_no_listing_named_is_read_as_fhir_json() {
         let counts = server.server.counts();
         let reads = (counts.raw_reads, counts.json_reads, counts.summary_reads);
         let raw_first = u64::from(quirks == Quirks::Standard);
-        assert_eq!(reads, (raw_first, 1, 1), "{quirks:?}: (raw, json, summary) reads");
+        assert_eq!(reads, (raw_first, 1, 0), "{quirks:?}: (raw, json, summary) reads");
     }
 }
 
-/// A server that ignores `_summary` sends `data` anyway: asked once, then not again.
+/// Any other JSON in a raw answer is the Binary's own bytes: one raw read (Medplum keeps raw
+/// uploads outside the resource, so the FHIR JSON would not even have them) and a summary.
 #[test]
-fn a_server_that_ignores_summary_is_asked_once() {
+fn a_raw_json_binary_on_medplum_is_read_once() {
+    let server = Server::start();
+    server.server.set_quirks(Quirks::Medplum);
+    let config = br#"{"retries": 3, "hosts": ["a", "b"]}"#;
+    server.server.put_raw("config", "application/json", &config[..]);
+    let mount = Mount::new(&server.base_url());
+    assert_eq!(std::fs::read(mount.path("config")).unwrap(), config);
+    let meta = std::fs::metadata(mount.path("config")).unwrap();
+    assert_eq!(meta.modified().unwrap(), server.server.stored("config").unwrap().last_updated);
+    let counts = server.server.counts();
+    assert_eq!((counts.raw_reads, counts.json_reads, counts.summary_reads), (1, 0, 1));
+}
+
+/// A name the server does not know costs one request, not a summary beside it.
+#[test]
+fn a_missing_name_costs_one_request() {
     let server = Server::start();
     server.server.set_search_status(Some(400));
-    server.server.set_listing_data(true);
-    let (a, b) = (noise(70_000, 41), noise(90_000, 42));
-    server.server.put("a", "application/pdf", a.clone());
-    server.server.put("b", "application/pdf", b.clone());
     let mount = Mount::new(&server.base_url());
-    assert!(std::fs::read(mount.path("a")).unwrap() == a);
-    assert!(std::fs::read(mount.path("b")).unwrap() == b);
+    let err = std::fs::metadata(mount.path("no-such-id")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
     let counts = server.server.counts();
-    assert_eq!((counts.raw_reads, counts.json_reads, counts.summary_reads), (2, 0, 1));
-    // Without the summary, `b` has the whole second of its `Last-Modified`.
-    let stored = server.server.stored("b").unwrap().last_updated;
-    let whole = stored.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let mtime = std::fs::metadata(mount.path("b")).unwrap().modified().unwrap();
-    assert_eq!(mtime, std::time::UNIX_EPOCH + std::time::Duration::from_secs(whole));
+    assert_eq!((counts.reads, counts.summary_reads), (1, 0), "{counts:?}");
+}
+
+/// A server that ignores `_summary` sends `data` anyway: asked once, then not again, whether
+/// the Binary fits the summary's 64 KiB (and its `data` is read) or not (and the read stops).
+#[test]
+fn a_server_that_ignores_summary_is_asked_once() {
+    for size in [20_000, 70_000] {
+        let server = Server::start();
+        server.server.set_search_status(Some(400));
+        server.server.set_listing_data(true);
+        let (a, b) = (noise(size, 41), noise(size + 1, 42));
+        server.server.put("a", "application/pdf", a.clone());
+        server.server.put("b", "application/pdf", b.clone());
+        let mount = Mount::new(&server.base_url());
+        assert!(std::fs::read(mount.path("a")).unwrap() == a, "{size}");
+        assert!(std::fs::read(mount.path("b")).unwrap() == b, "{size}");
+        let counts = server.server.counts();
+        let reads = (counts.raw_reads, counts.json_reads, counts.summary_reads);
+        assert_eq!(reads, (2, 0, 1), "{size}: (raw, json, summary) reads");
+        // Without the summary, `b` has the whole second of its `Last-Modified`.
+        let stored = server.server.stored("b").unwrap().last_updated;
+        let whole = stored.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let mtime = std::fs::metadata(mount.path("b")).unwrap().modified().unwrap();
+        assert_eq!(mtime, std::time::UNIX_EPOCH + std::time::Duration::from_secs(whole), "{size}");
+    }
 }
