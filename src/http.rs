@@ -155,6 +155,9 @@ struct Streaming {
     len: u64,
     response: reqwest::Response,
     resume: Resume,
+    /// `meta` is still to be completed by a summary read ([`HttpSource::summarised`]), once the
+    /// body has started to stream.
+    summarise: bool,
 }
 
 /// How to ask again for a streamed body cut short, and how to know the answer is the same.
@@ -583,21 +586,19 @@ impl HttpSource {
             // Raw headers give only whole seconds (HAPI's not even those) and no security
             // context: for a file no listing described, ask for the resource without `data`.
             let described = raw_accept.as_ref().is_some_and(|(_, typed)| *typed);
-            if from_raw && !described && cached.is_none() && answer.status == StatusCode::OK {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let wait = SUMMARY_WAIT.min(left / 2);
-                let summary = tokio::time::timeout(wait, self.summary(&url, deadline)).await;
-                if let Ok(Some(summary)) = summary {
-                    meta = self.with_summary(id, meta, summary.meta);
-                }
-            }
+            let summarise =
+                from_raw && !described && cached.is_none() && answer.status == StatusCode::OK;
             if let (Some(response), Some((accept, _))) = (answer.rest, raw_accept) {
                 let len = response.content_length().unwrap_or(0);
                 self.check_size(usize::try_from(len).unwrap_or(usize::MAX))?;
                 let etag = answer.headers.get(header::ETAG).cloned();
                 let last_modified = answer.headers.get(header::LAST_MODIFIED).cloned();
                 let resume = Resume { url, accept, etag, last_modified, content_type: kind };
-                return Ok(Got::Streaming(Box::new(Streaming { meta, len, response, resume })));
+                let streaming = Streaming { meta, len, response, resume, summarise };
+                return Ok(Got::Streaming(Box::new(streaming)));
+            }
+            if summarise {
+                meta = self.summarised(id, &url, meta, deadline).await;
             }
             self.check_size(answer.body.len())?;
             return Ok(Got::Done(Fetched::Content { meta, bytes: Bytes::from(answer.body) }));
@@ -680,6 +681,17 @@ impl HttpSource {
             self.summary_useless.store(true, Ordering::Relaxed);
         }
         summary
+    }
+
+    /// `meta` completed by a summary read, awaited at most [`SUMMARY_WAIT`] and half the time
+    /// left before `deadline`.
+    async fn summarised(&self, id: &str, url: &Url, meta: Meta, deadline: Instant) -> Meta {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let wait = SUMMARY_WAIT.min(left / 2);
+        match tokio::time::timeout(wait, self.summary(url, deadline)).await {
+            Ok(Some(summary)) => self.with_summary(id, meta, summary.meta),
+            _ => meta,
+        }
     }
 
     /// `meta` from a raw answer's headers, completed by the summary read after it when both
@@ -937,8 +949,11 @@ impl Source for HttpSource {
                 Got::Done(fetched) => Ok(fetched),
                 // Not asked for; should a body come unread anyway, read it here.
                 Got::Streaming(streaming) => {
-                    let Streaming { meta, len, response, .. } = *streaming;
+                    let Streaming { mut meta, len, response, resume, summarise } = *streaming;
                     let body = Self::body(response, len).await.map_err(|f| f.error)?;
+                    if summarise {
+                        meta = self.summarised(id, &resume.url, meta, deadline).await;
+                    }
                     Ok(Fetched::Content { meta, bytes: Bytes::from(body) })
                 }
             }
@@ -965,9 +980,14 @@ impl Source for HttpSource {
                 Streamed::Content { meta, body: Body::whole(bytes) }
             }
             Got::Streaming(streaming) => {
-                let Streaming { meta, len, response, resume } = *streaming;
+                let Streaming { mut meta, len, response, resume, summarise } = *streaming;
+                let url = resume.url.clone();
                 let (body, filler) = Body::filling(len);
+                // The body streams in while the summary read completes what the file shows.
                 tokio::spawn(Arc::clone(self).fill(response, filler, resume, deadline));
+                if summarise {
+                    meta = self.summarised(id, &url, meta, deadline).await;
+                }
                 Streamed::Content { meta, body }
             }
         })
