@@ -9,12 +9,13 @@
 //! dropped and grow the daemon well past its cache.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 
 use bytes::{Bytes, BytesMut};
 
 use crate::pool;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::error::SourceError;
 
@@ -29,6 +30,15 @@ const PIECE_ALIGN: usize = 256 << 10;
 pub struct Body {
     len: u64,
     state: watch::Sender<State>,
+    /// Set for a body whose bytes are fetched only once a reader needs them.
+    wanted: Option<Arc<Wanted>>,
+}
+
+/// A reader needed bytes of an [`on_demand`](Body::on_demand) body, or the body was dropped.
+#[derive(Debug, Default)]
+struct Wanted {
+    asked: AtomicBool,
+    notify: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -47,16 +57,31 @@ impl Body {
     pub fn whole(bytes: Bytes) -> Arc<Self> {
         let len = bytes.len() as u64;
         let state = State { filled: len, pieces: vec![bytes], starts: vec![0], failed: None };
-        Arc::new(Self { len, state: watch::Sender::new(state) })
+        Arc::new(Self { len, state: watch::Sender::new(state), wanted: None })
     }
 
     /// An empty body of `len` bytes, and the [`Filler`] that writes them in order.
     pub fn filling(len: u64) -> (Arc<Self>, Filler) {
-        let body = Arc::new(Self { len, state: watch::Sender::new(State::default()) });
+        let body =
+            Arc::new(Self { len, state: watch::Sender::new(State::default()), wanted: None });
         let slab = Arc::new(Slab::new(pool::take(usize::try_from(len).unwrap_or(usize::MAX))));
-        let filler =
-            Filler { body: Arc::clone(&body), slab, written: 0, published: 0, done: false };
+        let filler = Filler {
+            end: End { body: Arc::clone(&body), done: false },
+            slab,
+            written: 0,
+            published: 0,
+        };
         (body, filler)
+    }
+
+    /// An empty body of `len` bytes whose bytes nobody fetches until a reader waits for some:
+    /// [`OnDemand::requested`] tells when, and gives the [`Relay`] that brings them.
+    pub fn on_demand(len: u64) -> (Arc<Self>, OnDemand) {
+        let wanted = Arc::new(Wanted::default());
+        let state = watch::Sender::new(State::default());
+        let body = Arc::new(Self { len, state, wanted: Some(Arc::clone(&wanted)) });
+        let demand = OnDemand { body: Arc::downgrade(&body), wanted };
+        (body, demand)
     }
 
     /// Its length in bytes, complete or not.
@@ -86,6 +111,10 @@ impl Body {
     pub async fn read(&self, offset: u64, size: u32) -> Result<Bytes, SourceError> {
         let (start, end) = self.range(offset, size);
         let mut progress = self.state.subscribe();
+        if let Some(wanted) = self.wanted.as_ref().filter(|_| progress.borrow().filled < end) {
+            wanted.asked.store(true, Ordering::Release);
+            wanted.notify.notify_one();
+        }
         let state = progress
             .wait_for(|s| s.filled >= end || s.failed.is_some())
             .await
@@ -144,6 +173,22 @@ impl Body {
         true
     }
 
+    /// Publishes `piece` after the bytes already in.
+    fn append(&self, piece: Bytes) {
+        self.state.send_modify(|s| {
+            s.starts.push(s.filled);
+            s.filled += piece.len() as u64;
+            s.pieces.push(piece);
+        });
+    }
+
+    /// Readers waiting for the rest get `error` (the first one given).
+    fn fail_with(&self, error: SourceError) {
+        self.state.send_modify(|s| {
+            s.failed.get_or_insert(error);
+        });
+    }
+
     /// `offset..offset + size`, clamped to the body.
     fn range(&self, offset: u64, size: u32) -> (u64, u64) {
         let start = offset.min(self.len);
@@ -174,6 +219,131 @@ impl Body {
             out.extend_from_slice(&piece[from..to]);
         }
         Some(Ok(out.freeze()))
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        // Wakes an `OnDemand` still waiting, to find the body gone.
+        if let Some(wanted) = &self.wanted {
+            wanted.notify.notify_one();
+        }
+    }
+}
+
+/// The fetch side of an [`on_demand`](Body::on_demand) body.
+#[derive(Debug)]
+pub struct OnDemand {
+    body: Weak<Body>,
+    wanted: Arc<Wanted>,
+}
+
+impl OnDemand {
+    /// Resolves with the [`Relay`] to fill the body once a reader waits for bytes of it, or
+    /// with `None` once nobody holds the body any more.
+    pub async fn requested(self) -> Option<Relay> {
+        loop {
+            if self.wanted.asked.load(Ordering::Acquire) {
+                let body = self.body.upgrade()?;
+                return Some(Relay { end: End { body, done: false } });
+            }
+            if self.body.strong_count() == 0 {
+                return None;
+            }
+            self.wanted.notify.notified().await;
+        }
+    }
+}
+
+/// Fills an [`on_demand`](Body::on_demand) body with pieces of bytes held elsewhere (the
+/// same version's bytes fetched again), in order and without copying them. Dropped before
+/// [`Relay::finish`], it fails the body.
+#[derive(Debug)]
+pub struct Relay {
+    end: End,
+}
+
+impl Relay {
+    /// Bytes relayed so far.
+    pub fn written(&self) -> u64 {
+        self.end.body.state.borrow().filled
+    }
+
+    /// True when nobody but this relay holds the body any more.
+    pub fn abandoned(&self) -> bool {
+        self.end.abandoned()
+    }
+
+    /// Appends `piece`; an error if it runs past the body's length.
+    pub fn push(&mut self, piece: Bytes) -> Result<(), SourceError> {
+        self.end.check_room(self.written(), piece.len())?;
+        if !piece.is_empty() {
+            self.end.body.append(piece);
+        }
+        Ok(())
+    }
+
+    /// Ends the body; an error (which fails it) when bytes are missing.
+    pub fn finish(mut self) -> Result<(), SourceError> {
+        let written = self.written();
+        self.end.finish(written)
+    }
+
+    /// Gives up: readers waiting for the rest get `error`.
+    pub fn fail(&mut self, error: SourceError) {
+        self.end.fail(error);
+    }
+}
+
+/// The writing end of a body, for [`Filler`] and [`Relay`]: dropped before it is finished, it
+/// fails the body, so a reader never waits for bytes nobody is bringing.
+#[derive(Debug)]
+struct End {
+    body: Arc<Body>,
+    done: bool,
+}
+
+impl End {
+    /// True when nobody else holds the body any more: the rest is not worth fetching.
+    fn abandoned(&self) -> bool {
+        Arc::strong_count(&self.body) == 1
+    }
+
+    /// An error when `more` bytes after `written` run past the body's length.
+    fn check_room(&self, written: u64, more: usize) -> Result<(), SourceError> {
+        if written + more as u64 > self.body.len {
+            return Err(SourceError::BadBody(format!(
+                "body runs past its length of {} bytes",
+                self.body.len
+            )));
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, written: u64) -> Result<(), SourceError> {
+        if written != self.body.len {
+            let error = SourceError::BadBody(format!(
+                "body has {written} bytes, Content-Length said {}",
+                self.body.len
+            ));
+            self.fail(error.clone());
+            return Err(error);
+        }
+        self.done = true;
+        Ok(())
+    }
+
+    fn fail(&mut self, error: SourceError) {
+        self.done = true;
+        self.body.fail_with(error);
+    }
+}
+
+impl Drop for End {
+    fn drop(&mut self) {
+        if !self.done {
+            self.fail(abandoned());
+        }
     }
 }
 
@@ -248,14 +418,13 @@ impl AsRef<[u8]> for Piece {
 /// a reader never waits for bytes nobody is fetching.
 #[derive(Debug)]
 pub struct Filler {
-    body: Arc<Body>,
+    end: End,
     /// The body's buffer.
     slab: Arc<Slab>,
     /// Bytes written so far, published or not.
     written: u64,
     /// Bytes readers may see: `slab[..published]`, never written again.
     published: u64,
-    done: bool,
 }
 
 impl Filler {
@@ -266,7 +435,7 @@ impl Filler {
 
     /// True when nobody holds the body any more: the rest of it is not worth fetching.
     pub fn abandoned(&self) -> bool {
-        Arc::strong_count(&self.body) == 1
+        self.end.abandoned()
     }
 
     /// Appends `bytes` and makes them readable; an error if they run past the body's length.
@@ -274,16 +443,11 @@ impl Filler {
         if bytes.is_empty() {
             return Ok(());
         }
-        if self.written + bytes.len() as u64 > self.body.len {
-            return Err(SourceError::BadBody(format!(
-                "body runs past its Content-Length of {} bytes",
-                self.body.len
-            )));
-        }
+        self.end.check_room(self.written, bytes.len())?;
         self.slab.write(self.written as usize, bytes);
         self.written += bytes.len() as u64;
         let unpublished = (self.written - self.published) as usize;
-        if self.written == self.body.len {
+        if self.written == self.end.body.len {
             self.publish(unpublished);
         } else {
             self.publish(unpublished / PIECE_ALIGN * PIECE_ALIGN);
@@ -299,11 +463,7 @@ impl Filler {
         let start = self.published as usize;
         let piece = Bytes::from_owner(Piece { slab: Arc::clone(&self.slab), start, len: n });
         self.published += n as u64;
-        self.body.state.send_modify(|s| {
-            s.starts.push(s.filled);
-            s.filled += piece.len() as u64;
-            s.pieces.push(piece);
-        });
+        self.end.body.append(piece);
     }
 
     /// True when `bytes` equal the body's bytes from `offset` (all of them written already):
@@ -319,32 +479,12 @@ impl Filler {
     /// Ends the body; an error (which fails it) when bytes are missing.
     pub fn finish(mut self) -> Result<(), SourceError> {
         let written = self.written;
-        if written != self.body.len {
-            let error = SourceError::BadBody(format!(
-                "body has {written} bytes, Content-Length said {}",
-                self.body.len
-            ));
-            self.fail(error.clone());
-            return Err(error);
-        }
-        self.done = true;
-        Ok(())
+        self.end.finish(written)
     }
 
     /// Gives up: readers waiting for the rest get `error`.
     pub fn fail(&mut self, error: SourceError) {
-        self.done = true;
-        self.body.state.send_modify(|s| {
-            s.failed.get_or_insert(error);
-        });
-    }
-}
-
-impl Drop for Filler {
-    fn drop(&mut self) {
-        if !self.done {
-            self.fail(abandoned());
-        }
+        self.end.fail(error);
     }
 }
 
@@ -354,6 +494,47 @@ mod tests {
 
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn an_on_demand_body_is_requested_by_its_first_waiting_reader_only() {
+        let data = Bytes::from(pattern(3 * PIECE_ALIGN));
+        let (body, demand) = Body::on_demand(data.len() as u64);
+        let requested = tokio::spawn(demand.requested());
+        assert!(body.read_now(0, 10).is_none(), "a look at the bytes asks for nothing");
+        tokio::task::yield_now().await;
+        assert!(!requested.is_finished());
+        let reader = {
+            let body = Arc::clone(&body);
+            tokio::spawn(async move { body.read(PIECE_ALIGN as u64, 100).await })
+        };
+        let mut relay = requested.await.unwrap().expect("a reader waits");
+        relay.push(data.slice(..2 * PIECE_ALIGN)).unwrap();
+        let read = reader.await.unwrap().unwrap();
+        assert_eq!(read, data.slice(PIECE_ALIGN..PIECE_ALIGN + 100), "relayed pieces are sliced");
+        assert!(relay.push(data.slice(..2 * PIECE_ALIGN)).is_err(), "past the end");
+        relay.push(data.slice(2 * PIECE_ALIGN..)).unwrap();
+        relay.finish().unwrap();
+        assert!(body.same_bytes(&Body::whole(data)));
+
+        // Nobody reads and the body goes: the fetch side learns it, and stops waiting.
+        let (body, demand) = Body::on_demand(10);
+        let requested = tokio::spawn(demand.requested());
+        tokio::task::yield_now().await;
+        drop(body);
+        assert!(requested.await.unwrap().is_none());
+
+        // A relay dropped early fails the readers.
+        let (body, demand) = Body::on_demand(10);
+        let reader = {
+            let body = Arc::clone(&body);
+            tokio::spawn(async move { body.read(0, 10).await })
+        };
+        let mut relay = demand.requested().await.unwrap();
+        relay.push(Bytes::from_static(b"abc")).unwrap();
+        drop(relay);
+        assert!(reader.await.unwrap().is_err());
+        assert!(body.failed());
     }
 
     #[test]

@@ -162,6 +162,8 @@ struct Node {
     listed: Option<Instant>,
     /// The content generation the kernel's page cache holds, from the last open.
     kernel_generation: Option<u64>,
+    /// The version of that generation.
+    kernel_version: Option<String>,
     /// Position in the latest listing.
     index: Option<usize>,
     /// A size read-ahead fetch is queued or running.
@@ -206,6 +208,7 @@ impl Nodes {
             checked: None,
             listed: None,
             kernel_generation: None,
+            kernel_version: None,
             index: None,
             prefetching: false,
             pin: None,
@@ -948,7 +951,10 @@ impl<S: Source> FhirFs<S> {
         let joined = pinned.is_some();
         let fetched = match pinned {
             Some(content) => Ok(content),
-            None => self.content(&id).await,
+            None => match self.kernel_held(ino, &id) {
+                Some(content) => Ok(content),
+                None => self.content(&id).await,
+            },
         };
         let mut nodes = lock(&self.nodes);
         let node = nodes.by_ino.get_mut(&ino).ok_or(FsError::NoEntry)?;
@@ -977,10 +983,80 @@ impl<S: Source> FhirFs<S> {
         };
         let keep_cache = node.kernel_generation == Some(content.generation);
         node.kernel_generation = Some(content.generation);
+        node.kernel_version.clone_from(&content.version_id);
         drop(nodes);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.handles).insert(fh, Handle::File { ino, content });
         Ok(Opened { fh, keep_cache })
+    }
+
+    /// For a file whose bytes left the cache while the kernel's page cache still holds them
+    /// (the version the server still names, confirmed within the TTLs): content that fetches
+    /// nothing until a read reaches the daemon, which happens only for pages the kernel
+    /// dropped. Re-reading more files than `--cache-size` holds then costs no request.
+    fn kernel_held(self: &Arc<Self>, ino: u64, id: &str) -> Option<Arc<Content>> {
+        if self.fresh_content(id).is_some() {
+            return None;
+        }
+        let (generation, version, len) = {
+            let nodes = lock(&self.nodes);
+            let node = nodes.by_ino.get(&ino)?;
+            // A pin here is a version whose body failed: the server may not have it any more.
+            if node.pin.is_some() {
+                return None;
+            }
+            let version = node.kernel_version.clone()?;
+            let confirmed = node.meta.version_id.as_ref() == Some(&version)
+                && (is_fresh(node.checked, self.config.cache_ttl)
+                    || is_fresh(node.listed, self.config.dir_ttl));
+            let len = node.meta.size.filter(|&len| len > 0 && confirmed)?;
+            (node.kernel_generation?, version, len)
+        };
+        Stats::add(&self.stats.cache_hits, 1);
+        let (body, demand) = Body::on_demand(len);
+        let this = Arc::clone(self);
+        let owned = id.to_owned();
+        let expected = version.clone();
+        tokio::spawn(async move {
+            let Some(mut relay) = demand.requested().await else { return };
+            debug!(id = owned, "the kernel dropped pages of a file no longer cached: fetching it");
+            let result = this.relay(&owned, &expected, &mut relay).await;
+            match result {
+                Ok(()) => {
+                    let _ = relay.finish();
+                }
+                Err(e) => relay.fail(e),
+            }
+        });
+        let content =
+            Content { body, version_id: Some(version), generation, validated: Instant::now() };
+        Some(Arc::new(content))
+    }
+
+    /// Fills `relay` with the bytes of version `expected` of `id`, fetched again (and cached);
+    /// an error when the server has another version now: those bytes must not mix with the
+    /// pages the kernel kept.
+    async fn relay(
+        self: &Arc<Self>,
+        id: &str,
+        expected: &str,
+        relay: &mut crate::body::Relay,
+    ) -> Result<(), SourceError> {
+        let content = self.content(id).await.map_err(|e| match e {
+            FsError::Source { source, .. } => source,
+            other => SourceError::Transport(other.to_string()),
+        })?;
+        if content.version_id.as_deref() != Some(expected) {
+            return Err(SourceError::BadBody(format!(
+                "version {expected} is open, and the server now has another"
+            )));
+        }
+        // Steps of the pieces a streamed body is published in: slices, not copies.
+        const STEP: u32 = 256 << 10;
+        while relay.written() < content.body.len() && !relay.abandoned() {
+            relay.push(content.body.read(relay.written(), STEP).await?)?;
+        }
+        Ok(())
     }
 
     /// Reads from an open file if the bytes are in (`None`: they are on the way, call
@@ -1028,6 +1104,11 @@ impl<S: Source> FhirFs<S> {
             return;
         }
         node.pin = None;
+        if content.body.failed() && node.kernel_generation == Some(content.generation) {
+            // The kernel's pages of a version that could not be read whole are not worth
+            // keeping across opens: the next open fetches.
+            node.kernel_version = None;
+        }
         let changed = std::mem::take(&mut node.changed_while_pinned);
         drop(nodes);
         if changed {

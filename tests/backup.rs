@@ -129,6 +129,51 @@ fn within_the_ttl_the_cached_version_is_served_without_requests() {
     assert_eq!(server.server.counts().reads, reads);
 }
 
+/// Drops the kernel's page cache of `path` (clean pages only: all of a read-only mount's).
+fn drop_kernel_pages(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let done = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(done, 0, "posix_fadvise");
+}
+
+/// A file the cache evicted while the kernel kept its pages is opened again with no request;
+/// pages the kernel dropped are fetched again when read, and only the open version is served.
+#[test]
+fn reopening_an_evicted_file_keeps_the_kernel_pages() {
+    let server = Server::start();
+    let (a, b, a2) = (noise(700_000, 61), noise(700_000, 62), noise(700_000, 63));
+    server.server.put("a", "application/pdf", a.clone());
+    server.server.put("b", "application/pdf", b.clone());
+    // Room for one of the two files only.
+    let mount = Mount::builder().args(&["--cache-size", "1MiB"]).mount(&server.base_url());
+    let (path_a, path_b) = (mount.path("a"), mount.path("b"));
+    assert!(std::fs::read(&path_a).unwrap() == a);
+    assert!(std::fs::read(&path_b).unwrap() == b, "b evicts a from the cache");
+    assert_eq!((server.reads_of("a"), server.reads_of("b")), (1, 1));
+
+    // The kernel still has a's pages: no request, the same bytes.
+    assert!(std::fs::read(&path_a).unwrap() == a);
+    assert_eq!(server.reads_of("a"), 1, "re-reading a cost a request");
+
+    // Without its pages, a is fetched again when read (once, however many reads).
+    drop_kernel_pages(&path_a);
+    assert!(std::fs::read(&path_a).unwrap() == a);
+    assert_eq!(server.reads_of("a"), 2);
+
+    // Evict a again (b fetched again), then store a newer a on the server. Within the TTL the
+    // open version is a's first; the kernel's pages of it and the server's new bytes must not
+    // mix, so the read that needs the server fails, and the next open shows version two.
+    drop_kernel_pages(&path_b);
+    assert!(std::fs::read(&path_b).unwrap() == b);
+    assert_eq!(server.reads_of("b"), 2);
+    server.server.put("a", "application/pdf", a2.clone());
+    drop_kernel_pages(&path_a);
+    let failed = std::fs::read(&path_a).map(|bytes| bytes.len());
+    assert_eq!(errno(failed.unwrap_err()), libc::EIO);
+    assert!(std::fs::read(&path_a).unwrap() == a2, "the failed open gave way to version two");
+}
+
 #[test]
 fn a_new_version_shows_new_size_time_and_bytes_never_stale_pages() {
     let server = Server::start();
