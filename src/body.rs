@@ -100,7 +100,7 @@ impl Body {
     }
 
     /// The bytes from `offset`, at most `size` of them (none past the end), if they are in;
-    /// `None` while they are on the way; the error if they will never come.
+    /// `None` while they are on the way; the error once the body failed.
     pub fn read_now(&self, offset: u64, size: u32) -> Option<Result<Bytes, SourceError>> {
         let (start, end) = self.range(offset, size);
         let state = self.state.borrow();
@@ -110,6 +110,10 @@ impl Body {
     /// The bytes from `offset`, at most `size` of them, waiting for them if need be.
     pub async fn read(&self, offset: u64, size: u32) -> Result<Bytes, SourceError> {
         let (start, end) = self.range(offset, size);
+        if start == end {
+            // Nothing to read (at or past the end): nothing to wait for or ask for.
+            return Ok(Bytes::new());
+        }
         let mut progress = self.state.subscribe();
         if let Some(wanted) = self.wanted.as_ref().filter(|_| progress.borrow().filled < end) {
             wanted.asked.store(true, Ordering::Release);
@@ -196,11 +200,17 @@ impl Body {
     }
 
     fn slice(&self, state: &State, start: u64, end: u64) -> Option<Result<Bytes, SourceError>> {
-        if state.filled < end {
-            return state.failed.clone().map(Err);
-        }
         if start == end {
             return Some(Ok(Bytes::new()));
+        }
+        // A body that failed serves none of its bytes, not even those already in: a newer
+        // version may be in the kernel's page cache by now (opened after the failure), and
+        // this version's bytes must not join it there.
+        if let Some(failed) = &state.failed {
+            return Some(Err(failed.clone()));
+        }
+        if state.filled < end {
+            return None;
         }
         // The piece holding `start`: the last one starting at or before it.
         let first = state.starts.partition_point(|&s| s <= start) - 1;

@@ -545,13 +545,17 @@ impl<S: Source> FhirFs<S> {
         }
     }
 
-    /// Cached content of `id` that needs no revalidation.
+    /// Cached content of `id` that needs no revalidation (and whose body has not failed: it
+    /// leaves the cache a moment later).
     fn fresh_content(&self, id: &str) -> Option<Arc<Content>> {
         let cached = self.content.get(id).and_then(|slot| slot.get());
         let content = cached.or_else(|| {
             let oversize = lock(&self.oversize);
             oversize.as_ref().filter(|(held, _)| held == id).map(|(_, c)| Arc::clone(c))
         })?;
+        if content.body.failed() {
+            return None;
+        }
         if content.validated.elapsed() < self.config.cache_ttl {
             return Some(content);
         }
@@ -939,52 +943,65 @@ impl<S: Source> FhirFs<S> {
             return Err(FsError::ReadOnly);
         }
         let id = self.id_of(ino)?;
-        let pinned = {
+        let mut from_kernel_allowed = true;
+        let (content, keep_cache) = loop {
+            let pinned = {
+                let mut nodes = lock(&self.nodes);
+                let node = nodes.by_ino.get_mut(&ino).ok_or(FsError::NoEntry)?;
+                // A version whose body failed is not joined: this open fetches again.
+                node.pin.as_mut().filter(|pin| !pin.content.body.failed()).map(|pin| {
+                    pin.handles += 1;
+                    Arc::clone(&pin.content)
+                })
+            };
+            let joined = pinned.is_some();
+            let mut from_kernel = false;
+            let fetched = match pinned {
+                Some(content) => Ok(content),
+                None => match from_kernel_allowed.then(|| self.kernel_held(ino, &id)).flatten() {
+                    Some(content) => {
+                        from_kernel = true;
+                        Ok(content)
+                    }
+                    None => self.content(&id).await,
+                },
+            };
             let mut nodes = lock(&self.nodes);
             let node = nodes.by_ino.get_mut(&ino).ok_or(FsError::NoEntry)?;
-            // A version whose body failed is not joined: this open fetches again.
-            node.pin.as_mut().filter(|pin| !pin.content.body.failed()).map(|pin| {
-                pin.handles += 1;
-                Arc::clone(&pin.content)
-            })
-        };
-        let joined = pinned.is_some();
-        let fetched = match pinned {
-            Some(content) => Ok(content),
-            None => match self.kernel_held(ino, &id) {
-                Some(content) => Ok(content),
-                None => self.content(&id).await,
-            },
-        };
-        let mut nodes = lock(&self.nodes);
-        let node = nodes.by_ino.get_mut(&ino).ok_or(FsError::NoEntry)?;
-        let fetched = fetched?;
-        let content = match &mut node.pin {
-            // The version this open joined above, or one pinned meanwhile by another open
-            // that shared this fetch: count this open unless it counted itself already.
-            Some(pin) if Arc::ptr_eq(&pin.content, &fetched) => {
-                if !joined {
-                    pin.handles += 1;
+            let fetched = fetched?;
+            if from_kernel && node.kernel_generation != Some(fetched.generation) {
+                // A newer version was announced meanwhile and the kernel's pages are going:
+                // this open reads from the cache or the server instead.
+                from_kernel_allowed = false;
+                continue;
+            }
+            let content = match &mut node.pin {
+                // The version this open joined above, or one pinned meanwhile by another open
+                // that shared this fetch: count this open unless it counted itself already.
+                Some(pin) if Arc::ptr_eq(&pin.content, &fetched) => {
+                    if !joined {
+                        pin.handles += 1;
+                    }
+                    fetched
                 }
-                fetched
-            }
-            // Another open pinned a version while we fetched: join it, one version at a time.
-            Some(pin) if !pin.content.body.failed() => {
-                pin.handles += 1;
-                Arc::clone(&pin.content)
-            }
-            // No pin, or one whose body failed: this version replaces it (the handles of the
-            // failed one keep it, and their release does not count against this pin).
-            pin => {
-                let meta = node.meta.clone();
-                *pin = Some(Pin { content: Arc::clone(&fetched), meta, handles: 1 });
-                fetched
-            }
+                // Another open pinned a version while we fetched: join it, one at a time.
+                Some(pin) if !pin.content.body.failed() => {
+                    pin.handles += 1;
+                    Arc::clone(&pin.content)
+                }
+                // No pin, or one whose body failed: this version replaces it (the handles of
+                // the failed one keep it, and their release does not count against this pin).
+                pin => {
+                    let meta = node.meta.clone();
+                    *pin = Some(Pin { content: Arc::clone(&fetched), meta, handles: 1 });
+                    fetched
+                }
+            };
+            let keep_cache = node.kernel_generation == Some(content.generation);
+            node.kernel_generation = Some(content.generation);
+            node.kernel_version.clone_from(&content.version_id);
+            break (content, keep_cache);
         };
-        let keep_cache = node.kernel_generation == Some(content.generation);
-        node.kernel_generation = Some(content.generation);
-        node.kernel_version.clone_from(&content.version_id);
-        drop(nodes);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.handles).insert(fh, Handle::File { ino, content });
         Ok(Opened { fh, keep_cache })
@@ -1020,7 +1037,7 @@ impl<S: Source> FhirFs<S> {
         tokio::spawn(async move {
             let Some(mut relay) = demand.requested().await else { return };
             debug!(id = owned, "the kernel dropped pages of a file no longer cached: fetching it");
-            let result = this.relay(&owned, &expected, &mut relay).await;
+            let result = this.relay(&owned, (generation, &expected), &mut relay).await;
             match result {
                 Ok(()) => {
                     let _ = relay.finish();
@@ -1033,13 +1050,13 @@ impl<S: Source> FhirFs<S> {
         Some(Arc::new(content))
     }
 
-    /// Fills `relay` with the bytes of version `expected` of `id`, fetched again (and cached);
-    /// an error when the server has another version now: those bytes must not mix with the
-    /// pages the kernel kept.
+    /// Fills `relay` with the bytes of version `expected` of `id` (the kernel's `generation`),
+    /// fetched again (and cached); an error when the server has another version now: those
+    /// bytes must not mix with the pages the kernel kept.
     async fn relay(
         self: &Arc<Self>,
         id: &str,
-        expected: &str,
+        (generation, expected): (u64, &str),
         relay: &mut crate::body::Relay,
     ) -> Result<(), SourceError> {
         let content = self.content(id).await.map_err(|e| match e {
@@ -1055,6 +1072,14 @@ impl<S: Source> FhirFs<S> {
         const STEP: u32 = 256 << 10;
         while relay.written() < content.body.len() && !relay.abandoned() {
             relay.push(content.body.read(relay.written(), STEP).await?)?;
+        }
+        // The kernel's pages and the bytes fetched again are one version: the next open of
+        // the cached content keeps them.
+        let mut nodes = lock(&self.nodes);
+        if let Some(node) = nodes.by_id.get(id).copied().and_then(|i| nodes.by_ino.get_mut(&i))
+            && node.kernel_generation == Some(generation)
+        {
+            node.kernel_generation = Some(content.generation);
         }
         Ok(())
     }

@@ -394,3 +394,61 @@ async fn the_content_cache_stays_within_its_size() {
     }
     assert_eq!(fs.source().fetch_count(), 6, "lookup and open share each fetch");
 }
+
+/// A core whose cache holds one of two 100-byte files, `a` and `b`.
+fn core_holding_one_of_two() -> Arc<FhirFs<MemorySource>> {
+    let source = MemorySource::new();
+    source.put("a", "text/plain", vec![b'a'; 100]);
+    source.put("b", "text/plain", vec![b'b'; 100]);
+    core_with(source, FsConfig { cache_bytes: 150, ..FsConfig::default() })
+}
+
+/// Opens, reads the first 4 KiB and closes `name`: whether the kernel kept its pages, and the
+/// bytes.
+async fn open_read_close(fs: &Arc<FhirFs<MemorySource>>, name: &str) -> (bool, Vec<u8>) {
+    let ino = fs.lookup(ROOT_INO, OsStr::new(name)).await.unwrap().ino;
+    let opened = fs.open(ino, false).await.unwrap();
+    let bytes = fs.read(opened.fh, 0, 4096).await.unwrap().to_vec();
+    fs.release(opened.fh);
+    (opened.keep_cache, bytes)
+}
+
+#[tokio::test]
+async fn an_evicted_file_reopens_on_the_kernels_pages_and_fetches_only_what_is_read() {
+    let fs = core_holding_one_of_two();
+    open_read_close(&fs, "a").await;
+    open_read_close(&fs, "b").await;
+    assert_eq!(fs.source().fetch_count(), 2, "b evicted a");
+    let ino = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
+    let opened = fs.open(ino, false).await.unwrap();
+    assert!(opened.keep_cache, "the kernel's pages of a are kept");
+    assert_eq!(fs.source().fetch_count(), 2, "and the open asked nothing");
+    // A read at the end needs no byte, so it asks for none.
+    assert!(fs.read(opened.fh, 100, 4096).await.unwrap().is_empty());
+    assert_eq!(fs.source().fetch_count(), 2);
+    // A read that reaches the daemon (a page the kernel dropped) fetches the file once.
+    assert_eq!(fs.read(opened.fh, 0, 4096).await.unwrap(), vec![b'a'; 100]);
+    assert_eq!(fs.source().fetch_count(), 3);
+    fs.release(opened.fh);
+    // The same version came back: the next open still keeps the kernel's pages.
+    let (kept, bytes) = open_read_close(&fs, "a").await;
+    assert!(kept, "the kernel's pages are the version fetched again");
+    assert_eq!((bytes, fs.source().fetch_count()), (vec![b'a'; 100], 3));
+}
+
+#[tokio::test]
+async fn an_evicted_file_whose_version_changed_is_never_read_from_the_kernels_pages() {
+    let fs = core_holding_one_of_two();
+    open_read_close(&fs, "a").await;
+    open_read_close(&fs, "b").await;
+    let ino = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
+    let opened = fs.open(ino, false).await.unwrap();
+    assert!(opened.keep_cache);
+    fs.source().put("a", "text/plain", vec![b'A'; 100]);
+    // The pages the kernel dropped cannot come from the new version.
+    let read = fs.read(opened.fh, 0, 4096).await;
+    assert!(matches!(read, Err(ref e) if e.errno() == libc::EIO), "{read:?}");
+    fs.release(opened.fh);
+    let (kept, bytes) = open_read_close(&fs, "a").await;
+    assert_eq!((kept, bytes), (false, vec![b'A'; 100]), "the next open: the new version");
+}

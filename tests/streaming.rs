@@ -104,9 +104,18 @@ fn a_body_that_changed_before_it_was_asked_for_again_gives_eio_never_a_mix() {
     gate.cut();
     assert_eq!(read_rest(&mut file), Err(libc::EIO), "the rest of a body that changed");
     assert_eq!(server.reads_of("big"), 2);
-    // While the failed version is still open, a new open does not join it: it fetches anew.
-    let reread = std::fs::read(mount.path("big")).expect("a new open after the failure");
-    assert!(reread == newer, "a new open gets the new version, whole");
+    // While the failed version is still open, a new open does not join it: it fetches anew,
+    // and the kernel drops its pages of the old one.
+    let mut again = File::open(mount.path("big")).expect("a new open after the failure");
+    // The old handle serves none of the old bytes any more, not even those it had: they would
+    // land in the page cache beside the new version's.
+    let mut prefix = vec![0; MIB];
+    let old_prefix = file.seek(SeekFrom::Start(0)).and_then(|_| file.read_exact(&mut prefix));
+    assert_eq!(old_prefix.map_err(errno), Err(libc::EIO), "the failed handle's first MiB");
+    let mut reread = Vec::new();
+    again.read_to_end(&mut reread).unwrap();
+    assert!(reread == newer, "a new open gets the new version, whole, and nothing of the old");
+    drop(again);
     drop(file);
     assert!(std::fs::read(mount.path("big")).unwrap() == newer, "and so does the next one");
     assert!(
