@@ -186,10 +186,17 @@ impl Body {
         });
     }
 
-    /// Readers waiting for the rest get `error` (the first one given).
+    /// Readers waiting for the rest get `error` (the first one given). A body with every byte
+    /// in cannot fail any more (as [`Body::outcome`] says): a deadline or a broken connection
+    /// after the last byte loses nothing.
     fn fail_with(&self, error: SourceError) {
-        self.state.send_modify(|s| {
+        let len = self.len;
+        self.state.send_if_modified(|s| {
+            if s.filled == len {
+                return false;
+            }
             s.failed.get_or_insert(error);
+            true
         });
     }
 

@@ -601,7 +601,9 @@ impl<S: Source> FhirFs<S> {
 
     async fn fetch_now(self: &Arc<Self>, id: &str) -> Result<Arc<Content>, SourceError> {
         let cached = self.content.get(id).and_then(|slot| slot.get());
-        let known_version = cached.as_ref().and_then(|c| c.version_id.clone());
+        // Only bytes all in may be confirmed by a 304: a body still arriving may yet fail.
+        let known_version =
+            cached.as_ref().filter(|c| c.body.is_complete()).and_then(|c| c.version_id.clone());
         let started = Instant::now();
         // As soon as the size is known, make room: the cache drops older files before the new
         // bytes arrive, so memory stays near the cache size plus one file.
@@ -975,6 +977,8 @@ impl<S: Source> FhirFs<S> {
                 from_kernel_allowed = false;
                 continue;
             }
+            // Whether this open joins a version already open elsewhere.
+            let mut joins_open = joined;
             let content = match &mut node.pin {
                 // The version this open joined above, or one pinned meanwhile by another open
                 // that shared this fetch: count this open unless it counted itself already.
@@ -987,6 +991,7 @@ impl<S: Source> FhirFs<S> {
                 // Another open pinned a version while we fetched: join it, one at a time.
                 Some(pin) if !pin.content.body.failed() => {
                     pin.handles += 1;
+                    joins_open = true;
                     Arc::clone(&pin.content)
                 }
                 // No pin, or one whose body failed: this version replaces it (the handles of
@@ -997,6 +1002,11 @@ impl<S: Source> FhirFs<S> {
                     fetched
                 }
             };
+            // The kernel's pages of a version open elsewhere are that version (or the same
+            // version fetched again for a relay, whose generation they then carry): keep them.
+            if joins_open && node.kernel_generation.is_some() {
+                break (content, true);
+            }
             let keep_cache = node.kernel_generation == Some(content.generation);
             node.kernel_generation = Some(content.generation);
             node.kernel_version.clone_from(&content.version_id);

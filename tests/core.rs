@@ -283,13 +283,14 @@ async fn two_opens_that_share_one_fetch_both_hold_the_pin() {
     assert_eq!(&fs.read(second.fh, 0, 100).await.unwrap()[..], b"old bytes");
 }
 
-/// A source whose bodies fail right after their headers (when `fail` is set).
-struct CutAfterHeaders {
+/// A `MemorySource` whose streamed bodies `shape` makes from the stored bytes: whole, cut
+/// after their headers, failing later...
+struct Shaped<F> {
     inner: MemorySource,
-    fail: bool,
+    shape: F,
 }
 
-impl Source for CutAfterHeaders {
+impl<F: Fn(bytes::Bytes) -> Arc<Body> + Send + Sync + 'static> Source for Shaped<F> {
     async fn list(&self) -> Result<Vec<Listed>, SourceError> {
         self.inner.list().await
     }
@@ -307,14 +308,15 @@ impl Source for CutAfterHeaders {
         let Fetched::Content { meta, bytes } = self.inner.fetch(id, version).await? else {
             return Ok(Streamed::NotModified);
         };
-        if !self.fail {
-            return Ok(Streamed::Content { meta, body: Body::whole(bytes) });
-        }
-        // The headers came; the connection drops before the first byte of the body.
-        let (body, filler) = Body::filling(bytes.len() as u64);
-        drop(filler);
-        Ok(Streamed::Content { meta, body })
+        Ok(Streamed::Content { meta, body: (self.shape)(bytes) })
     }
+}
+
+/// The headers came; the connection drops before the first byte of the body.
+fn cut_after_headers(bytes: bytes::Bytes) -> Arc<Body> {
+    let (body, filler) = Body::filling(bytes.len() as u64);
+    drop(filler);
+    body
 }
 
 #[tokio::test]
@@ -323,7 +325,7 @@ async fn two_opens_that_share_a_failed_fetch_both_hold_the_pin() {
     inner.put("a", "text/plain", "old bytes");
     let config =
         FsConfig { dir_ttl: Duration::ZERO, cache_ttl: Duration::ZERO, ..FsConfig::default() };
-    let fs = FhirFs::new(CutAfterHeaders { inner, fail: true }, config);
+    let fs = FhirFs::new(Shaped { inner, shape: cut_after_headers }, config);
     let ino = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
     fs.source().inner.hold();
     let (a, b) = (Arc::clone(&fs), Arc::clone(&fs));
@@ -413,13 +415,20 @@ async fn open_read_close(fs: &Arc<FhirFs<MemorySource>>, name: &str) -> (bool, V
     (opened.keep_cache, bytes)
 }
 
-#[tokio::test]
-async fn an_evicted_file_reopens_on_the_kernels_pages_and_fetches_only_what_is_read() {
+/// The core of [`core_holding_one_of_two`] after reading `a` then `b`, which evicted `a`
+/// (whose pages the kernel keeps), and `a`'s inode.
+async fn a_evicted_by_b() -> (Arc<FhirFs<MemorySource>>, u64) {
     let fs = core_holding_one_of_two();
     open_read_close(&fs, "a").await;
     open_read_close(&fs, "b").await;
     assert_eq!(fs.source().fetch_count(), 2, "b evicted a");
     let ino = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
+    (fs, ino)
+}
+
+#[tokio::test]
+async fn an_evicted_file_reopens_on_the_kernels_pages_and_fetches_only_what_is_read() {
+    let (fs, ino) = a_evicted_by_b().await;
     let opened = fs.open(ino, false).await.unwrap();
     assert!(opened.keep_cache, "the kernel's pages of a are kept");
     assert_eq!(fs.source().fetch_count(), 2, "and the open asked nothing");
@@ -438,10 +447,7 @@ async fn an_evicted_file_reopens_on_the_kernels_pages_and_fetches_only_what_is_r
 
 #[tokio::test]
 async fn an_evicted_file_whose_version_changed_is_never_read_from_the_kernels_pages() {
-    let fs = core_holding_one_of_two();
-    open_read_close(&fs, "a").await;
-    open_read_close(&fs, "b").await;
-    let ino = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
+    let (fs, ino) = a_evicted_by_b().await;
     let opened = fs.open(ino, false).await.unwrap();
     assert!(opened.keep_cache);
     fs.source().put("a", "text/plain", vec![b'A'; 100]);
@@ -451,4 +457,84 @@ async fn an_evicted_file_whose_version_changed_is_never_read_from_the_kernels_pa
     fs.release(opened.fh);
     let (kept, bytes) = open_read_close(&fs, "a").await;
     assert_eq!((kept, bytes), (false, vec![b'A'; 100]), "the next open: the new version");
+}
+
+#[tokio::test]
+async fn a_body_with_every_byte_in_cannot_fail_any_more() {
+    let inner = MemorySource::new();
+    inner.put("a", "text/plain", "all the bytes");
+    let config = FsConfig { cache_ttl: Duration::ZERO, ..FsConfig::default() };
+    // The first body gets every byte and then fails, as a deadline or a broken connection
+    // after the last chunk would make it.
+    let failed_once = std::sync::atomic::AtomicBool::new(false);
+    let shape = move |bytes: bytes::Bytes| {
+        if failed_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Body::whole(bytes);
+        }
+        let (body, mut filler) = Body::filling(bytes.len() as u64);
+        filler.push(&bytes).unwrap();
+        filler.fail(SourceError::Timeout(Duration::from_secs(30)));
+        body
+    };
+    let fs = FhirFs::new(Shaped { inner, shape }, config);
+    let ino = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
+    // Every open revalidates (TTL 0; 304) and keeps the body: all of it reads.
+    for _ in 0..3 {
+        let opened = fs.open(ino, false).await.unwrap();
+        assert_eq!(&fs.read(opened.fh, 0, 100).await.unwrap()[..], b"all the bytes");
+        fs.release(opened.fh);
+    }
+}
+
+#[tokio::test]
+async fn a_body_still_arriving_is_not_confirmed_by_a_304() {
+    let inner = MemorySource::new();
+    inner.put("a", "text/plain", "all the bytes");
+    let config = FsConfig { cache_ttl: Duration::ZERO, ..FsConfig::default() };
+    // The first body stops after 4 bytes, and fails when the test drops its filler.
+    let filler = Arc::new(std::sync::Mutex::new(None));
+    let held = Arc::clone(&filler);
+    let shape = move |bytes: bytes::Bytes| {
+        let mut slot = held.lock().unwrap();
+        if slot.is_some() {
+            return Body::whole(bytes);
+        }
+        let (body, mut filler) = Body::filling(bytes.len() as u64);
+        filler.push(&bytes[..4]).unwrap();
+        *slot = Some(Some(filler));
+        body
+    };
+    let fs = FhirFs::new(Shaped { inner, shape }, config);
+    let ino = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
+    fs.source().inner.hold();
+    let opening = tokio::spawn({
+        let fs = Arc::clone(&fs);
+        async move { fs.open(ino, false).await.unwrap() }
+    });
+    fs.source().inner.wait_for_fetches(2).await;
+    // The first body fails for good while the open's request is out.
+    drop(filler.lock().unwrap().as_mut().and_then(Option::take));
+    fs.source().inner.release();
+    let opened = opening.await.unwrap();
+    assert_eq!(&fs.read(opened.fh, 0, 100).await.unwrap()[..], b"all the bytes");
+}
+
+#[tokio::test]
+async fn a_second_open_after_a_relay_keeps_the_kernels_pages() {
+    let (fs, ino) = a_evicted_by_b().await;
+    let first = fs.open(ino, false).await.unwrap();
+    assert_eq!(fs.read(first.fh, 0, 4096).await.unwrap(), vec![b'a'; 100]);
+    // Hand the single-threaded runtime to the relay task until it has finished (it has no
+    // more to wait for): a scheduling step, not a wait for time.
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    // Another program opens the file while the first still has it open.
+    let second = fs.open(ino, false).await.unwrap();
+    assert!(second.keep_cache, "joining the open version keeps the kernel's pages");
+    fs.release(second.fh);
+    fs.release(first.fh);
+    let (kept, _) = open_read_close(&fs, "a").await;
+    assert!(kept, "and so does the next open after both closed");
+    assert_eq!(fs.source().fetch_count(), 3);
 }
