@@ -875,6 +875,20 @@ impl<S: Source> FhirFs<S> {
         if listed_before && let Some(ino) = self.walking(id) {
             self.read_ahead_sizes(ino);
         }
+        // Bytes the cache evicted but the kernel still holds, of a version trusted as cached
+        // bytes are: the size is known without fetching them (a file no listing names, after
+        // --dir-ttl).
+        let held = {
+            let nodes = lock(&self.nodes);
+            nodes.by_id.get(id).and_then(|&ino| {
+                let node = nodes.by_ino.get(&ino)?;
+                let (_, _, len) = self.kernel_holds(node)?;
+                Some(self.file_attr(ino, &node.meta, len))
+            })
+        };
+        if let Some(attr) = held {
+            return Ok(attr);
+        }
         let content = self.content(id).await?;
         let nodes = lock(&self.nodes);
         let ino = *nodes.by_id.get(id).ok_or(FsError::NoEntry)?;
@@ -1027,17 +1041,7 @@ impl<S: Source> FhirFs<S> {
         }
         let (generation, version, len) = {
             let nodes = lock(&self.nodes);
-            let node = nodes.by_ino.get(&ino)?;
-            // A pin here is a version whose body failed: the server may not have it any more.
-            if node.pin.is_some() {
-                return None;
-            }
-            let version = node.kernel_version.clone()?;
-            let confirmed = node.meta.version_id.as_ref() == Some(&version)
-                && (is_fresh(node.checked, self.config.cache_ttl)
-                    || is_fresh(node.listed, self.config.dir_ttl));
-            let len = node.meta.size.filter(|&len| len > 0 && confirmed)?;
-            (node.kernel_generation?, version, len)
+            self.kernel_holds(nodes.by_ino.get(&ino)?)?
         };
         Stats::add(&self.stats.cache_hits, 1);
         let (body, demand) = Body::on_demand(len);
@@ -1058,6 +1062,21 @@ impl<S: Source> FhirFs<S> {
         let content =
             Content { body, version_id: Some(version), generation, validated: Instant::now() };
         Some(Arc::new(content))
+    }
+
+    /// The kernel's generation, version and size of `node`'s pages, when the server named that
+    /// version within the TTLs (as cached bytes are trusted) and no open holds another.
+    fn kernel_holds(&self, node: &Node) -> Option<(u64, String, u64)> {
+        // A pin here is a version whose body failed: the server may not have it any more.
+        if node.pin.is_some() {
+            return None;
+        }
+        let version = node.kernel_version.clone()?;
+        let confirmed = node.meta.version_id.as_ref() == Some(&version)
+            && (is_fresh(node.checked, self.config.cache_ttl)
+                || is_fresh(node.listed, self.config.dir_ttl));
+        let len = node.meta.size.filter(|&len| len > 0 && confirmed)?;
+        Some((node.kernel_generation?, version, len))
     }
 
     /// Fills `relay` with the bytes of version `expected` of `id` (the kernel's `generation`),

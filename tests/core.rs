@@ -538,3 +538,21 @@ async fn a_second_open_after_a_relay_keeps_the_kernels_pages() {
     assert!(kept, "and so does the next open after both closed");
     assert_eq!(fs.source().fetch_count(), 3);
 }
+
+#[tokio::test]
+async fn a_file_no_listing_names_keeps_the_kernels_pages_after_the_dir_ttl() {
+    let source = MemorySource::new();
+    source.put("a", "text/plain", vec![b'a'; 100]);
+    source.put("b", "text/plain", vec![b'b'; 100]);
+    // Metadata is never trusted for long; bytes are, for the cache TTL.
+    let config = FsConfig { cache_bytes: 150, dir_ttl: Duration::ZERO, ..FsConfig::default() };
+    let fs = core_with(source, config);
+    open_read_close(&fs, "a").await;
+    open_read_close(&fs, "b").await;
+    assert_eq!(fs.source().fetch_count(), 2, "b evicted a");
+    // Looked up by id again: the size comes from what the kernel holds, not from a download.
+    let (kept, bytes) = open_read_close(&fs, "a").await;
+    assert!(kept);
+    assert_eq!(bytes, vec![b'a'; 100]);
+    assert_eq!(fs.source().fetch_count(), 3, "only the read that reached the daemon fetched");
+}
