@@ -59,62 +59,66 @@ for i in 0 1 2 3 4 5; do delays+=(--delay-id "slow-$i=2000"); done
 start_server --spec "$spec" "${delays[@]}"
 
 MNT=$WORK/mnt
+
+# cold_vs_curl PREFIX ACCEPT: `cat`s $MNT/PREFIX-0 .. -(RUNS-1), never read before, then curls
+# the same ids with ACCEPT; sets COLD_US and CURL_US (the medians) and REQ (what the mount
+# asked the server).
+cold_vs_curl() {
+    local prefix=$1 accept=$2 i cold=() curls=()
+    stats_reset
+    for ((i = 0; i < RUNS; i++)); do
+        time_us cat "$MNT/$prefix-$i"
+        cold+=("$ELAPSED")
+    done
+    REQ=$(stats)
+    for ((i = 0; i < RUNS; i++)); do
+        time_us curl -fsS -H "Accept: $accept" "$BASE/Binary/$prefix-$i" -o /dev/null
+        curls+=("$ELAPSED")
+    done
+    say "  each run (µs): ${cold[*]}"
+    COLD_US=$(median "${cold[@]}") CURL_US=$(median "${curls[@]}")
+}
+
+# ttfb_vs_http PREFIX: the first byte of $MNT/PREFIX-0 .. -(RUNS-1), never read before, vs an
+# HTTP GET of each up to its first body byte; sets FIRST_US and HTTP_US (medians) and REQ.
+ttfb_vs_http() {
+    local prefix=$1 i paths=() urls=() first http
+    for ((i = 0; i < RUNS; i++)); do
+        paths+=("$MNT/$prefix-$i")
+        urls+=("$BASE/Binary/$prefix-$i")
+    done
+    stats_reset
+    mapfile -t first < <(python3 "$HELPER" ttfb "${paths[@]}")
+    REQ=$(stats)
+    mapfile -t http < <(python3 "$HELPER" ttfb-http "${urls[@]}")
+    FIRST_US=$(median "${first[@]}") HTTP_US=$(median "${http[@]}")
+}
+
 table_header
 mount_fs "$MNT" || die "cannot mount"
 say "mounted $BASE on $MNT (pid $FS_PID)"
 
 # 1 and 2: cold and warm reads. First by id, with nothing listed: raw plus a summary read.
 say "cold reads of u64m by id, folder not listed ($RUNS runs)"
-cold=() curls=()
-stats_reset
-for ((i = 0; i < RUNS; i++)); do
-    time_us cat "$MNT/u64m-$i"
-    cold+=("$ELAPSED")
-done
-req=$(stats)
-for ((i = 0; i < RUNS; i++)); do
-    time_us curl -fsS -H 'Accept: application/fhir+json' "$BASE/Binary/u64m-$i" -o /dev/null
-    curls+=("$ELAPSED")
-done
-say "  each run (µs): ${cold[*]}"
-c=$(median "${cold[@]}") b=$(median "${curls[@]}")
+cold_vs_curl u64m application/fhir+json
+c=$COLD_US b=$CURL_US
 row "cold read 64MiB by id, folder not listed: auto reads raw + summary (ms)" "$(ms "$c")" \
     "$(ms "$b") (curl JSON)" "$(ratio "$c" "$b")" "<= 1.5" "$(met "$(ratio "$c" "$b")" 1.5)" \
-    "$req for $RUNS files"
+    "$REQ for $RUNS files"
 
 # The first byte of a 1 KiB file by id: the raw answer, then its summary read.
-stats_reset
-paths=() urls=()
-for ((i = 0; i < RUNS; i++)); do
-    paths+=("$MNT/u1k-$i")
-    urls+=("$BASE/Binary/u1k-$i")
-done
-mapfile -t cold < <(python3 "$HELPER" ttfb "${paths[@]}")
-req=$(stats)
-mapfile -t http < <(python3 "$HELPER" ttfb-http "${urls[@]}")
-c=$(median "${cold[@]}") h=$(median "${http[@]}")
+ttfb_vs_http u1k
+c=$FIRST_US h=$HTTP_US
 row "first byte 1 KiB by id, folder not listed: raw + summary (µs)" "$c" \
-    "$h (HTTP GET, new connection)" "$(ratio "$c" "$h")" - - "$req for $RUNS files"
+    "$h (HTTP GET, new connection)" "$(ratio "$c" "$h")" - - "$REQ for $RUNS files"
 
 # A plain `ls`: readdir only. The listing gives every file's type, so auto reads raw.
 ls "$MNT" >/dev/null
 declare -A COLD CURL COLD_REQ
 for size in 1m 10m 64m; do
     say "cold reads of c$size ($RUNS runs)"
-    cold=() curls=()
-    stats_reset
-    for ((i = 0; i < RUNS; i++)); do
-        time_us cat "$MNT/c$size-$i"
-        cold+=("$ELAPSED")
-    done
-    COLD_REQ[$size]=$(stats)
-    for ((i = 0; i < RUNS; i++)); do
-        time_us curl -fsS -H 'Accept: application/fhir+json' "$BASE/Binary/c$size-$i" -o /dev/null
-        curls+=("$ELAPSED")
-    done
-    say "  each run (µs): ${cold[*]}"
-    COLD[$size]=$(median "${cold[@]}")
-    CURL[$size]=$(median "${curls[@]}")
+    cold_vs_curl "c$size" application/fhir+json
+    COLD[$size]=$COLD_US CURL[$size]=$CURL_US COLD_REQ[$size]=$REQ
 done
 for size in 1m 10m 64m; do
     target=- ok=-
@@ -185,18 +189,10 @@ done
 
 # 3: time to first byte of 1 KiB files.
 say "time to first byte, 1 KiB"
-stats_reset
-paths=() urls=()
-for ((i = 0; i < RUNS; i++)); do
-    paths+=("$MNT/t1k-$i")
-    urls+=("$BASE/Binary/t1k-$i")
-done
-mapfile -t cold < <(python3 "$HELPER" ttfb "${paths[@]}")
-req=$(stats)
-mapfile -t http < <(python3 "$HELPER" ttfb-http "${urls[@]}")
-c=$(median "${cold[@]}") h=$(median "${http[@]}")
+ttfb_vs_http t1k
+c=$FIRST_US h=$HTTP_US
 row "first byte 1 KiB, cold (µs)" "$c" "$h (HTTP GET, new connection)" \
-    "$(ratio "$c" "$h")" - - "$req for $RUNS files"
+    "$(ratio "$c" "$h")" - - "$REQ for $RUNS files"
 head -c 1024 "$MNT/t1k-0" >"$SHM/t1k"
 mnt_paths=() shm_paths=()
 for ((i = 0; i < RUNS * 4; i++)); do
@@ -281,20 +277,10 @@ if [[ -n $HAS_FETCH ]]; then
             row "cold read 64MiB, --fetch $mode (ms)" "mount failed" - - - - -
             continue
         fi
-        cold=() curls=()
-        stats_reset
-        for ((i = 0; i < RUNS; i++)); do
-            time_us cat "$MNT/$prefix-$i"
-            cold+=("$ELAPSED")
-        done
-        req=$(stats)
-        for ((i = 0; i < RUNS; i++)); do
-            time_us curl -fsS -H "Accept: $accept" "$BASE/Binary/$prefix-$i" -o /dev/null
-            curls+=("$ELAPSED")
-        done
-        c=$(median "${cold[@]}") b=$(median "${curls[@]}")
+        cold_vs_curl "$prefix" "$accept"
+        c=$COLD_US b=$CURL_US
         row "cold read 64MiB, --fetch $mode (ms)" "$(ms "$c")" "$(ms "$b") (curl $mode)" \
-            "$(ratio "$c" "$b")" "<= 1.5" "$(met "$(ratio "$c" "$b")" 1.5)" "$req for $RUNS files"
+            "$(ratio "$c" "$b")" "<= 1.5" "$(met "$(ratio "$c" "$b")" 1.5)" "$REQ for $RUNS files"
         unmount_fs
     done
 else
