@@ -9,13 +9,12 @@
 //! dropped and grow the daemon well past its cache.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use bytes::{Bytes, BytesMut};
 
 use crate::pool;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::error::SourceError;
 
@@ -30,15 +29,8 @@ const PIECE_ALIGN: usize = 256 << 10;
 pub struct Body {
     len: u64,
     state: watch::Sender<State>,
-    /// Set for a body whose bytes are fetched only once a reader needs them.
-    wanted: Option<Arc<Wanted>>,
-}
-
-/// A reader needed bytes of an [`on_demand`](Body::on_demand) body, or the body was dropped.
-#[derive(Debug, Default)]
-struct Wanted {
-    asked: AtomicBool,
-    notify: Notify,
+    /// Its bytes are fetched only once a reader needs them ([`Body::on_demand`]).
+    on_demand: bool,
 }
 
 #[derive(Debug, Default)]
@@ -50,20 +42,22 @@ struct State {
     filled: u64,
     /// Why the rest will never come.
     failed: Option<SourceError>,
+    /// A reader waited for bytes not in yet (what an on-demand body waits for to fetch).
+    asked: bool,
 }
 
 impl Body {
     /// A complete body.
     pub fn whole(bytes: Bytes) -> Arc<Self> {
         let len = bytes.len() as u64;
-        let state = State { filled: len, pieces: vec![bytes], starts: vec![0], failed: None };
-        Arc::new(Self { len, state: watch::Sender::new(state), wanted: None })
+        let state = State { filled: len, pieces: vec![bytes], starts: vec![0], ..State::default() };
+        Arc::new(Self { len, state: watch::Sender::new(state), on_demand: false })
     }
 
     /// An empty body of `len` bytes, and the [`Filler`] that writes them in order.
     pub fn filling(len: u64) -> (Arc<Self>, Filler) {
         let body =
-            Arc::new(Self { len, state: watch::Sender::new(State::default()), wanted: None });
+            Arc::new(Self { len, state: watch::Sender::new(State::default()), on_demand: false });
         let slab = Arc::new(Slab::new(pool::take(usize::try_from(len).unwrap_or(usize::MAX))));
         let filler = Filler {
             end: End { body: Arc::clone(&body), done: false },
@@ -77,11 +71,10 @@ impl Body {
     /// An empty body of `len` bytes whose bytes nobody fetches until a reader waits for some:
     /// [`OnDemand::requested`] tells when, and gives the [`Relay`] that brings them.
     pub fn on_demand(len: u64) -> (Arc<Self>, OnDemand) {
-        let wanted = Arc::new(Wanted::default());
         let state = watch::Sender::new(State::default());
-        let body = Arc::new(Self { len, state, wanted: Some(Arc::clone(&wanted)) });
-        let demand = OnDemand { body: Arc::downgrade(&body), wanted };
-        (body, demand)
+        let progress = state.subscribe();
+        let body = Arc::new(Self { len, state, on_demand: true });
+        (body.clone(), OnDemand { body: Arc::downgrade(&body), progress })
     }
 
     /// Its length in bytes, complete or not.
@@ -114,11 +107,14 @@ impl Body {
             // Nothing to read (at or past the end): nothing to wait for or ask for.
             return Ok(Bytes::new());
         }
-        let mut progress = self.state.subscribe();
-        if let Some(wanted) = self.wanted.as_ref().filter(|_| progress.borrow().filled < end) {
-            wanted.asked.store(true, Ordering::Release);
-            wanted.notify.notify_one();
+        if self.on_demand {
+            self.state.send_if_modified(|s| {
+                let ask = !s.asked && s.filled < end;
+                s.asked |= ask;
+                ask
+            });
         }
+        let mut progress = self.state.subscribe();
         let state = progress
             .wait_for(|s| s.filled >= end || s.failed.is_some())
             .await
@@ -239,36 +235,20 @@ impl Body {
     }
 }
 
-impl Drop for Body {
-    fn drop(&mut self) {
-        // Wakes an `OnDemand` still waiting, to find the body gone.
-        if let Some(wanted) = &self.wanted {
-            wanted.notify.notify_one();
-        }
-    }
-}
-
 /// The fetch side of an [`on_demand`](Body::on_demand) body.
 #[derive(Debug)]
 pub struct OnDemand {
     body: Weak<Body>,
-    wanted: Arc<Wanted>,
+    progress: watch::Receiver<State>,
 }
 
 impl OnDemand {
     /// Resolves with the [`Relay`] to fill the body once a reader waits for bytes of it, or
-    /// with `None` once nobody holds the body any more.
-    pub async fn requested(self) -> Option<Relay> {
-        loop {
-            if self.wanted.asked.load(Ordering::Acquire) {
-                let body = self.body.upgrade()?;
-                return Some(Relay { end: End { body, done: false } });
-            }
-            if self.body.strong_count() == 0 {
-                return None;
-            }
-            self.wanted.notify.notified().await;
-        }
+    /// with `None` once nobody holds the body any more (its channel closes with it).
+    pub async fn requested(mut self) -> Option<Relay> {
+        self.progress.wait_for(|s| s.asked).await.ok()?;
+        let body = self.body.upgrade()?;
+        Some(Relay { end: End { body, done: false } })
     }
 }
 
@@ -282,20 +262,27 @@ pub struct Relay {
 
 impl Relay {
     /// Bytes relayed so far.
-    pub fn written(&self) -> u64 {
+    fn written(&self) -> u64 {
         self.end.body.state.borrow().filled
     }
 
-    /// True when nobody but this relay holds the body any more.
-    pub fn abandoned(&self) -> bool {
-        self.end.abandoned()
-    }
-
     /// Appends `piece`; an error if it runs past the body's length.
-    pub fn push(&mut self, piece: Bytes) -> Result<(), SourceError> {
+    fn push(&mut self, piece: Bytes) -> Result<(), SourceError> {
         self.end.check_room(self.written(), piece.len())?;
         if !piece.is_empty() {
             self.end.body.append(piece);
+        }
+        Ok(())
+    }
+
+    /// Relays the bytes of `source` (the same version, fetched again) as they arrive, in steps
+    /// of its pieces, so that each is a slice of them and not a copy; stops early once nobody
+    /// holds the body any more.
+    pub async fn copy_from(&mut self, source: &Body) -> Result<(), SourceError> {
+        const STEP: u32 = PIECE_ALIGN as u32;
+        while self.written() < source.len() && !self.end.abandoned() {
+            let piece = source.read(self.written(), STEP).await?;
+            self.push(piece)?;
         }
         Ok(())
     }
@@ -533,6 +520,22 @@ mod tests {
         relay.push(data.slice(2 * PIECE_ALIGN..)).unwrap();
         relay.finish().unwrap();
         assert!(body.same_bytes(&Body::whole(data)));
+
+        // Relayed from a streamed body of the same bytes: whole.
+        let data = Bytes::from(pattern(2 * PIECE_ALIGN + 7));
+        let (source, mut filler) = Body::filling(data.len() as u64);
+        filler.push(&data).unwrap();
+        filler.finish().unwrap();
+        let (body, demand) = Body::on_demand(data.len() as u64);
+        let reader = {
+            let body = Arc::clone(&body);
+            tokio::spawn(async move { body.read(0, 1).await })
+        };
+        let mut relay = demand.requested().await.unwrap();
+        relay.copy_from(&source).await.unwrap();
+        relay.finish().unwrap();
+        assert_eq!(reader.await.unwrap().unwrap(), data.slice(..1));
+        assert!(body.same_bytes(&source));
 
         // Nobody reads and the body goes: the fetch side learns it, and stops waiting.
         let (body, demand) = Body::on_demand(10);

@@ -1097,11 +1097,7 @@ impl<S: Source> FhirFs<S> {
                 "version {expected} is open, and the server now has another"
             )));
         }
-        // Steps of the pieces a streamed body is published in: slices, not copies.
-        const STEP: u32 = 256 << 10;
-        while relay.written() < content.body.len() && !relay.abandoned() {
-            relay.push(content.body.read(relay.written(), STEP).await?)?;
-        }
+        relay.copy_from(&content.body).await?;
         // The kernel's pages and the bytes fetched again are one version: the next open of
         // the cached content keeps them.
         let mut nodes = lock(&self.nodes);
