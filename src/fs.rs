@@ -991,8 +991,6 @@ impl<S: Source> FhirFs<S> {
                 from_kernel_allowed = false;
                 continue;
             }
-            // Whether this open joins a version already open elsewhere.
-            let mut joins_open = joined;
             let content = match &mut node.pin {
                 // The version this open joined above, or one pinned meanwhile by another open
                 // that shared this fetch: count this open unless it counted itself already.
@@ -1005,7 +1003,6 @@ impl<S: Source> FhirFs<S> {
                 // Another open pinned a version while we fetched: join it, one at a time.
                 Some(pin) if !pin.content.body.failed() => {
                     pin.handles += 1;
-                    joins_open = true;
                     Arc::clone(&pin.content)
                 }
                 // No pin, or one whose body failed: this version replaces it (the handles of
@@ -1016,11 +1013,6 @@ impl<S: Source> FhirFs<S> {
                     fetched
                 }
             };
-            // The kernel's pages of a version open elsewhere are that version (or the same
-            // version fetched again for a relay, whose generation they then carry): keep them.
-            if joins_open && node.kernel_generation.is_some() {
-                break (content, true);
-            }
             let keep_cache = node.kernel_generation == Some(content.generation);
             node.kernel_generation = Some(content.generation);
             node.kernel_version.clone_from(&content.version_id);
@@ -1098,13 +1090,16 @@ impl<S: Source> FhirFs<S> {
             )));
         }
         relay.copy_from(&content.body).await?;
-        // The kernel's pages and the bytes fetched again are one version: the next open of
-        // the cached content keeps them.
-        let mut nodes = lock(&self.nodes);
-        if let Some(node) = nodes.by_id.get(id).copied().and_then(|i| nodes.by_ino.get_mut(&i))
-            && node.kernel_generation == Some(generation)
+        // The bytes fetched again are the version whose pages the kernel holds: cached under
+        // that generation, the next open of them keeps the pages.
+        let same = Arc::new(Content { generation, ..Content::clone_of(&content) });
+        let cached = self.content.get(id).and_then(|slot| slot.get());
+        if cached.is_some_and(|c| Arc::ptr_eq(&c, &content)) {
+            self.content.insert(id.to_owned(), Slot::new(same));
+        } else if let Some((_, held)) = lock(&self.oversize).as_mut().filter(|(held, _)| held == id)
+            && Arc::ptr_eq(held, &content)
         {
-            node.kernel_generation = Some(content.generation);
+            *held = same;
         }
         Ok(())
     }
