@@ -195,6 +195,17 @@ struct Nodes {
     walk: Option<(usize, u32)>,
 }
 
+impl Node {
+    /// Whether the kernel may keep its pages for an open of `content` (they are its
+    /// generation), and records that they are from now on.
+    fn keeps_kernel_pages(&mut self, content: &Content) -> bool {
+        let keep = self.kernel_generation == Some(content.generation);
+        self.kernel_generation = Some(content.generation);
+        self.kernel_version.clone_from(&content.version_id);
+        keep
+    }
+}
+
 impl Nodes {
     fn ino_of(&mut self, id: &str) -> u64 {
         if let Some(&ino) = self.by_id.get(id) {
@@ -959,82 +970,66 @@ impl<S: Source> FhirFs<S> {
             return Err(FsError::ReadOnly);
         }
         let id = self.id_of(ino)?;
-        let mut from_kernel_allowed = true;
-        let (content, keep_cache) = loop {
-            let pinned = {
-                let mut nodes = lock(&self.nodes);
-                let node = nodes.by_ino.get_mut(&ino).ok_or(FsError::NoEntry)?;
-                // A version whose body failed is not joined: this open fetches again.
-                node.pin.as_mut().filter(|pin| !pin.content.body.failed()).map(|pin| {
-                    pin.handles += 1;
-                    Arc::clone(&pin.content)
-                })
-            };
-            let joined = pinned.is_some();
-            let mut from_kernel = false;
-            let fetched = match pinned {
-                Some(content) => Ok(content),
-                None => match from_kernel_allowed.then(|| self.kernel_held(ino, &id)).flatten() {
-                    Some(content) => {
-                        from_kernel = true;
-                        Ok(content)
-                    }
-                    None => self.content(&id).await,
-                },
-            };
+        let cached = self.fresh_content(&id).is_some();
+        let opened = {
             let mut nodes = lock(&self.nodes);
             let node = nodes.by_ino.get_mut(&ino).ok_or(FsError::NoEntry)?;
-            let fetched = fetched?;
-            if from_kernel && node.kernel_generation != Some(fetched.generation) {
-                // A newer version was announced meanwhile and the kernel's pages are going:
-                // this open reads from the cache or the server instead.
-                from_kernel_allowed = false;
-                continue;
-            }
-            let content = match &mut node.pin {
-                // The version this open joined above, or one pinned meanwhile by another open
-                // that shared this fetch: count this open unless it counted itself already.
-                Some(pin) if Arc::ptr_eq(&pin.content, &fetched) => {
-                    if !joined {
+            self.open_without_fetching(&id, node, cached)
+        };
+        let (content, keep_cache) = match opened {
+            Some(opened) => opened,
+            None => {
+                let fetched = self.content(&id).await?;
+                let mut nodes = lock(&self.nodes);
+                let node = nodes.by_ino.get_mut(&ino).ok_or(FsError::NoEntry)?;
+                let content = match &mut node.pin {
+                    // Pinned meanwhile by another open that shared this fetch, or by one that
+                    // fetched another version: join it, one version at a time.
+                    Some(pin)
+                        if Arc::ptr_eq(&pin.content, &fetched) || !pin.content.body.failed() =>
+                    {
                         pin.handles += 1;
+                        Arc::clone(&pin.content)
                     }
-                    fetched
-                }
-                // Another open pinned a version while we fetched: join it, one at a time.
-                Some(pin) if !pin.content.body.failed() => {
-                    pin.handles += 1;
-                    Arc::clone(&pin.content)
-                }
-                // No pin, or one whose body failed: this version replaces it (the handles of
-                // the failed one keep it, and their release does not count against this pin).
-                pin => {
-                    let meta = node.meta.clone();
-                    *pin = Some(Pin { content: Arc::clone(&fetched), meta, handles: 1 });
-                    fetched
-                }
-            };
-            let keep_cache = node.kernel_generation == Some(content.generation);
-            node.kernel_generation = Some(content.generation);
-            node.kernel_version.clone_from(&content.version_id);
-            break (content, keep_cache);
+                    // No pin, or one whose body failed: this version replaces it (the handles
+                    // of the failed one keep it, and their release does not count against
+                    // this pin).
+                    pin => {
+                        let meta = node.meta.clone();
+                        *pin = Some(Pin { content: Arc::clone(&fetched), meta, handles: 1 });
+                        fetched
+                    }
+                };
+                let keep_cache = node.keeps_kernel_pages(&content);
+                (content, keep_cache)
+            }
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.handles).insert(fh, Handle::File { ino, content });
         Ok(Opened { fh, keep_cache })
     }
 
-    /// For a file whose bytes left the cache while the kernel's page cache still holds them
-    /// (the version the server still names, confirmed within the TTLs): content that fetches
-    /// nothing until a read reaches the daemon, which happens only for pages the kernel
-    /// dropped. Re-reading more files than `--cache-size` holds then costs no request.
-    fn kernel_held(self: &Arc<Self>, ino: u64, id: &str) -> Option<Arc<Content>> {
-        if self.fresh_content(id).is_some() {
+    /// Opens `node` with what the daemon has, under its lock: the version open elsewhere (a
+    /// body that failed is not joined), or, for bytes that left the cache (`cached` false)
+    /// while the kernel's page cache still holds them, content that fetches nothing until a
+    /// read reaches the daemon, which happens only for pages the kernel dropped. Re-reading
+    /// more files than `--cache-size` holds then costs no request. `None`: fetch.
+    fn open_without_fetching(
+        self: &Arc<Self>,
+        id: &str,
+        node: &mut Node,
+        cached: bool,
+    ) -> Option<(Arc<Content>, bool)> {
+        if let Some(pin) = node.pin.as_mut().filter(|pin| !pin.content.body.failed()) {
+            pin.handles += 1;
+            let content = Arc::clone(&pin.content);
+            let keep_cache = node.keeps_kernel_pages(&content);
+            return Some((content, keep_cache));
+        }
+        if cached {
             return None;
         }
-        let (generation, version, len) = {
-            let nodes = lock(&self.nodes);
-            self.kernel_holds(nodes.by_ino.get(&ino)?)?
-        };
+        let (generation, version, len) = self.kernel_holds(node)?;
         Stats::add(&self.stats.cache_hits, 1);
         let (body, demand) = Body::on_demand(len);
         let this = Arc::clone(self);
@@ -1053,7 +1048,10 @@ impl<S: Source> FhirFs<S> {
         });
         let content =
             Content { body, version_id: Some(version), generation, validated: Instant::now() };
-        Some(Arc::new(content))
+        let content = Arc::new(content);
+        let meta = node.meta.clone();
+        node.pin = Some(Pin { content: Arc::clone(&content), meta, handles: 1 });
+        Some((content, true))
     }
 
     /// The kernel's generation, version and size of `node`'s pages, when the server named that
