@@ -39,7 +39,7 @@ pub struct JsonBinaryDecoder {
     /// The body without the text of `data` (its quotes stay): parsed at the end.
     skeleton: Vec<u8>,
     /// The decoded bytes of `data` so far.
-    decoded: Vec<u8>,
+    decoded: pool::Buffer,
     /// Base64 characters of an incomplete group, waiting for the next chunk.
     pending: Vec<u8>,
     /// From the first `=` on, the base64 text is kept here and decoded (forgivingly) at the end.
@@ -57,7 +57,7 @@ impl JsonBinaryDecoder {
             scan: Scan::Normal,
             depth: 0,
             skeleton: Vec::with_capacity(1024),
-            decoded: pool::vec_with_capacity(len / 4 * 3),
+            decoded: pool::Buffer::with_capacity(len / 4 * 3),
             pending: Vec::with_capacity(GROUP),
             tail: None,
             captured: false,
@@ -92,20 +92,21 @@ impl JsonBinaryDecoder {
         }
         let mut binary = fhir::decode_binary(self.skeleton)?;
         if self.captured {
+            let mut decoded = self.decoded.into_vec();
             let mut rest = self.pending;
             rest.extend_from_slice(self.tail.as_deref().unwrap_or_default());
             if !rest.is_empty() {
                 let last = base64_simd::forgiving_decode_to_vec(&rest)
                     .map_err(|_| "invalid base64".to_owned())?;
-                self.decoded.extend_from_slice(&last);
+                decoded.extend_from_slice(&last);
             }
             // Sized from Content-Length, the buffer fits within a few hundred bytes; grown
             // without one, it may be twice too large.
-            if self.decoded.capacity() - self.decoded.len() > self.decoded.len() / 8 {
-                self.decoded.shrink_to_fit();
+            if decoded.capacity() - decoded.len() > decoded.len() / 8 {
+                decoded.shrink_to_fit();
             }
-            binary.meta.size = Some(self.decoded.len() as u64);
-            binary.data = Some(self.decoded);
+            binary.meta.size = Some(decoded.len() as u64);
+            binary.data = Some(decoded);
         }
         Ok(binary)
     }
@@ -245,7 +246,8 @@ impl JsonBinaryDecoder {
         {
             groups = &groups[..groups.len() - GROUP];
         }
-        if base64_simd::STANDARD.decode_append(groups, &mut self.decoded).is_err() {
+        let room = self.decoded.room_for(groups.len() / GROUP * 3);
+        if base64_simd::STANDARD.decode_append(groups, room).is_err() {
             return used;
         }
         used += groups.len();
@@ -265,7 +267,8 @@ impl JsonBinaryDecoder {
 
     fn append(&mut self, groups: &[u8]) {
         // Whole groups of the alphabet, without `=`: they always decode.
-        let decoded = base64_simd::STANDARD.decode_append(groups, &mut self.decoded);
+        let room = self.decoded.room_for(groups.len() / GROUP * 3);
+        let decoded = base64_simd::STANDARD.decode_append(groups, room);
         debug_assert!(decoded.is_ok());
     }
 
@@ -274,11 +277,11 @@ impl JsonBinaryDecoder {
     fn give_up(&mut self, then_sent: &[u8]) {
         let mut body = std::mem::take(&mut self.skeleton);
         body.reserve(self.decoded.capacity() / 3 * 4 + 64);
-        base64_simd::STANDARD.encode_append(&self.decoded, &mut body);
+        base64_simd::STANDARD.encode_append(self.decoded.as_slice(), &mut body);
         body.extend_from_slice(&self.pending);
         body.extend_from_slice(self.tail.as_deref().unwrap_or_default());
         body.extend_from_slice(then_sent);
-        self.decoded = Vec::new();
+        self.decoded = pool::Buffer::empty();
         self.fallback = Some(body);
     }
 }
@@ -316,6 +319,22 @@ mod tests {
         assert_eq!(binary.meta.version_id.as_deref(), Some("2"));
         assert_eq!(binary.meta.size, Some(11));
         same_as_whole(body);
+    }
+
+    #[test]
+    fn a_large_body_decodes_exactly_while_its_buffer_is_faulted_in() {
+        // 6 MiB decoded: a new buffer large enough for the helper thread.
+        let content: Vec<u8> =
+            (0..6u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let mut body = br#"{"resourceType":"Binary","id":"big","data":""#.to_vec();
+        base64_simd::STANDARD.encode_append(&content, &mut body);
+        body.extend_from_slice(br#"","contentType":"application/dicom"}"#);
+        for size in [4093, 408 << 10] {
+            let binary = decode_in_chunks(&body, size).unwrap();
+            assert_eq!(binary.meta.size, Some(content.len() as u64));
+            let data = binary.data.unwrap();
+            assert!(data == content, "chunks of {size}: the decoded bytes differ");
+        }
     }
 
     #[test]
