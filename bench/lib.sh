@@ -171,6 +171,21 @@ time_us() {
 
 median() { printf '%s\n' "$@" | python3 "$HELPER" median; }
 
+# cpu_ms PID: the CPU time (user + system) PID has used so far, in ms.
+cpu_ms() {
+    awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); print ($12 + $13) * 1000 / hz }' "/proc/$1/stat"
+}
+
+# children_ms: sets CHILDREN_MS to the CPU time (user + system) this shell's finished children
+# have used, in ms. Not for $(...): a subshell's children are not this shell's.
+children_ms() {
+    times >"$WORK/times"
+    CHILDREN_MS=$(awk 'NR == 2 {
+        for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); total += t[1] * 60000 + t[2] * 1000 }
+        print total
+    }' "$WORK/times")
+}
+
 stats_reset() { curl -fsS -X POST "$STATS/reset" >/dev/null; }
 stats() { python3 "$HELPER" stats "$STATS"; }
 # count KEY "key=value ...": the value of KEY.

@@ -21,6 +21,8 @@
 #    served as the body arrives).
 #    The by-id case is also compared with curl of the raw bytes into new tmpfs files: a fresh
 #    mount has no recycled buffers, so it pays for new memory as curl into tmpfs does.
+#    Under each 64 MiB row: the CPU time per file of fhirfs, the server and cat, and the share
+#    of all CPUs they kept busy during the reads.
 #    The listed 64 MiB case is also compared with curl of the raw bytes, and the first byte
 #    of a cold 64 MiB file (open + read of 1 byte) with an HTTP GET's first body byte.
 # 2. warm `cat` of the same files (read before, same mount; each of the RUNS files 4 times) vs
@@ -67,12 +69,19 @@ MNT=$WORK/mnt
 # the same ids with ACCEPT; sets COLD_US and CURL_US (the medians) and REQ (what the mount
 # asked the server).
 cold_vs_curl() {
-    local prefix=$1 accept=$2 i cold=() curls=()
+    local prefix=$1 accept=$2 i cold=() curls=() fs0 server0 cat0 start wall
     stats_reset
+    fs0=$(cpu_ms "$FS_PID") server0=$(cpu_ms "$SERVER_PID")
+    children_ms
+    cat0=$CHILDREN_MS start=$(now_us)
     for ((i = 0; i < RUNS; i++)); do
         time_us cat "$MNT/$prefix-$i"
         cold+=("$ELAPSED")
     done
+    wall=$(($(now_us) - start))
+    children_ms
+    cpu_per_file "$wall" "$CHILDREN_MS" "$cat0" \
+        "$(cpu_ms "$FS_PID")" "$fs0" "$(cpu_ms "$SERVER_PID")" "$server0"
     REQ=$(stats)
     for ((i = 0; i < RUNS; i++)); do
         time_us curl -fsS -H "Accept: $accept" "$BASE/Binary/$prefix-$i" -o /dev/null
@@ -80,6 +89,25 @@ cold_vs_curl() {
     done
     say "  each run (µs): ${cold[*]}"
     COLD_US=$(median "${cold[@]}") CURL_US=$(median "${curls[@]}")
+}
+
+# cpu_per_file WALL_US CAT1 CAT0 FS1 FS0 SERVER1 SERVER0: sets CPU_FILE ("fhirfs / server / cat"
+# CPU ms per file, from the before and after figures of the RUNS reads) and CPU_BUSY (the share
+# of all CPUs they kept busy over the reads' wall time).
+cpu_per_file() {
+    read -r CPU_FILE CPU_BUSY < <(awk -v wall="$1" -v n="$RUNS" -v cpus="$(nproc)" \
+        -v cat="$2" -v cat0="$3" -v fs="$4" -v fs0="$5" -v server="$6" -v server0="$7" 'BEGIN {
+            cat -= cat0; fs -= fs0; server -= server0
+            printf "%.1f/%.1f/%.1f %.0f%%\n", fs / n, server / n, cat / n,
+                (fs + server + cat) * 1000 / wall / cpus * 100
+        }')
+    CPU_FILE=${CPU_FILE//\// \/ }
+}
+
+# cpu_row: the CPU row under a cold-read row.
+cpu_row() {
+    row "  CPU per file, fhirfs / server / cat (ms)" "$CPU_FILE" - - - - \
+        "$CPU_BUSY of $(nproc) CPUs busy during the reads"
 }
 
 # curl_into_tmpfs PREFIX ACCEPT: curls PREFIX-0 .. -(RUNS-1) with ACCEPT into new files in tmpfs,
@@ -123,6 +151,7 @@ c=$COLD_US b=$CURL_US
 row "cold read 64MiB by id, folder not listed: auto reads raw + summary (ms)" "$(ms "$c")" \
     "$(ms "$b") (curl JSON)" "$(ratio "$c" "$b")" "<= 1.5" "$(met "$(ratio "$c" "$b")" 1.5)" \
     "$REQ for $RUNS files"
+cpu_row
 curl_into_tmpfs u64m application/octet-stream
 row "  the same against curl of the raw bytes into new tmpfs files (ms)" "$(ms "$c")" \
     "$(ms "$STORE_US") (curl raw > tmpfs)" "$(ratio "$c" "$STORE_US")" - - -
@@ -141,6 +170,7 @@ for size in 1m 10m 64m; do
     cold_vs_curl "c$size" application/fhir+json
     COLD[$size]=$COLD_US CURL[$size]=$CURL_US COLD_REQ[$size]=$REQ
 done
+# CPU_FILE and CPU_BUSY are the 64 MiB reads' from here on.
 for size in 1m 10m 64m; do
     target=- ok=-
     if [[ $size == 64m ]]; then
@@ -160,6 +190,7 @@ done
 r=$(median "${raws[@]}")
 row "  the same 64MiB against curl of the raw bytes (ms)" "$(ms "${COLD[64m]}")" "$(ms "$r") (curl raw)" \
     "$(ratio "${COLD[64m]}" "$r")" - - -
+cpu_row
 
 # Streaming: the first byte of a cold 64 MiB file comes with the first bytes of its body, not
 # after the last (open + read of 1 byte, timed in-process, vs an HTTP GET to its first body
@@ -302,6 +333,7 @@ if [[ -n $HAS_FETCH ]]; then
         c=$COLD_US b=$CURL_US
         row "cold read 64MiB, --fetch $mode (ms)" "$(ms "$c")" "$(ms "$b") (curl $mode)" \
             "$(ratio "$c" "$b")" "<= 1.5" "$(met "$(ratio "$c" "$b")" 1.5)" "$REQ for $RUNS files"
+        cpu_row
         curl_into_tmpfs "$prefix" "$accept"
         row "  the same against curl $mode into new tmpfs files (ms)" "$(ms "$c")" \
             "$(ms "$STORE_US") (curl $mode > tmpfs)" "$(ratio "$c" "$STORE_US")" - - -
