@@ -39,7 +39,7 @@ pub struct JsonBinaryDecoder {
     /// The body without the text of `data` (its quotes stay): parsed at the end.
     skeleton: Vec<u8>,
     /// The decoded bytes of `data` so far.
-    decoded: pool::Buffer,
+    decoded: Decoded,
     /// Base64 characters of an incomplete group, waiting for the next chunk.
     pending: Vec<u8>,
     /// From the first `=` on, the base64 text is kept here and decoded (forgivingly) at the end.
@@ -57,7 +57,7 @@ impl JsonBinaryDecoder {
             scan: Scan::Normal,
             depth: 0,
             skeleton: Vec::with_capacity(1024),
-            decoded: pool::Buffer::with_capacity(len / 4 * 3),
+            decoded: Decoded::with_capacity(len / 4 * 3),
             pending: Vec::with_capacity(GROUP),
             tail: None,
             captured: false,
@@ -246,8 +246,7 @@ impl JsonBinaryDecoder {
         {
             groups = &groups[..groups.len() - GROUP];
         }
-        let room = self.decoded.room_for(groups.len() / GROUP * 3);
-        if base64_simd::STANDARD.decode_append(groups, room).is_err() {
+        if self.decoded.decode(groups).is_err() {
             return used;
         }
         used += groups.len();
@@ -267,8 +266,7 @@ impl JsonBinaryDecoder {
 
     fn append(&mut self, groups: &[u8]) {
         // Whole groups of the alphabet, without `=`: they always decode.
-        let room = self.decoded.room_for(groups.len() / GROUP * 3);
-        let decoded = base64_simd::STANDARD.decode_append(groups, room);
+        let decoded = self.decoded.decode(groups);
         debug_assert!(decoded.is_ok());
     }
 
@@ -281,8 +279,66 @@ impl JsonBinaryDecoder {
         body.extend_from_slice(&self.pending);
         body.extend_from_slice(self.tail.as_deref().unwrap_or_default());
         body.extend_from_slice(then_sent);
-        self.decoded = pool::Buffer::empty();
+        self.decoded = Decoded::empty();
         self.fallback = Some(body);
+    }
+}
+
+/// The decoded bytes of `data`: a vector sized from Content-Length, on a recycled buffer when
+/// one fits, else on new memory that a helper faults in ahead of the decoder
+/// ([`pool::FaultAhead`]).
+#[derive(Debug)]
+struct Decoded {
+    // Declared first, so that it is dropped first: the helper stops before `data` is freed.
+    ahead: Option<pool::FaultAhead>,
+    data: Vec<u8>,
+}
+
+impl Decoded {
+    fn with_capacity(len: usize) -> Self {
+        let (data, fresh) = pool::vec_with_capacity(len);
+        // SAFETY: `data` changes only in `decode`, which drops `ahead` before it grows the
+        // vector, and in `into_vec`, which drops it first; `ahead` is also dropped first.
+        let ahead = if fresh { unsafe { pool::FaultAhead::start(&data) } } else { None };
+        Self { ahead, data }
+    }
+
+    fn empty() -> Self {
+        Self { ahead: None, data: Vec::new() }
+    }
+
+    /// Appends the bytes of `text`, whole base64 groups, writing them into the vector's spare
+    /// capacity: the vector moves only here, after the helper has stopped.
+    fn decode(&mut self, text: &[u8]) -> Result<(), base64_simd::Error> {
+        let needed = base64_simd::STANDARD.decoded_length(text)?;
+        if self.data.capacity() - self.data.len() < needed {
+            self.ahead = None;
+            self.data.reserve(needed);
+        }
+        let len = self.data.len();
+        let spare = &mut self.data.spare_capacity_mut()[..needed];
+        let out = base64_simd::Out::from_uninit_slice(spare);
+        let written = base64_simd::STANDARD.decode(text, out)?.len();
+        // SAFETY: `decode` wrote the `written` bytes it returned at the start of the spare
+        // capacity.
+        unsafe { self.data.set_len(len + written) };
+        if let Some(ahead) = &self.ahead {
+            ahead.progress(self.data.len());
+        }
+        Ok(())
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.data
+    }
+
+    fn capacity(&self) -> usize {
+        self.data.capacity()
+    }
+
+    fn into_vec(mut self) -> Vec<u8> {
+        self.ahead = None;
+        std::mem::take(&mut self.data)
     }
 }
 
@@ -323,18 +379,50 @@ mod tests {
 
     #[test]
     fn a_large_body_decodes_exactly_while_its_buffer_is_faulted_in() {
-        // 6 MiB decoded: a new buffer large enough for the helper thread.
+        let _one = crate::pool::tests::one_helper_at_a_time();
+        // 33 MiB decoded: new memory (above glibc's largest mmap threshold), with a helper.
         let content: Vec<u8> =
-            (0..6u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+            (0..33u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         let mut body = br#"{"resourceType":"Binary","id":"big","data":""#.to_vec();
         base64_simd::STANDARD.encode_append(&content, &mut body);
         body.extend_from_slice(br#"","contentType":"application/dicom"}"#);
-        for size in [4093, 408 << 10] {
-            let binary = decode_in_chunks(&body, size).unwrap();
+        for size in [65_539, 408 << 10] {
+            let mut decoder = JsonBinaryDecoder::new(body.len());
+            assert!(decoder.decoded.ahead.is_some(), "a helper faults the buffer in");
+            for chunk in body.chunks(size) {
+                decoder.push(chunk);
+            }
+            let binary = decoder.finish().unwrap();
             assert_eq!(binary.meta.size, Some(content.len() as u64));
             let data = binary.data.unwrap();
             assert!(data == content, "chunks of {size}: the decoded bytes differ");
         }
+        // Dropped halfway, and given up halfway (an escape the fast path does not take): the
+        // helper stops before the buffer goes (the pool's tests check this on every drop).
+        let half = body.len() / 2;
+        let mut decoder = JsonBinaryDecoder::new(body.len());
+        decoder.push(&body[..half]);
+        drop(decoder);
+        let mut escaped = body[..half].to_vec();
+        escaped.extend_from_slice(b"\\n");
+        escaped.extend_from_slice(&body[half..]);
+        let mut decoder = JsonBinaryDecoder::new(escaped.len());
+        decoder.push(&escaped[..half + 2]);
+        assert!(decoder.fallback.is_some(), "the fast path gave up");
+        decoder.push(&escaped[half + 2..]);
+        assert_eq!(decoder.finish().ok(), fhir::decode_binary(escaped).ok());
+    }
+
+    #[test]
+    fn decoding_past_the_capacity_stops_the_helper_before_the_buffer_grows() {
+        let _one = crate::pool::tests::one_helper_at_a_time();
+        let mut decoded = Decoded::with_capacity(33 << 20);
+        assert!(decoded.ahead.is_some());
+        let text = base64_simd::STANDARD.encode_to_string(vec![7u8; (33 << 20) + 3]);
+        decoded.decode(text.as_bytes()).unwrap();
+        assert!(decoded.ahead.is_none(), "stopped before the vector moved");
+        let data = decoded.into_vec();
+        assert!(data.len() == (33 << 20) + 3 && data.iter().all(|&b| b == 7));
     }
 
     #[test]

@@ -7,9 +7,9 @@
 //! within the cache plus one file: a buffer waits here only between an eviction and the next
 //! fetch.
 //!
-//! When no buffer fits, a [`Buffer`] being filled from start to end (a FHIR JSON body's
-//! decoded `data`) has its new pages faulted in by a helper thread ahead of the writer, so the
-//! faults run beside the download instead of inside the decoding.
+//! When no buffer fits, a buffer written from start to end (a FHIR JSON body's decoded
+//! `data`) can have its new pages faulted in by a helper thread ([`FaultAhead`]) ahead of the
+//! writer, so the faults run beside the download instead of inside the decoding.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -119,7 +119,7 @@ impl Drop for Recycled {
 
 /// A vector of capacity at least `len`, empty, on a recycled buffer when one fits; also
 /// whether it is new memory (not recycled) of at least [`MIN_POOLED`] bytes.
-fn vec_with_capacity(len: usize) -> (Vec<u8>, bool) {
+pub(crate) fn vec_with_capacity(len: usize) -> (Vec<u8>, bool) {
     match recycled(len) {
         Some(buf) => {
             let mut data = buf.into_vec();
@@ -132,167 +132,236 @@ fn vec_with_capacity(len: usize) -> (Vec<u8>, bool) {
 
 /// Buffers at least this large get their pages faulted in ahead of the writer: a thread costs
 /// tens of microseconds, 4 MiB of new pages about 1.5 ms here.
-const FAULT_AHEAD_MIN: usize = 4 << 20;
+pub(crate) const FAULT_AHEAD_MIN: usize = 4 << 20;
 
-/// How much the helper faults in per system call, between checks of its stop flag.
-const FAULT_AHEAD_STEP: usize = 1 << 20;
+/// How far ahead of the writer the helper faults pages in: a body that stalls or ends early
+/// (its Content-Length lied) leaves at most this much mapped for nothing.
+const FAULT_AHEAD_LEAD: usize = 8 << 20;
 
-/// An empty vector for content written from start to end, on a recycled buffer when one fits.
-/// A new buffer of at least 4 MiB gets its pages faulted in by a helper thread while the
-/// content arrives: a 64 MiB FHIR JSON read on a fresh mount, 70 → 63 ms here (the decoder
-/// no longer stops at each of 16,384 page faults). Raw bodies do not use this: their reads
-/// through FUSE already keep the second CPU busy, and it made them no faster.
+/// How much the helper faults in per system call, between checks of its stop flag: dropping
+/// it waits for at most one step.
+const FAULT_AHEAD_STEP: usize = 256 << 10;
+
+/// Helpers running at once. One keeps the second CPU of a two-CPU machine busy during a JSON
+/// download; more would compete with the decoders themselves.
+const FAULT_AHEAD_HELPERS: usize = 1;
+
+static HELPERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Set once the kernel refused `MADV_POPULATE_WRITE` (before Linux 5.14, or a sandbox): no
+/// more helpers are started.
+static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+/// A helper thread that faults in the new pages of a buffer being written from start to end,
+/// up to [`FAULT_AHEAD_LEAD`] ahead of the writer, so that the writer (a JSON decoder) does
+/// not stop at each of its page faults: on a fresh mount a 64 MiB FHIR JSON read went from
+/// about 65 to 55 ms here (medians of 7 files, four A/B pairs, every pair faster). Raw bodies do not use it: their reads through FUSE already keep the second
+/// CPU busy, and it made them no faster.
+///
+/// Dropping this stops the helper and waits for it, so it never outlives the allocation it
+/// touches.
 #[derive(Debug)]
-pub struct Buffer {
-    // Declared first so that it is dropped first: the helper stops before `data` is freed.
-    ahead: Option<FaultAhead>,
-    data: Vec<u8>,
-}
-
-impl Buffer {
-    /// A buffer for about `len` bytes.
-    pub fn with_capacity(len: usize) -> Self {
-        let (data, fresh) = vec_with_capacity(len);
-        let ahead = (fresh && data.capacity() >= FAULT_AHEAD_MIN).then(|| FaultAhead::start(&data));
-        Self { ahead, data }
-    }
-
-    /// An empty buffer with no allocation.
-    pub fn empty() -> Self {
-        Self { ahead: None, data: Vec::new() }
-    }
-
-    /// The bytes written so far.
-    pub fn as_slice(&self) -> &[u8] {
-        &self.data
-    }
-
-    /// Bytes the buffer holds without growing.
-    pub fn capacity(&self) -> usize {
-        self.data.capacity()
-    }
-
-    /// The vector, with room for `additional` more bytes: append at most that many. If they do
-    /// not fit, the helper is stopped first, as the vector will move to a new allocation.
-    pub fn room_for(&mut self, additional: usize) -> &mut Vec<u8> {
-        if self.data.capacity() - self.data.len() < additional {
-            self.ahead = None;
-        }
-        &mut self.data
-    }
-
-    /// Waits until the helper has faulted everything in.
-    #[cfg(test)]
-    fn wait_ahead(&mut self) {
-        if let Some(thread) = self.ahead.as_mut().and_then(|ahead| ahead.thread.take()) {
-            thread.join().unwrap();
-        }
-    }
-
-    /// The vector, once the helper has stopped.
-    pub fn into_vec(mut self) -> Vec<u8> {
-        self.ahead = None;
-        std::mem::take(&mut self.data)
-    }
-}
-
-/// The helper thread of a [`Buffer`]; dropping this stops it and waits for it (at most one
-/// step), so it never outlives the allocation it touches.
-#[derive(Debug)]
-struct FaultAhead {
-    stop: Arc<AtomicBool>,
+pub(crate) struct FaultAhead {
+    shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    #[cfg(test)]
+    range: (usize, usize),
+}
+
+/// What the writer tells its helper.
+#[derive(Debug, Default)]
+struct Shared {
+    stop: AtomicBool,
+    /// Bytes written from the start of the allocation.
+    written: AtomicUsize,
+    /// The helper is waiting for the writer (for tests).
+    waiting: AtomicBool,
+}
+
+/// Counts a running helper; the count drops when the thread ends, however it ends.
+struct Running;
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        HELPERS.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl FaultAhead {
-    /// Faults in the pages of `data`'s unused capacity, whole pages, from its start.
-    fn start(data: &Vec<u8>) -> Self {
+    /// Starts a helper for `data`'s unused capacity (whole pages), if the capacity is large
+    /// enough, the kernel can do it, and no other helper is running.
+    ///
+    /// # Safety
+    /// The returned value must be dropped before `data`'s allocation is freed or moved (the
+    /// vector grows, shrinks or is dropped): until then the helper calls `madvise` on it.
+    pub(crate) unsafe fn start(data: &Vec<u8>) -> Option<Self> {
+        if data.capacity() < FAULT_AHEAD_MIN || UNSUPPORTED.load(Ordering::Relaxed) {
+            return None;
+        }
+        if HELPERS.fetch_add(1, Ordering::AcqRel) >= FAULT_AHEAD_HELPERS {
+            HELPERS.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let running = Running;
         let page = 4096;
-        let start = (data.as_ptr() as usize + data.len()).next_multiple_of(page);
-        let end = (data.as_ptr() as usize + data.capacity()) / page * page;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
-        let thread = std::thread::Builder::new().name("fhirfs-fault".into()).spawn(move || {
-            let mut at = start;
-            while at < end && !stopped.load(Ordering::Relaxed) {
-                let len = FAULT_AHEAD_STEP.min(end - at);
-                // SAFETY: [at, at + len) lies inside the allocation, which outlives this
-                // thread (dropping `FaultAhead` joins it, and `Buffer` drops it before the
-                // vector can move or be freed). MADV_POPULATE_WRITE maps the pages as a
-                // write would but writes nothing, so it never races with the writer's
-                // bytes; an error (an old kernel) just ends the helper.
-                let failed = unsafe {
-                    libc::madvise(at as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) != 0
-                };
-                if failed {
-                    break;
+        let base = data.as_ptr() as usize;
+        let start = (base + data.len()).next_multiple_of(page);
+        let end = (base + data.capacity()) / page * page;
+        let shared = Arc::new(Shared::default());
+        shared.written.store(data.len(), Ordering::Relaxed);
+        let theirs = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("fhirfs-fault".into())
+            .stack_size(64 << 10)
+            .spawn(move || {
+                let _running = running;
+                let mut at = start;
+                while at < end && !theirs.stop.load(Ordering::Acquire) {
+                    let lead = base + theirs.written.load(Ordering::Acquire) + FAULT_AHEAD_LEAD;
+                    if at >= lead {
+                        theirs.waiting.store(true, Ordering::Release);
+                        std::thread::park();
+                        theirs.waiting.store(false, Ordering::Release);
+                        continue;
+                    }
+                    let len = FAULT_AHEAD_STEP.min(end - at);
+                    // SAFETY: [at, at + len) lies inside the allocation, which outlives this
+                    // thread (see `start`; dropping `FaultAhead` joins it). MADV_POPULATE_WRITE
+                    // maps the pages as a write would but writes nothing: a page the writer
+                    // has already mapped is left as it is.
+                    let result = unsafe {
+                        libc::madvise(at as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE)
+                    };
+                    if result != 0 {
+                        let error = std::io::Error::last_os_error().raw_os_error();
+                        if matches!(error, Some(libc::EINVAL | libc::ENOSYS | libc::EPERM)) {
+                            UNSUPPORTED.store(true, Ordering::Relaxed);
+                        }
+                        break;
+                    }
+                    at += len;
                 }
-                at += len;
-            }
-        });
+            });
         // No thread (out of resources): the writer faults its pages in itself, as without.
-        Self { stop, thread: thread.ok() }
+        let thread = thread.ok()?;
+        Some(Self {
+            shared,
+            thread: Some(thread),
+            #[cfg(test)]
+            range: (start, end),
+        })
+    }
+
+    /// The writer has written `written` bytes from the start of the allocation.
+    pub(crate) fn progress(&self, written: usize) {
+        self.shared.written.store(written, Ordering::Release);
+        if let Some(thread) = &self.thread {
+            thread.thread().unpark();
+        }
     }
 }
 
 impl Drop for FaultAhead {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        #[cfg(test)]
+        tests::assert_mapped(self.range, "the buffer was freed before its helper stopped");
+        self.shared.stop.store(true, Ordering::Release);
         if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
-    /// Pages of `data`'s whole capacity that are mapped now.
-    fn resident_pages(data: &[u8], capacity: usize) -> usize {
-        let page = 4096;
-        let start = (data.as_ptr() as usize).next_multiple_of(page);
-        let end = (data.as_ptr() as usize + capacity) / page * page;
-        let mut vec = vec![0u8; (end - start) / page];
-        // SAFETY: the range is inside the live allocation; mincore only reports on it.
+    /// Tests that start helpers take this: at most one helper runs at a time, process-wide.
+    pub(crate) static ONE_HELPER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+    pub(crate) fn one_helper_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+        ONE_HELPER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pages of [start, end) that are mapped now.
+    fn resident_pages((start, end): (usize, usize)) -> usize {
+        let mut vec = vec![0u8; (end - start) / 4096];
+        // SAFETY: mincore only reports on the range; the caller's allocation holds it.
         let result =
             unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) };
         assert_eq!(result, 0, "mincore: {}", std::io::Error::last_os_error());
         vec.iter().filter(|&&v| v & 1 == 1).count()
     }
 
+    /// Panics with `why` unless all of [start, end) is mapped (mincore fails with ENOMEM on a
+    /// range with a hole).
+    pub(super) fn assert_mapped((start, end): (usize, usize), why: &str) {
+        if end <= start {
+            return;
+        }
+        let mut vec = vec![0u8; (end - start) / 4096];
+        // SAFETY: as above; on an unmapped range mincore only reports the error.
+        let result =
+            unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) };
+        assert_eq!(result, 0, "{why}: {}", std::io::Error::last_os_error());
+    }
+
+    /// Spins (yielding) until `done`, for at most 10 s.
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "still waiting for {what}");
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
-    fn a_new_large_buffer_is_faulted_in_ahead_and_a_small_one_is_not() {
-        // No other test gives a buffer of this size back to the pool, and above 32 MiB glibc
-        // always maps new memory: nothing of it is mapped until someone touches it.
+    fn a_helper_keeps_ahead_of_the_writer_and_ends_when_dropped() {
+        let _one = one_helper_at_a_time();
+        // Above 32 MiB glibc always maps new memory: nothing of it is mapped yet.
         let large = (40 << 20) + 12_345;
-        let mut buffer = Buffer::with_capacity(large);
-        assert!(buffer.ahead.is_some(), "a new {large}-byte buffer has a helper");
-        buffer.wait_ahead();
-        let pages = (large / 4096) - 1;
+        let data: Vec<u8> = Vec::with_capacity(large);
+        // SAFETY: `ahead` is dropped before `data`, which does not change meanwhile.
+        let ahead = unsafe { FaultAhead::start(&data) }.expect("a helper for a new 40 MiB buffer");
+        assert_eq!(HELPERS.load(Ordering::Acquire), 1);
+        // SAFETY: as above, for a second buffer.
+        let second: Vec<u8> = Vec::with_capacity(large);
+        assert!(unsafe { FaultAhead::start(&second) }.is_none(), "one helper at a time");
+        // SAFETY: as above.
+        let small: Vec<u8> = Vec::with_capacity(FAULT_AHEAD_MIN - 1);
+        assert!(unsafe { FaultAhead::start(&small) }.is_none(), "too small for a helper");
+
+        // Nothing written yet: the helper stops a lead ahead and waits.
+        wait_until("the helper to wait for the writer", || {
+            ahead.shared.waiting.load(Ordering::Acquire)
+        });
+        let mapped = resident_pages(ahead.range) * 4096;
         assert!(
-            resident_pages(buffer.as_slice(), buffer.capacity()) >= pages,
-            "every page of the buffer is mapped before anything was written"
+            (FAULT_AHEAD_LEAD - 4096..=FAULT_AHEAD_LEAD + FAULT_AHEAD_STEP).contains(&mapped),
+            "{mapped} bytes mapped ahead of a writer at 0"
         );
-        buffer.room_for(3).extend_from_slice(b"abc");
-        assert_eq!(buffer.into_vec(), b"abc");
+        // The writer is done: the helper maps the rest and ends.
+        ahead.progress(large);
+        let finished = || ahead.thread.as_ref().is_some_and(|t| t.is_finished());
+        wait_until("the helper to finish", finished);
+        assert!(resident_pages(ahead.range) >= (ahead.range.1 - ahead.range.0) / 4096);
+        drop(ahead);
+        assert_eq!(HELPERS.load(Ordering::Acquire), 0);
 
-        let small = (3 << 20) + 12_345;
-        assert!(Buffer::with_capacity(small).ahead.is_none(), "too small for a helper");
-
-        // Growing past the capacity stops the helper first; the bytes are kept.
-        let mut buffer = Buffer::with_capacity(large);
-        buffer.room_for(5).extend_from_slice(b"hello");
-        buffer.room_for(large).resize(large + 5, 7);
-        assert!(buffer.ahead.is_none(), "stopped before the vector moved");
-        let data = buffer.into_vec();
-        assert_eq!(&data[..5], b"hello");
-        assert_eq!(data.len(), large + 5);
+        // Dropped while it runs: it has ended when the drop returns.
+        // SAFETY: as above.
+        let ahead = unsafe { FaultAhead::start(&second) }.expect("the slot is free again");
+        ahead.progress(large);
+        drop(ahead);
+        assert_eq!(HELPERS.load(Ordering::Acquire), 0, "the helper ended before the drop returned");
     }
 
     #[test]
     fn buffers_come_back_within_the_budget_and_only_when_they_fit() {
-        // The pool is process-wide: this is its only test, so nothing else uses it meanwhile.
+        // The pool is process-wide: this is the only test that gives buffers back, and the sizes it
+        // takes are ones no other test asks for.
         let big = take(4 << 20);
         let ptr = big.as_ptr();
         give_back(big);
