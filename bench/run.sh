@@ -111,10 +111,11 @@ cpu_row() {
 }
 
 # curl_into_tmpfs PREFIX ACCEPT: curls PREFIX-0 .. -(RUNS-1) with ACCEPT into new files in tmpfs,
-# kept until all are timed (as the mount's cache keeps them); sets STORE_US (the median). This
-# is what keeping the bytes in memory costs: a new 64 MiB of memory costs about as much as
-# curl's whole download to /dev/null on this VM (python3 writes 64 MiB into new pages in 27 ms,
-# into pages already mapped in 6 ms), so a mount that has no recycled buffers yet pays it too.
+# kept until all are timed (as the mount keeps what fits in its cache); sets STORE_US (the
+# median). This is what keeping the bytes in new memory costs: on this VM 64 MiB of new pages
+# cost about as much as curl's whole download to /dev/null (measured by hand: python3 writes
+# 64 MiB into new pages in 27 ms, into pages already mapped in 6 ms), and a fresh mount has no
+# recycled buffers until its cache is full.
 curl_into_tmpfs() {
     local prefix=$1 accept=$2 i stored=()
     for ((i = 0; i < RUNS; i++)); do
