@@ -44,8 +44,9 @@ fn pool() -> std::sync::MutexGuard<'static, Vec<Box<[u8]>>> {
 }
 
 /// A buffer of at least `len` bytes, recycled when one fits (at most a 64th larger: the cache
-/// weighs content by its length, so a larger buffer would hide memory from it), else fresh. Its contents are unspecified (zeros or an earlier file's bytes): callers
-/// overwrite what they use.
+/// weighs content by its length, so a larger buffer would hide memory from it), else fresh.
+/// Its contents are unspecified (zeros or an earlier file's bytes): callers overwrite what
+/// they use.
 pub fn take(len: usize) -> Box<[u8]> {
     // Zeroed by the kernel as pages are first touched: no memset.
     recycled(len).unwrap_or_else(|| vec![0; len].into_boxed_slice())
@@ -155,8 +156,9 @@ static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 /// A helper thread that faults in the new pages of a buffer being written from start to end,
 /// up to [`FAULT_AHEAD_LEAD`] ahead of the writer, so that the writer (a JSON decoder) does
 /// not stop at each of its page faults: on a fresh mount a 64 MiB FHIR JSON read went from
-/// about 65 to 55 ms here (medians of 7 files, four A/B pairs, every pair faster). Raw bodies do not use it: their reads through FUSE already keep the second
-/// CPU busy, and it made them no faster.
+/// about 65 to 55 ms here (medians of 7 files, four A/B pairs, every pair faster). Raw bodies
+/// do not use it: their reads through FUSE already keep the second CPU busy, and it made them
+/// no faster.
 ///
 /// Dropping this stops the helper and waits for it, so it never outlives the allocation it
 /// touches.
@@ -203,7 +205,8 @@ impl FaultAhead {
             return None;
         }
         let running = Running;
-        let page = 4096;
+        // SAFETY: sysconf only reads a system setting.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let base = data.as_ptr() as usize;
         let start = (base + data.len()).next_multiple_of(page);
         let end = (base + data.capacity()) / page * page;
