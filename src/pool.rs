@@ -288,9 +288,14 @@ pub(crate) mod tests {
         ONE_HELPER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn page() -> usize {
+        // SAFETY: sysconf only reads a system setting.
+        usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap()
+    }
+
     /// Pages of [start, end) that are mapped now.
     fn resident_pages((start, end): (usize, usize)) -> usize {
-        let mut vec = vec![0u8; (end - start) / 4096];
+        let mut vec = vec![0u8; (end - start) / page()];
         // SAFETY: mincore only reports on the range; the caller's allocation holds it.
         let result =
             unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) };
@@ -304,7 +309,7 @@ pub(crate) mod tests {
         if end <= start {
             return;
         }
-        let mut vec = vec![0u8; (end - start) / 4096];
+        let mut vec = vec![0u8; (end - start).div_ceil(page())];
         // SAFETY: as above; on an unmapped range mincore only reports the error.
         let result =
             unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) };
@@ -320,12 +325,42 @@ pub(crate) mod tests {
         }
     }
 
+    /// Fails, saying why, where the kernel has no MADV_POPULATE_WRITE: the helper then never
+    /// starts (correctly), and these tests could not tell that from a broken one.
+    pub(crate) fn require_populate_write() {
+        let probe: Vec<u8> = Vec::with_capacity(2 * page());
+        let start = (probe.as_ptr() as usize).next_multiple_of(page());
+        // SAFETY: one page inside the allocation; populating it writes nothing.
+        let result =
+            unsafe { libc::madvise(start as *mut libc::c_void, page(), libc::MADV_POPULATE_WRITE) };
+        assert_eq!(
+            result,
+            0,
+            "this kernel refuses MADV_POPULATE_WRITE (Linux 5.14 or later is needed): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Keeps the kernel from backing `data` with huge pages, which would map 2 MiB at a time
+    /// and blur how far ahead the helper went (where transparent huge pages are `always`).
+    fn small_pages(data: &[u8], capacity: usize) {
+        let start = (data.as_ptr() as usize).next_multiple_of(page());
+        let end = (data.as_ptr() as usize + capacity) / page() * page();
+        // SAFETY: whole pages inside the allocation; the advice changes no contents.
+        let result = unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_NOHUGEPAGE)
+        };
+        assert_eq!(result, 0, "MADV_NOHUGEPAGE: {}", std::io::Error::last_os_error());
+    }
+
     #[test]
     fn a_helper_keeps_ahead_of_the_writer_and_ends_when_dropped() {
         let _one = one_helper_at_a_time();
+        require_populate_write();
         // Above 32 MiB glibc always maps new memory: nothing of it is mapped yet.
         let large = (40 << 20) + 12_345;
         let data: Vec<u8> = Vec::with_capacity(large);
+        small_pages(&data, large);
         // SAFETY: `ahead` is dropped before `data`, which does not change meanwhile.
         let ahead = unsafe { FaultAhead::start(&data) }.expect("a helper for a new 40 MiB buffer");
         assert_eq!(HELPERS.load(Ordering::Acquire), 1);
@@ -340,16 +375,16 @@ pub(crate) mod tests {
         wait_until("the helper to wait for the writer", || {
             ahead.shared.waiting.load(Ordering::Acquire)
         });
-        let mapped = resident_pages(ahead.range) * 4096;
+        let mapped = resident_pages(ahead.range) * page();
         assert!(
-            (FAULT_AHEAD_LEAD - 4096..=FAULT_AHEAD_LEAD + FAULT_AHEAD_STEP).contains(&mapped),
+            (FAULT_AHEAD_LEAD - page()..=FAULT_AHEAD_LEAD + FAULT_AHEAD_STEP).contains(&mapped),
             "{mapped} bytes mapped ahead of a writer at 0"
         );
         // The writer is done: the helper maps the rest and ends.
         ahead.progress(large);
         let finished = || ahead.thread.as_ref().is_some_and(|t| t.is_finished());
         wait_until("the helper to finish", finished);
-        assert!(resident_pages(ahead.range) >= (ahead.range.1 - ahead.range.0) / 4096);
+        assert!(resident_pages(ahead.range) >= (ahead.range.1 - ahead.range.0) / page());
         drop(ahead);
         assert_eq!(HELPERS.load(Ordering::Acquire), 0);
 

@@ -392,7 +392,7 @@ fn a_large_json_body_cut_short_is_eio_and_the_next_read_is_right() {
     server.server.put("big", "application/dicom", content.clone());
     server.server.set_fault("big", Some(Fault::Truncated));
     let mount =
-        Mount::builder().args(&["--fetch", "json", "--timeout", "3"]).mount(&server.base_url());
+        Mount::builder().args(&["--fetch", "json", "--timeout", "5"]).mount(&server.base_url());
     let (tx, rx) = mpsc::channel();
     let path = mount.path("big");
     thread::spawn(move || tx.send(read(path).map(|b| b.len())));
