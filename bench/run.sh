@@ -126,19 +126,29 @@ curl_into_tmpfs() {
     STORE_US=$(median "${stored[@]}")
 }
 
+# first_bytes OURS BASELINE_MODE THEIRS: the helper's first-byte times (µs) of the mount's
+# paths in the array named OURS, counting the server requests they make (REQ), and then of the
+# array named THEIRS with helper mode BASELINE_MODE (ttfb for files, ttfb-http for URLs); sets
+# FIRST_US and BASE_US (the medians).
+first_bytes() {
+    local -n ours=$1 theirs=$3
+    local first base
+    stats_reset
+    mapfile -t first < <(python3 "$HELPER" ttfb "${ours[@]}")
+    REQ=$(stats)
+    mapfile -t base < <(python3 "$HELPER" "$2" "${theirs[@]}")
+    FIRST_US=$(median "${first[@]}") BASE_US=$(median "${base[@]}")
+}
+
 # ttfb_vs_http PREFIX: the first byte of $MNT/PREFIX-0 .. -(RUNS-1), never read before, vs an
-# HTTP GET of each up to its first body byte; sets FIRST_US and HTTP_US (medians) and REQ.
+# HTTP GET of each up to its first body byte; sets FIRST_US, BASE_US and REQ (see first_bytes).
 ttfb_vs_http() {
-    local prefix=$1 i paths=() urls=() first http
+    local prefix=$1 i paths=() urls=()
     for ((i = 0; i < RUNS; i++)); do
         paths+=("$MNT/$prefix-$i")
         urls+=("$BASE/Binary/$prefix-$i")
     done
-    stats_reset
-    mapfile -t first < <(python3 "$HELPER" ttfb "${paths[@]}")
-    REQ=$(stats)
-    mapfile -t http < <(python3 "$HELPER" ttfb-http "${urls[@]}")
-    FIRST_US=$(median "${first[@]}") HTTP_US=$(median "${http[@]}")
+    first_bytes paths ttfb-http urls
 }
 
 table_header
@@ -159,7 +169,7 @@ row "  the same against curl of the raw bytes into new tmpfs files (ms)" "$(ms "
 
 # The first byte of a 1 KiB file by id: the raw answer, then its summary read.
 ttfb_vs_http u1k
-c=$FIRST_US h=$HTTP_US
+c=$FIRST_US h=$BASE_US
 row "first byte 1 KiB by id, folder not listed: raw + summary (µs)" "$c" \
     "$h (HTTP GET, new connection)" "$(ratio "$c" "$h")" - - "$REQ for $RUNS files"
 
@@ -243,7 +253,7 @@ done
 # 3: time to first byte of 1 KiB files.
 say "time to first byte, 1 KiB"
 ttfb_vs_http t1k
-c=$FIRST_US h=$HTTP_US
+c=$FIRST_US h=$BASE_US
 row "first byte 1 KiB, cold (µs)" "$c" "$h (HTTP GET, new connection)" \
     "$(ratio "$c" "$h")" - - "$REQ for $RUNS files"
 head -c 1024 "$MNT/t1k-0" >"$SHM/t1k"
@@ -252,13 +262,10 @@ for ((i = 0; i < RUNS * 4; i++)); do
     mnt_paths+=("$MNT/t1k-0")
     shm_paths+=("$SHM/t1k")
 done
-stats_reset
-mapfile -t warm < <(python3 "$HELPER" ttfb "${mnt_paths[@]}")
-req=$(stats)
-mapfile -t shm < <(python3 "$HELPER" ttfb "${shm_paths[@]}")
-w=$(median "${warm[@]}") s=$(median "${shm[@]}")
+first_bytes mnt_paths ttfb shm_paths
+w=$FIRST_US s=$BASE_US
 row "first byte 1 KiB, warm (µs)" "$w" "$s (tmpfs)" "$(ratio "$w" "$s")" \
-    "< 1000 µs" "$(met "$w" 999)" "$req"
+    "< 1000 µs" "$(met "$w" 999)" "$REQ"
 
 # 4: six parallel reads of files delayed 2 s each.
 say "six parallel reads of 2 s-delayed files"
