@@ -87,6 +87,12 @@ impl Body {
         self.len == 0
     }
 
+    /// True for a body made by [`Body::on_demand`]: the kernel's pages, read again through a
+    /// relay.
+    pub fn is_on_demand(&self) -> bool {
+        self.on_demand
+    }
+
     /// True once every byte is in.
     pub fn is_complete(&self) -> bool {
         self.state.borrow().filled == self.len

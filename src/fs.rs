@@ -654,7 +654,9 @@ impl<S: Source> FhirFs<S> {
                 });
                 let generation = match same {
                     Some(c) => c.generation,
-                    None => self.next_generation.fetch_add(1, Ordering::Relaxed),
+                    None => self
+                        .on_demand_generation(id, meta.version_id.as_deref())
+                        .unwrap_or_else(|| self.next_generation.fetch_add(1, Ordering::Relaxed)),
                 };
                 let version_id = meta.version_id.clone();
                 self.apply_meta(id, meta, Origin::Fetch);
@@ -1038,7 +1040,7 @@ impl<S: Source> FhirFs<S> {
         tokio::spawn(async move {
             let Some(mut relay) = demand.requested().await else { return };
             debug!(id = owned, "the kernel dropped pages of a file no longer cached: fetching it");
-            let result = this.relay(&owned, (generation, &expected), &mut relay).await;
+            let result = this.relay(&owned, &expected, &mut relay).await;
             match result {
                 Ok(()) => {
                     let _ = relay.finish();
@@ -1069,13 +1071,25 @@ impl<S: Source> FhirFs<S> {
         Some((node.kernel_generation?, version, len))
     }
 
-    /// Fills `relay` with the bytes of version `expected` of `id` (the kernel's `generation`),
-    /// fetched again (and cached); an error when the server has another version now: those
-    /// bytes must not mix with the pages the kernel kept.
+    /// The generation of an open's on-demand body of `version` of `id`: the bytes fetched for
+    /// its relay are that version's, cached under the kernel's generation, so that the next
+    /// open keeps the pages.
+    fn on_demand_generation(&self, id: &str, version: Option<&str>) -> Option<u64> {
+        let version = version?;
+        let nodes = lock(&self.nodes);
+        let pin = nodes.by_id.get(id).and_then(|ino| nodes.by_ino.get(ino))?.pin.as_ref()?;
+        let content = &pin.content;
+        (content.body.is_on_demand() && content.version_id.as_deref() == Some(version))
+            .then_some(content.generation)
+    }
+
+    /// Fills `relay` with the bytes of version `expected` of `id`, fetched again (and cached
+    /// under the kernel's generation: see [`FhirFs::on_demand_generation`]); an error when the
+    /// server has another version now: those bytes must not mix with the pages the kernel kept.
     async fn relay(
         self: &Arc<Self>,
         id: &str,
-        (generation, expected): (u64, &str),
+        expected: &str,
         relay: &mut crate::body::Relay,
     ) -> Result<(), SourceError> {
         let content = self.content(id).await.map_err(|e| match e {
@@ -1087,19 +1101,7 @@ impl<S: Source> FhirFs<S> {
                 "version {expected} is open, and the server now has another"
             )));
         }
-        relay.copy_from(&content.body).await?;
-        // The bytes fetched again are the version whose pages the kernel holds: cached under
-        // that generation, the next open of them keeps the pages.
-        let same = Arc::new(Content { generation, ..Content::clone_of(&content) });
-        let cached = self.content.get(id).and_then(|slot| slot.get());
-        if cached.is_some_and(|c| Arc::ptr_eq(&c, &content)) {
-            self.content.insert(id.to_owned(), Slot::new(same));
-        } else if let Some((_, held)) = lock(&self.oversize).as_mut().filter(|(held, _)| held == id)
-            && Arc::ptr_eq(held, &content)
-        {
-            *held = same;
-        }
-        Ok(())
+        relay.copy_from(&content.body).await
     }
 
     /// Reads from an open file if the bytes are in (`None`: they are on the way, call
