@@ -160,10 +160,8 @@ struct Node {
     checked: Option<Instant>,
     /// When a listing last confirmed `meta`.
     listed: Option<Instant>,
-    /// The content generation the kernel's page cache holds, from the last open.
-    kernel_generation: Option<u64>,
-    /// The version of that generation.
-    kernel_version: Option<String>,
+    /// What the kernel's page cache holds, from the last open.
+    kernel: Option<KernelPages>,
     /// Position in the latest listing.
     index: Option<usize>,
     /// A size read-ahead fetch is queued or running.
@@ -195,13 +193,19 @@ struct Nodes {
     walk: Option<(usize, u32)>,
 }
 
+/// The pages of a file the kernel's page cache holds: a content generation, and its version.
+struct KernelPages {
+    generation: u64,
+    version: Option<String>,
+}
+
 impl Node {
     /// Whether the kernel may keep its pages for an open of `content` (they are its
     /// generation), and records that they are from now on.
     fn keeps_kernel_pages(&mut self, content: &Content) -> bool {
-        let keep = self.kernel_generation == Some(content.generation);
-        self.kernel_generation = Some(content.generation);
-        self.kernel_version.clone_from(&content.version_id);
+        let keep = self.kernel.as_ref().is_some_and(|k| k.generation == content.generation);
+        let version = content.version_id.clone();
+        self.kernel = Some(KernelPages { generation: content.generation, version });
         keep
     }
 }
@@ -218,8 +222,7 @@ impl Nodes {
             meta: Meta::default(),
             checked: None,
             listed: None,
-            kernel_generation: None,
-            kernel_version: None,
+            kernel: None,
             index: None,
             prefetching: false,
             pin: None,
@@ -466,7 +469,7 @@ impl<S: Source> FhirFs<S> {
         let was_known = old.size.is_some() || old.version_id.is_some();
         if version_changed || size_changed || time_changed {
             node.meta = meta;
-            node.kernel_generation = None;
+            node.kernel = None;
         } else {
             let size = meta.size.or(old.size);
             let security_context = meta.security_context.or_else(|| old.security_context.clone());
@@ -1063,12 +1066,13 @@ impl<S: Source> FhirFs<S> {
         if node.pin.is_some() {
             return None;
         }
-        let version = node.kernel_version.clone()?;
+        let kernel = node.kernel.as_ref()?;
+        let version = kernel.version.clone()?;
         let confirmed = node.meta.version_id.as_ref() == Some(&version)
             && (is_fresh(node.checked, self.config.cache_ttl)
                 || is_fresh(node.listed, self.config.dir_ttl));
         let len = node.meta.size.filter(|&len| len > 0 && confirmed)?;
-        Some((node.kernel_generation?, version, len))
+        Some((kernel.generation, version, len))
     }
 
     /// The generation of an open's on-demand body of `version` of `id`: the bytes fetched for
@@ -1149,10 +1153,12 @@ impl<S: Source> FhirFs<S> {
             return;
         }
         node.pin = None;
-        if content.body.failed() && node.kernel_generation == Some(content.generation) {
+        if content.body.failed()
+            && node.kernel.as_ref().is_some_and(|k| k.generation == content.generation)
+        {
             // The kernel's pages of a version that could not be read whole are not worth
             // keeping across opens: the next open fetches.
-            node.kernel_version = None;
+            node.kernel = None;
         }
         let changed = std::mem::take(&mut node.changed_while_pinned);
         drop(nodes);
