@@ -143,6 +143,12 @@ const FAULT_AHEAD_LEAD: usize = 8 << 20;
 /// it waits for at most one step.
 const FAULT_AHEAD_STEP: usize = 256 << 10;
 
+/// The system's page size.
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf only reads a system setting.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
 /// Helpers running at once. One keeps the second CPU of a two-CPU machine busy during a JSON
 /// download; more would compete with the decoders themselves.
 const FAULT_AHEAD_HELPERS: usize = 1;
@@ -205,8 +211,7 @@ impl FaultAhead {
             return None;
         }
         let running = Running;
-        // SAFETY: sysconf only reads a system setting.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let page = page_size();
         let base = data.as_ptr() as usize;
         let start = (base + data.len()).next_multiple_of(page);
         let end = (base + data.capacity()) / page * page;
@@ -288,14 +293,9 @@ pub(crate) mod tests {
         ONE_HELPER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn page() -> usize {
-        // SAFETY: sysconf only reads a system setting.
-        usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap()
-    }
-
     /// Pages of [start, end) that are mapped now.
     fn resident_pages((start, end): (usize, usize)) -> usize {
-        let mut vec = vec![0u8; (end - start) / page()];
+        let mut vec = vec![0u8; (end - start) / page_size()];
         // SAFETY: mincore only reports on the range; the caller's allocation holds it.
         let result =
             unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) };
@@ -309,7 +309,7 @@ pub(crate) mod tests {
         if end <= start {
             return;
         }
-        let mut vec = vec![0u8; (end - start).div_ceil(page())];
+        let mut vec = vec![0u8; (end - start).div_ceil(page_size())];
         // SAFETY: as above; on an unmapped range mincore only reports the error.
         let result =
             unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) };
@@ -328,11 +328,12 @@ pub(crate) mod tests {
     /// Fails, saying why, where the kernel has no MADV_POPULATE_WRITE: the helper then never
     /// starts (correctly), and these tests could not tell that from a broken one.
     pub(crate) fn require_populate_write() {
-        let probe: Vec<u8> = Vec::with_capacity(2 * page());
-        let start = (probe.as_ptr() as usize).next_multiple_of(page());
+        let probe: Vec<u8> = Vec::with_capacity(2 * page_size());
+        let start = (probe.as_ptr() as usize).next_multiple_of(page_size());
         // SAFETY: one page inside the allocation; populating it writes nothing.
-        let result =
-            unsafe { libc::madvise(start as *mut libc::c_void, page(), libc::MADV_POPULATE_WRITE) };
+        let result = unsafe {
+            libc::madvise(start as *mut libc::c_void, page_size(), libc::MADV_POPULATE_WRITE)
+        };
         assert_eq!(
             result,
             0,
@@ -344,8 +345,8 @@ pub(crate) mod tests {
     /// Keeps the kernel from backing `data` with huge pages, which would map 2 MiB at a time
     /// and blur how far ahead the helper went (where transparent huge pages are `always`).
     fn small_pages(data: &[u8], capacity: usize) {
-        let start = (data.as_ptr() as usize).next_multiple_of(page());
-        let end = (data.as_ptr() as usize + capacity) / page() * page();
+        let start = (data.as_ptr() as usize).next_multiple_of(page_size());
+        let end = (data.as_ptr() as usize + capacity) / page_size() * page_size();
         // SAFETY: whole pages inside the allocation; the advice changes no contents.
         let result = unsafe {
             libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_NOHUGEPAGE)
@@ -375,16 +376,17 @@ pub(crate) mod tests {
         wait_until("the helper to wait for the writer", || {
             ahead.shared.waiting.load(Ordering::Acquire)
         });
-        let mapped = resident_pages(ahead.range) * page();
+        let mapped = resident_pages(ahead.range) * page_size();
         assert!(
-            (FAULT_AHEAD_LEAD - page()..=FAULT_AHEAD_LEAD + FAULT_AHEAD_STEP).contains(&mapped),
+            (FAULT_AHEAD_LEAD - page_size()..=FAULT_AHEAD_LEAD + FAULT_AHEAD_STEP)
+                .contains(&mapped),
             "{mapped} bytes mapped ahead of a writer at 0"
         );
         // The writer is done: the helper maps the rest and ends.
         ahead.progress(large);
         let finished = || ahead.thread.as_ref().is_some_and(|t| t.is_finished());
         wait_until("the helper to finish", finished);
-        assert!(resident_pages(ahead.range) >= (ahead.range.1 - ahead.range.0) / page());
+        assert!(resident_pages(ahead.range) >= (ahead.range.1 - ahead.range.0) / page_size());
         drop(ahead);
         assert_eq!(HELPERS.load(Ordering::Acquire), 0);
 
