@@ -200,6 +200,16 @@ struct KernelPages {
 }
 
 impl Node {
+    /// Joins the version open elsewhere (one more handle on its pin), unless its body failed
+    /// and it is not `fetched` (this open's own fetch, shared with the open that pinned it).
+    fn join_pin(&mut self, fetched: Option<&Arc<Content>>) -> Option<Arc<Content>> {
+        let pin = self.pin.as_mut().filter(|pin| {
+            !pin.content.body.failed() || fetched.is_some_and(|f| Arc::ptr_eq(&pin.content, f))
+        })?;
+        pin.handles += 1;
+        Some(Arc::clone(&pin.content))
+    }
+
     /// Whether the kernel may keep its pages for an open of `content` (they are its
     /// generation), and records that they are from now on.
     fn keeps_kernel_pages(&mut self, content: &Content) -> bool {
@@ -975,36 +985,33 @@ impl<S: Source> FhirFs<S> {
             return Err(FsError::ReadOnly);
         }
         let id = self.id_of(ino)?;
-        let cached = self.fresh_content(&id).is_some();
+        let cached = self.fresh_content(&id);
         let opened = {
             let mut nodes = lock(&self.nodes);
             let node = nodes.by_ino.get_mut(&ino).ok_or(FsError::NoEntry)?;
-            self.open_without_fetching(&id, node, cached)
+            self.open_without_fetching(&id, node, cached.is_some())
         };
         let (content, keep_cache) = match opened {
             Some(opened) => opened,
             None => {
-                let fetched = self.content(&id).await?;
+                let fetched = match cached {
+                    Some(cached) => {
+                        Stats::add(&self.stats.cache_hits, 1);
+                        cached
+                    }
+                    None => self.content(&id).await?,
+                };
                 let mut nodes = lock(&self.nodes);
                 let node = nodes.by_ino.get_mut(&ino).ok_or(FsError::NoEntry)?;
-                let content = match &mut node.pin {
-                    // Pinned meanwhile by another open that shared this fetch, or by one that
-                    // fetched another version: join it, one version at a time.
-                    Some(pin)
-                        if Arc::ptr_eq(&pin.content, &fetched) || !pin.content.body.failed() =>
-                    {
-                        pin.handles += 1;
-                        Arc::clone(&pin.content)
-                    }
-                    // No pin, or one whose body failed: this version replaces it (the handles
-                    // of the failed one keep it, and their release does not count against
-                    // this pin).
-                    pin => {
-                        let meta = node.meta.clone();
-                        *pin = Some(Pin { content: Arc::clone(&fetched), meta, handles: 1 });
-                        fetched
-                    }
-                };
+                // Pinned meanwhile by another open that shared this fetch, or by one that
+                // fetched another version: join it, one version at a time. Otherwise (no pin,
+                // or one whose body failed) this version replaces it: the handles of the
+                // failed one keep it, and their release does not count against this pin.
+                let content = node.join_pin(Some(&fetched)).unwrap_or_else(|| {
+                    let meta = node.meta.clone();
+                    node.pin = Some(Pin { content: Arc::clone(&fetched), meta, handles: 1 });
+                    fetched
+                });
                 let keep_cache = node.keeps_kernel_pages(&content);
                 (content, keep_cache)
             }
@@ -1025,9 +1032,7 @@ impl<S: Source> FhirFs<S> {
         node: &mut Node,
         cached: bool,
     ) -> Option<(Arc<Content>, bool)> {
-        if let Some(pin) = node.pin.as_mut().filter(|pin| !pin.content.body.failed()) {
-            pin.handles += 1;
-            let content = Arc::clone(&pin.content);
+        if let Some(content) = node.join_pin(None) {
             let keep_cache = node.keeps_kernel_pages(&content);
             return Some((content, keep_cache));
         }
