@@ -140,15 +140,21 @@ first_bytes() {
     FIRST_US=$(median "${first[@]}") BASE_US=$(median "${base[@]}")
 }
 
+# files_of PREFIX: sets PATHS (in the mount) and URLS (on the server) of PREFIX-0 .. -(RUNS-1).
+files_of() {
+    local i
+    PATHS=() URLS=()
+    for ((i = 0; i < RUNS; i++)); do
+        PATHS+=("$MNT/$1-$i")
+        URLS+=("$BASE/Binary/$1-$i")
+    done
+}
+
 # ttfb_vs_http PREFIX: the first byte of $MNT/PREFIX-0 .. -(RUNS-1), never read before, vs an
 # HTTP GET of each up to its first body byte; sets FIRST_US, BASE_US and REQ (see first_bytes).
 ttfb_vs_http() {
-    local prefix=$1 i paths=() urls=()
-    for ((i = 0; i < RUNS; i++)); do
-        paths+=("$MNT/$prefix-$i")
-        urls+=("$BASE/Binary/$prefix-$i")
-    done
-    first_bytes paths ttfb-http urls
+    files_of "$1"
+    first_bytes PATHS ttfb-http URLS
 }
 
 table_header
@@ -207,20 +213,16 @@ cpu_row
 # after the last (open + read of 1 byte, timed in-process, vs an HTTP GET to its first body
 # byte). The rest of each body is then read (untimed), so no download runs on into the next.
 say "first byte of cold 64 MiB files ($RUNS runs)"
-paths=() urls=()
-for ((i = 0; i < RUNS; i++)); do
-    paths+=("$MNT/s64m-$i")
-    urls+=("$BASE/Binary/s64m-$i")
-done
+files_of s64m
 stats_reset
 first=()
-for p in "${paths[@]}"; do
+for p in "${PATHS[@]}"; do
     # One at a time: a body still arriving would slow the next file's first byte.
     first+=("$(python3 "$HELPER" ttfb "$p")")
     cat "$p" >/dev/null
 done
 req=$(stats)
-mapfile -t http < <(python3 "$HELPER" ttfb-http "${urls[@]}")
+mapfile -t http < <(python3 "$HELPER" ttfb-http "${URLS[@]}")
 f=$(median "${first[@]}") h=$(median "${http[@]}")
 row "  first byte of a cold 64MiB, folder listed (µs)" "$f" "$h (HTTP GET, new connection)" \
     "$(ratio "$f" "$h")" - - "$req for $RUNS files"
