@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use fuser::{Config, INodeNo, MountOption, Session, SessionACL};
 use sd_notify::NotifyState;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -114,11 +114,13 @@ pub fn check_mountpoint(mountpoint: &Path) -> anyhow::Result<()> {
 }
 
 /// Mounts `fs`, tells a service manager that it is ready, and serves until `shutdown`
-/// resolves (then unmounts) or until the mount is unmounted from outside.
+/// resolves (then unmounts) or until the mount is unmounted from outside. `reports` are the
+/// report signals ([`Signals::install`]), answered while the mount serves.
 pub async fn serve<S: Source>(
     fs: Arc<FhirFs<S>>,
     mount: &MountConfig,
     shutdown: impl Future<Output = ()>,
+    reports: Reports,
     readiness: &mut Readiness,
 ) -> anyhow::Result<()> {
     let (unmounted_tx, unmounted) = oneshot::channel();
@@ -155,17 +157,7 @@ pub async fn serve<S: Source>(
     readiness.ready();
     tokio::spawn(Arc::clone(&fs).warm_up());
 
-    let stats = Arc::clone(&fs);
-    let report = async move {
-        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
-            return std::future::pending().await;
-        };
-        while usr1.recv().await.is_some() {
-            let (open_files, pinned_bytes) = stats.open_files();
-            let cached_bytes = stats.cached_bytes();
-            info!(stats = %stats.stats(), cached_bytes, open_files, pinned_bytes, "statistics");
-        }
-    };
+    let report = reports.report(Arc::clone(&fs));
     tokio::pin!(report);
 
     tokio::select! {
@@ -208,17 +200,99 @@ fn lazy_unmount(mountpoint: &Path) -> std::io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
-/// A future that resolves on SIGTERM or SIGINT. The handlers are installed at once, so a
-/// signal that comes right after the mount is up is not lost.
-pub fn termination() -> anyhow::Result<impl Future<Output = ()>> {
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    Ok(async move {
+/// Every signal fhirfs handles, installed in one place before the mount exists, so that none
+/// of them can take its default action (ending the process, leaving a dead mount) while the
+/// daemon starts:
+/// - SIGTERM and SIGINT unmount and exit 0;
+/// - SIGUSR1 logs statistics;
+/// - SIGHUP is logged and otherwise ignored. A FUSE daemon has no configuration to reload, and
+///   its default action (exit) would leave a dead mount when a terminal or session closes;
+///   under systemd a HUP must not kill a mount either.
+///
+/// SIGPIPE needs no handler: Rust's runtime ignores it before `main`, so a write to a closed
+/// socket is an `EPIPE` error on that request, never the end of the process.
+pub struct Signals {
+    /// The future that resolves on SIGTERM or SIGINT.
+    pub termination: Termination,
+    /// SIGUSR1 and SIGHUP, for [`serve`].
+    pub reports: Reports,
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub struct Termination {
+    term: Signal,
+    int: Signal,
+}
+
+/// SIGUSR1 (statistics) and SIGHUP (ignored), answered while the mount serves.
+pub struct Reports {
+    usr1: Signal,
+    hup: Signal,
+}
+
+/// The signals [`Signals`] handles, unblocked once their handlers are in.
+const HANDLED: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGHUP];
+
+impl Signals {
+    /// Installs the handlers (in the current tokio runtime), then unblocks the signals on this
+    /// thread. A parent may start fhirfs with signals blocked (the mask survives exec): one sent
+    /// early then waits, pending, and is delivered to its handler here. Unblocking only after
+    /// the handlers are in is what makes an early signal safe.
+    pub fn install() -> anyhow::Result<Self> {
+        let termination = Termination {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        };
+        let reports = Reports {
+            usr1: signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?,
+            hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+        };
+        unblock(&HANDLED).context("cannot unblock the signals fhirfs handles")?;
+        Ok(Self { termination, reports })
+    }
+}
+
+impl Termination {
+    /// Waits for SIGTERM or SIGINT.
+    pub async fn recv(mut self) {
         tokio::select! {
-            _ = term.recv() => info!("SIGTERM"),
-            _ = int.recv() => info!("SIGINT"),
+            _ = self.term.recv() => info!("SIGTERM"),
+            _ = self.int.recv() => info!("SIGINT"),
         }
-    })
+    }
+}
+
+impl Reports {
+    /// Answers SIGUSR1 with a statistics line and SIGHUP with a note, forever.
+    async fn report<S: Source>(mut self, fs: Arc<FhirFs<S>>) {
+        loop {
+            tokio::select! {
+                Some(()) = self.usr1.recv() => {
+                    let (open_files, pinned_bytes) = fs.open_files();
+                    let cached_bytes = fs.cached_bytes();
+                    info!(stats = %fs.stats(), cached_bytes, open_files, pinned_bytes, "statistics");
+                }
+                Some(()) = self.hup.recv() => info!("SIGHUP ignored: the mount stays up"),
+                else => return std::future::pending().await,
+            }
+        }
+    }
+}
+
+/// Unblocks `signals` in this thread's signal mask.
+fn unblock(signals: &[libc::c_int]) -> std::io::Result<()> {
+    // SAFETY: sigset_t is plain data that sigemptyset initialises before any other use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable sigset_t; the signal numbers are valid constants.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for &signal in signals {
+            libc::sigaddset(&mut set, signal);
+        }
+    }
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::from_raw_os_error(rc)) }
 }
 
 /// The whole program after argument parsing. `readiness` is told when the mount is up.
@@ -234,7 +308,7 @@ pub fn main(args: Args, mut readiness: Readiness) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let shutdown = termination()?;
+        let Signals { termination, reports } = Signals::install()?;
         let (base, token, _demo) = match target {
             Target::Server(url) => (url, token, None),
             Target::Demo => {
@@ -259,7 +333,7 @@ pub fn main(args: Args, mut readiness: Readiness) -> anyhow::Result<()> {
             fsname: format!("fhirfs:{}", base.as_str().trim_end_matches('/')),
             allow_other: args.allow_other,
         };
-        serve(fs, &mount, shutdown, &mut readiness).await
+        serve(fs, &mount, termination.recv(), reports, &mut readiness).await
     })?;
     // Tasks still waiting on a dead server must not hold up the exit.
     runtime.shutdown_timeout(Duration::from_millis(100));

@@ -169,21 +169,36 @@ fn sigusr1_logs_statistics() {
     assert_eq!(std::fs::read(mount.path("a")).unwrap(), b"12345");
     // SAFETY: kill only sends a signal to our own child process.
     unsafe { libc::kill(mount.pid(), libc::SIGUSR1) };
-    let deadline = Instant::now() + PATIENCE;
-    let line = loop {
-        if let Some(line) =
-            mount.log().lines().find(|l| l.contains("statistics")).map(str::to_owned)
-        {
-            break line;
-        }
-        assert!(Instant::now() < deadline, "no statistics:\n{}", mount.log());
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let line = mount.wait_log_lines("statistics", 1).remove(0);
     // The second read came from the kernel's page cache (kept: same version).
     assert!(line.contains("bytes_served=5"), "{line}");
     assert!(line.contains("cache_misses=1"), "{line}");
     assert!(line.contains("cache_hits="), "{line}");
     assert!(line.contains("gets_by_status={200:"), "{line}");
+}
+
+/// SIGUSR1 and SIGHUP sent before the mount exists (pending from exec on, see
+/// `signal_at_start`) must neither kill the daemon nor be lost: it mounts, logs the early
+/// statistics once mounted, notes the HUP, and answers the next USR1 too.
+#[test]
+fn signals_before_the_mount_is_up_neither_kill_nor_get_lost() {
+    let server = Server::start();
+    server.server.put("a", "text/plain", "early");
+    let mut mount = Mount::builder()
+        .signal_at_start(libc::SIGUSR1)
+        .signal_at_start(libc::SIGHUP)
+        .mount(&server.base_url());
+    mount.wait_log_lines("SIGHUP ignored", 1);
+    mount.wait_log_lines("statistics", 1);
+    assert!(mount.is_running(), "the daemon died:\n{}", mount.log());
+    assert!(is_mounted(&mount.mountpoint));
+    assert_eq!(std::fs::read(mount.path("a")).unwrap(), b"early");
+    // SAFETY: kill only sends a signal to our own child process.
+    unsafe { libc::kill(mount.pid(), libc::SIGUSR1) };
+    let lines = mount.wait_log_lines("statistics", 2);
+    assert!(lines[1].contains("bytes_served=5"), "{}", lines[1]);
+    let status = mount.terminate();
+    assert_eq!(status.code(), Some(0), "{}", mount.log());
 }
 
 /// mount(8) runs helpers with a fixed PATH, so mount.fuse3 finds `fhirfs` only where an

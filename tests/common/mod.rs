@@ -6,6 +6,7 @@
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -70,6 +71,7 @@ pub struct Mount {
 pub struct MountBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
+    early_signals: Vec<i32>,
 }
 
 impl MountBuilder {
@@ -85,6 +87,14 @@ impl MountBuilder {
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Sends `signal` as soon as the process exists, before it has mounted. The signal is
+    /// blocked from exec on (a blocked mask survives exec), so it waits, pending, for whatever
+    /// fhirfs does with its mask: the timing is always "before the mount", never luck.
+    pub fn signal_at_start(mut self, signal: i32) -> Self {
+        self.early_signals.push(signal);
         self
     }
 
@@ -121,7 +131,29 @@ impl MountBuilder {
         for (key, value) in &self.env {
             command.env(key, value);
         }
+        if !self.early_signals.is_empty() {
+            let signals = self.early_signals.clone();
+            // SAFETY: between fork and exec the closure only calls sigemptyset, sigaddset and
+            // sigprocmask, which are async-signal-safe, on a set on its own stack.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    for &signal in &signals {
+                        libc::sigaddset(&mut set, signal);
+                    }
+                    if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = command.spawn().expect("start fhirfs");
+        for &signal in &self.early_signals {
+            // SAFETY: kill only sends a signal to our own child process.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
         let mut mount = Mount { dir, mountpoint, child: Some(child), log };
         mount.wait_ready(&socket);
         mount
@@ -130,7 +162,7 @@ impl MountBuilder {
 
 impl Mount {
     pub fn builder() -> MountBuilder {
-        MountBuilder { args: Vec::new(), env: Vec::new() }
+        MountBuilder { args: Vec::new(), env: Vec::new(), early_signals: Vec::new() }
     }
 
     /// Mounts `base_url` with default options.
@@ -165,6 +197,30 @@ impl Mount {
             let _ = f.read_to_string(&mut text);
         }
         text
+    }
+
+    /// Waits until the log has at least `n` lines that contain `needle`, and returns them.
+    pub fn wait_log_lines(&self, needle: &str, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let lines: Vec<String> =
+                self.log().lines().filter(|l| l.contains(needle)).map(str::to_owned).collect();
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} log lines with {needle:?} expected, {} after {PATIENCE:?}:\n{}",
+                lines.len(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// True while the daemon process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     pub fn pid(&self) -> i32 {
