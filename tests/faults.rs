@@ -414,10 +414,10 @@ fn bad_listing_is_eio_and_lookups_work(fault: SearchFault) {
     server.server.set_page_cap(1);
     server.server.set_search_fault(Some(fault));
     let mount = mount_with_timeout(&server, 3);
-    let before = complaints(&mount, "").len();
+    let before = complaints(&mount, "listing failed").len();
     let listing = std::fs::read_dir(&mount.mountpoint).map(|d| d.count());
     assert_eq!(listing.map_err(errno), Err(libc::EIO), "{}", mount.log());
-    let lines = complaints(&mount, "").len() - before;
+    let lines = complaints(&mount, "listing failed").len() - before;
     assert_eq!(lines, 1, "one line for one failed listing:\n{}", mount.log());
     assert_still_serving(&server, &mount, "good-file");
     assert_still_serving(&server, &mount, "other-file");

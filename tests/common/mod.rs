@@ -203,8 +203,11 @@ impl Mount {
     pub fn wait_log_lines(&self, needle: &str, n: usize) -> Vec<String> {
         let deadline = Instant::now() + PATIENCE;
         loop {
+            // Whole lines only: the last one may still be being written.
+            let log = self.log();
+            let whole = log.rfind('\n').map_or("", |end| &log[..end]);
             let lines: Vec<String> =
-                self.log().lines().filter(|l| l.contains(needle)).map(str::to_owned).collect();
+                whole.lines().filter(|l| l.contains(needle)).map(str::to_owned).collect();
             if lines.len() >= n {
                 return lines;
             }
