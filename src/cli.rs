@@ -187,6 +187,18 @@ pub struct Args {
     #[arg(long, value_name = "MODE", value_enum, default_value_t = FetchMode::Auto)]
     pub fetch: FetchMode,
 
+    /// Requests in flight to the server at once, at most: reads, read-ahead and searches
+    /// together, a program's own reads first. HTTP/2 servers get them on one connection;
+    /// HTTP/1.1 servers on up to this many keep-alive connections.
+    #[arg(long, value_name = "N", default_value_t = crate::limit::DEFAULT_MAX_REQUESTS as u16,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_requests: u16,
+
+    /// Files fetched ahead of a program that walks the folder (cp -r, rsync -a, tar): the
+    /// next ones in listing or name order while it copies one. 0 turns it off.
+    #[arg(long, value_name = "FILES", default_value_t = crate::readahead::DEFAULT_AHEAD_FILES)]
+    pub read_ahead: usize,
+
     /// Largest Binary served; larger ones fail with EFBIG.
     #[arg(long, value_name = "SIZE", default_value = "1GiB")]
     pub max_size: bytesize::ByteSize,
@@ -314,6 +326,7 @@ impl Args {
             uid: self.uid.unwrap_or(uid),
             gid: self.gid.unwrap_or(gid),
             extensions: self.extensions,
+            read_ahead: self.read_ahead,
         }
     }
 }

@@ -29,6 +29,10 @@ pub enum SourceError {
     /// The whole fetch took longer than the configured deadline.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// A fetch made ahead of a reader gave way: its content would not fit what is admitted
+    /// ahead. Never a program's error: a reader that wants the file fetches it itself.
+    #[error("a fetch ahead gave way (too large to hold ahead of the reader)")]
+    Declined,
     /// The Binary is larger than `--max-size`.
     #[error("larger than the limit of {limit} bytes")]
     TooLarge {
@@ -95,7 +99,8 @@ impl FsError {
                 SourceError::Status(_)
                 | SourceError::BadBody(_)
                 | SourceError::Transport(_)
-                | SourceError::Timeout(_) => libc::EIO,
+                | SourceError::Timeout(_)
+                | SourceError::Declined => libc::EIO,
             },
             Self::NoEntry => libc::ENOENT,
             Self::NotDir => libc::ENOTDIR,

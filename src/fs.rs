@@ -19,7 +19,8 @@ use crate::body::Body;
 use crate::error::{FsError, SourceError};
 use crate::fhir::Listed;
 use crate::id::id_from_name;
-use crate::source::{Meta, Source, Streamed};
+use crate::readahead::{self, Budget, Order, Walk, Walker};
+use crate::source::{Ahead, Meta, Source, Streamed};
 use crate::stats::Stats;
 
 /// The inode of the mount's root folder (fixed by FUSE).
@@ -69,6 +70,8 @@ pub struct FsConfig {
     pub gid: u32,
     /// Name files `<id>.<ext>` after their contentType.
     pub extensions: bool,
+    /// Files fetched ahead of a program that walks the folder (0: none).
+    pub read_ahead: usize,
 }
 
 impl Default for FsConfig {
@@ -80,6 +83,7 @@ impl Default for FsConfig {
             uid: 0,
             gid: 0,
             extensions: false,
+            read_ahead: readahead::DEFAULT_AHEAD_FILES,
         }
     }
 }
@@ -164,6 +168,8 @@ struct Node {
     kernel: Option<KernelPages>,
     /// Position in the latest listing.
     index: Option<usize>,
+    /// Position in the latest listing sorted by name.
+    name_index: Option<usize>,
     /// A size read-ahead fetch is queued or running.
     prefetching: bool,
     /// The version held by open files, if any.
@@ -191,6 +197,8 @@ struct Nodes {
     /// Listing position of the last lookup that needed a size, and how many such lookups in
     /// a row walked forward through the listing.
     walk: Option<(usize, u32)>,
+    /// The file of that lookup was opened since: the walker copies what it stats.
+    walk_opened: bool,
 }
 
 /// The pages of a file the kernel's page cache holds: a content generation, and its version.
@@ -234,6 +242,7 @@ impl Nodes {
             listed: None,
             kernel: None,
             index: None,
+            name_index: None,
             prefetching: false,
             pin: None,
             changed_while_pinned: false,
@@ -296,6 +305,21 @@ enum Handle {
 
 type SharedFetch = Shared<BoxFuture<'static, Result<Arc<Content>, SourceError>>>;
 
+/// A fetch under way, and whether it was made ahead of a reader.
+struct Inflight {
+    fetch: SharedFetch,
+    ahead: Option<Arc<Ahead>>,
+}
+
+/// Read-ahead across files (see [`crate::readahead`]).
+struct ReadAhead {
+    walker: Walker,
+    /// Files fetched ahead in this walk, each once (even when that failed or gave way).
+    tried: HashSet<u64>,
+    /// A walk is under way.
+    walking: bool,
+}
+
 /// Called with an inode whose attributes or bytes changed, so the kernel can drop its caches.
 pub type Invalidator = Box<dyn Fn(u64) + Send + Sync>;
 
@@ -307,7 +331,13 @@ pub struct FhirFs<S: Source> {
     // A tokio mutex, held across the search: concurrent listings wait for one request.
     listing: tokio::sync::Mutex<Option<Listing>>,
     content: moka::sync::Cache<String, Slot>,
-    inflight: Mutex<HashMap<String, SharedFetch>>,
+    inflight: Mutex<HashMap<String, Inflight>>,
+    /// Walks seen, and what was fetched ahead of them.
+    ahead: Mutex<ReadAhead>,
+    /// Bytes held by files fetched ahead and not opened yet (shared with their fetches).
+    ahead_budget: Arc<Mutex<Budget>>,
+    /// The latest listing's inodes in name order, for walks in name order.
+    by_name_order: Mutex<Arc<Vec<u64>>>,
     /// Ids the server answered 404 for, and when.
     missing: Mutex<HashMap<String, Instant>>,
     /// The last file fetched that is larger than the whole cache: kept (one at a time) so that
@@ -359,6 +389,7 @@ impl<S: Source> FhirFs<S> {
             // bytes must go at once, or the cache quietly holds more than its size.
             .eviction_listener(|_id, slot: Slot, _cause| slot.empty())
             .build();
+        let ahead_budget = Budget::new(config.cache_bytes / readahead::CACHE_SHARE);
         Arc::new(Self {
             source: Arc::new(source),
             config,
@@ -366,6 +397,13 @@ impl<S: Source> FhirFs<S> {
             listing: tokio::sync::Mutex::new(None),
             content,
             inflight: Mutex::default(),
+            ahead: Mutex::new(ReadAhead {
+                walker: Walker::default(),
+                tried: HashSet::new(),
+                walking: false,
+            }),
+            ahead_budget: Arc::new(Mutex::new(ahead_budget)),
+            by_name_order: Mutex::default(),
             missing: Mutex::default(),
             oversize: Mutex::default(),
             handles: Mutex::default(),
@@ -594,33 +632,76 @@ impl<S: Source> FhirFs<S> {
 
     /// The content of `id`: from the cache, or fetched once however many callers ask at once.
     pub async fn content(self: &Arc<Self>, id: &str) -> Result<Arc<Content>, FsError> {
-        let shared = {
-            let mut inflight = lock(&self.inflight);
-            // Checked under the lock: a fetch that just finished has filled the cache already.
-            if let Some(content) = self.fresh_content(id) {
+        let result = match self.start_fetch(id, None) {
+            Ok(content) => return Ok(content),
+            Err(fetch) => fetch.await,
+        };
+        let result = match result {
+            // A fetch ahead that gave way just before this reader joined it: fetch for the
+            // reader (who is held to no read-ahead bound).
+            Err(SourceError::Declined) => match self.start_fetch(id, None) {
+                Ok(content) => return Ok(content),
+                Err(fetch) => fetch.await,
+            },
+            other => other,
+        };
+        result.map_err(|e| FsError::source(id, e))
+    }
+
+    /// Fetches `id` ahead of a reader, within the read-ahead byte budget.
+    fn fetch_ahead(self: &Arc<Self>, id: String) {
+        let budget = Arc::clone(&self.ahead_budget);
+        let key = id.clone();
+        let ahead = Ahead::new(Box::new(move |bytes| lock(&budget).admit(&key, bytes)));
+        Stats::add(&self.stats.read_ahead, 1);
+        if let Err(fetch) = self.start_fetch(&id, Some(ahead)) {
+            tokio::spawn(fetch);
+        }
+    }
+
+    /// The cached content of `id` (Ok), or the fetch that brings it (Err), joined or started.
+    /// A reader that joins a fetch made ahead makes it urgent.
+    fn start_fetch(
+        self: &Arc<Self>,
+        id: &str,
+        ahead: Option<Arc<Ahead>>,
+    ) -> Result<Arc<Content>, SharedFetch> {
+        let mut inflight = lock(&self.inflight);
+        // Checked under the lock: a fetch that just finished has filled the cache already.
+        if let Some(content) = self.fresh_content(id) {
+            if ahead.is_none() {
                 Stats::add(&self.stats.cache_hits, 1);
-                return Ok(content);
             }
-            Stats::add(&self.stats.cache_misses, 1);
-            match inflight.get(id) {
-                Some(fetch) => fetch.clone(),
-                None => {
-                    let this = Arc::clone(self);
-                    let owned = id.to_owned();
-                    let fetch = async move {
-                        let result = this.fetch_now(&owned).await;
-                        lock(&this.inflight).remove(&owned);
-                        result
-                    };
-                    let fetch = fetch.boxed().shared();
-                    inflight.insert(id.to_owned(), fetch.clone());
-                    // Runs to the end even if every caller gives up, so the map is cleaned up.
-                    tokio::spawn(fetch.clone());
-                    fetch
+            return Ok(content);
+        }
+        if let Some(running) = inflight.get(id) {
+            if ahead.is_none() {
+                Stats::add(&self.stats.cache_misses, 1);
+                if let Some(ahead) = &running.ahead {
+                    ahead.make_urgent();
                 }
             }
+            return Err(running.fetch.clone());
+        }
+        if ahead.is_none() {
+            Stats::add(&self.stats.cache_misses, 1);
+        }
+        let this = Arc::clone(self);
+        let owned = id.to_owned();
+        let fetch = async move {
+            let result = this.fetch_now(&owned).await;
+            lock(&this.inflight).remove(&owned);
+            result
         };
-        shared.await.map_err(|e| FsError::source(id, e))
+        let fetch = match &ahead {
+            Some(ahead) => Arc::clone(ahead).run(fetch).boxed(),
+            None => fetch.boxed(),
+        };
+        let fetch = fetch.shared();
+        inflight.insert(id.to_owned(), Inflight { fetch: fetch.clone(), ahead });
+        // Runs to the end even if every caller gives up, so the map is cleaned up.
+        tokio::spawn(fetch.clone());
+        Err(fetch)
     }
 
     async fn fetch_now(self: &Arc<Self>, id: &str) -> Result<Arc<Content>, SourceError> {
@@ -698,8 +779,17 @@ impl<S: Source> FhirFs<S> {
         Ok(content)
     }
 
-    /// Logs and counts a failed fetch, and forgets what a 404 or 410 made stale.
+    /// Logs and counts a failed fetch, and forgets what a 404 or 410 made stale. A fetch ahead
+    /// of a reader fails quietly: only the reader's own open, which fetches again, reports.
     fn fetch_failed(&self, id: &str, e: &SourceError, started: Instant) {
+        if *e == SourceError::Declined {
+            debug!(id, "a fetch ahead gave way: the file is larger than the read-ahead room");
+            return;
+        }
+        if Ahead::current().is_some_and(|ahead| !ahead.is_urgent()) {
+            debug!(id, error = %e, "a fetch ahead failed; the open will ask again");
+            return;
+        }
         if matches!(e, SourceError::NotFound | SourceError::Gone) {
             // Normal: programs probe names, and Binaries get deleted.
             debug!(id, error = %e, "binary not found");
@@ -798,9 +888,19 @@ impl<S: Source> FhirFs<S> {
             }
             snapshot.push((ino, name));
         }
+        // Byte order of the names, as rsync sorts them.
+        let mut by_name: Vec<usize> = (0..snapshot.len()).collect();
+        by_name.sort_unstable_by(|&a, &b| snapshot[a].1.as_bytes().cmp(snapshot[b].1.as_bytes()));
+        let by_name: Vec<u64> = by_name.into_iter().map(|i| snapshot[i].0).collect();
+        for (name_index, ino) in by_name.iter().enumerate() {
+            if let Some(node) = nodes.by_ino.get_mut(ino) {
+                node.name_index = Some(name_index);
+            }
+        }
         drop(nodes);
         let snapshot = Arc::new(snapshot);
         *lock(&self.order) = Arc::clone(&snapshot);
+        *lock(&self.by_name_order) = Arc::new(by_name);
         snapshot
     }
 
@@ -815,9 +915,10 @@ impl<S: Source> FhirFs<S> {
         (!id.ends_with(&format!(".{ext}")) && name.len() <= 255).then_some(name)
     }
 
-    /// Notes a lookup of a listed file whose size is unknown; returns its inode when lookups
-    /// are walking through the listing (time to read sizes ahead).
-    fn walking(&self, id: &str) -> Option<u64> {
+    /// Notes a lookup of a listed file whose size is unknown; returns its inode and listing
+    /// position when lookups are walking through the listing (time to read sizes ahead), and
+    /// whether the walker opened the file it looked up before (it copies: read content ahead).
+    fn walking(&self, id: &str) -> Option<(u64, usize, bool)> {
         let mut nodes = lock(&self.nodes);
         let ino = *nodes.by_id.get(id)?;
         let index = nodes.by_ino.get(&ino)?.index?;
@@ -825,8 +926,122 @@ impl<S: Source> FhirFs<S> {
             Some((last, streak)) if index > last && index - last <= WALK_GAP => streak + 1,
             _ => 1,
         };
+        let copying = std::mem::take(&mut nodes.walk_opened) && streak > 1;
         nodes.walk = Some((index, streak));
-        (streak >= READ_AHEAD_AFTER).then_some(ino)
+        (streak >= READ_AHEAD_AFTER).then_some((ino, index, copying))
+    }
+
+    /// Notes that a reader opened `ino`: it is no longer ahead of the reader, and the open may
+    /// continue a walk, whose next files are then fetched.
+    fn opened_for_walk(self: &Arc<Self>, ino: u64, id: &str) {
+        lock(&self.ahead_budget).release(id);
+        if self.config.read_ahead == 0 {
+            return;
+        }
+        let (listing, name) = {
+            let mut nodes = lock(&self.nodes);
+            let Some(node) = nodes.by_ino.get(&ino) else { return };
+            let positions = (node.index, node.name_index);
+            if let Some(size) = node.meta.size {
+                lock(&self.ahead_budget).saw(size);
+            }
+            if nodes.walk.is_some_and(|(index, _)| Some(index) == positions.0) {
+                nodes.walk_opened = true;
+            }
+            positions
+        };
+        let walks = {
+            let mut ahead = lock(&self.ahead);
+            let walks = ahead.walker.opened(listing, name);
+            if walks.is_empty() && ahead.walker.broken() && std::mem::take(&mut ahead.walking) {
+                // The walk stopped: what was fetched ahead stays cached, but holds no room.
+                debug!("the walk through the folder stopped");
+                ahead.tried.clear();
+                lock(&self.ahead_budget).clear();
+            }
+            walks
+        };
+        self.read_ahead(&walks);
+    }
+
+    /// The next files of `walk`: inode, id and size (when known), within `--read-ahead`.
+    fn window(&self, walk: Walk) -> Vec<(u64, String, Option<u64>)> {
+        let inos: Vec<u64> = match walk.order {
+            Order::Listing => {
+                let order = Arc::clone(&lock(&self.order));
+                let ahead = walk.ahead(self.config.read_ahead, order.len());
+                ahead.into_iter().map(|pos| order[pos].0).collect()
+            }
+            Order::Name => {
+                let order = Arc::clone(&lock(&self.by_name_order));
+                let ahead = walk.ahead(self.config.read_ahead, order.len());
+                ahead.into_iter().map(|pos| order[pos]).collect()
+            }
+        };
+        let nodes = lock(&self.nodes);
+        let nodes = inos.into_iter().filter_map(|ino| Some((ino, nodes.by_ino.get(&ino)?)));
+        nodes.map(|(ino, node)| (ino, node.id.clone(), node.meta.size)).collect()
+    }
+
+    /// Fetches ahead of `walks`; room held by files outside their windows (passed, or of a
+    /// walk that turned) is let go first.
+    fn read_ahead(self: &Arc<Self>, walks: &[Walk]) {
+        if walks.is_empty() {
+            return;
+        }
+        let windows: Vec<_> = walks.iter().map(|walk| self.window(*walk)).collect();
+        {
+            let held: HashSet<&str> =
+                windows.iter().flatten().map(|(_, id, _)| id.as_str()).collect();
+            lock(&self.ahead_budget).retain(|id| held.contains(id));
+        }
+        for (walk, window) in walks.iter().zip(windows) {
+            self.read_ahead_files(walk.order, window);
+        }
+    }
+
+    /// Fetches the files of a walk's `window` that are not cached or on their way, within the
+    /// byte budget. Files the budget can never hold are left to their opens.
+    fn read_ahead_files(self: &Arc<Self>, order: Order, window: Vec<(u64, String, Option<u64>)>) {
+        let wanted: Vec<_> = window
+            .into_iter()
+            .filter(|(_, id, _)| {
+                !self.known_missing(id)
+                    && self.fresh_content(id).is_none()
+                    && !lock(&self.inflight).contains_key(id)
+            })
+            .collect();
+        let mut picked = Vec::new();
+        {
+            let mut ahead = lock(&self.ahead);
+            ahead.walking = true;
+            let mut budget = lock(&self.ahead_budget);
+            for (ino, id, size) in wanted {
+                if ahead.tried.contains(&ino) {
+                    continue;
+                }
+                // A file of unknown size is expected to be as large as the largest seen in
+                // this walk; its Content-Length, once in, decides (and may make it give way).
+                let size = size.unwrap_or_else(|| budget.expected());
+                if size > budget.limit() {
+                    // Never held ahead whole: its open fetches it.
+                    ahead.tried.insert(ino);
+                    continue;
+                }
+                if !budget.admit(&id, size) {
+                    // No room until the reader catches up.
+                    break;
+                }
+                ahead.tried.insert(ino);
+                picked.push(id);
+            }
+        }
+        if !picked.is_empty() {
+            debug!(files = picked.len(), ?order, "fetching ahead of a walk");
+        }
+        for id in picked {
+            self.fetch_ahead(id);
+        }
     }
 
     /// Starts size fetches for the listed files after `ino`, a window ahead of a reader that
@@ -852,7 +1067,9 @@ impl<S: Source> FhirFs<S> {
         for (ino, id) in picked {
             let this = Arc::clone(self);
             let permits = Arc::clone(&self.prefetch_permits);
-            tokio::spawn(async move {
+            // Behind the readers' own requests; a reader that waits for one makes it urgent.
+            let ahead = Ahead::unbounded();
+            tokio::spawn(Arc::clone(&ahead).run(async move {
                 if let Ok(_permit) = permits.acquire_owned().await {
                     // It may have been fetched by a reader meanwhile.
                     if this.fresh_attr(&id).is_none() {
@@ -863,7 +1080,9 @@ impl<S: Source> FhirFs<S> {
                                 this.apply_meta(&id, meta, Origin::Stat);
                             }
                             _ => {
-                                let _ = this.content(&id).await;
+                                if let Err(fetch) = this.start_fetch(&id, Some(ahead)) {
+                                    let _ = fetch.await;
+                                }
                             }
                         }
                     }
@@ -871,7 +1090,7 @@ impl<S: Source> FhirFs<S> {
                 if let Some(node) = lock(&this.nodes).by_ino.get_mut(&ino) {
                     node.prefetching = false;
                 }
-            });
+            }));
         }
     }
 
@@ -898,8 +1117,14 @@ impl<S: Source> FhirFs<S> {
                 return Ok(attr);
             }
         }
-        if listed_before && let Some(ino) = self.walking(id) {
-            self.read_ahead_sizes(ino);
+        if listed_before && let Some((ino, index, copying)) = self.walking(id) {
+            if copying && self.config.read_ahead > 0 {
+                // The walker opens what it stats (cp -r, tar): fetch the content ahead, not
+                // sizes first and the content after (a HEAD and a GET per file).
+                self.read_ahead(&[Walk { order: Order::Listing, pos: index, forward: true }]);
+            } else {
+                self.read_ahead_sizes(ino);
+            }
         }
         // Bytes the cache evicted but the kernel still holds, of a version trusted as cached
         // bytes are: the size is known without fetching them (a file no listing names, after
@@ -985,6 +1210,7 @@ impl<S: Source> FhirFs<S> {
             return Err(FsError::ReadOnly);
         }
         let id = self.id_of(ino)?;
+        self.opened_for_walk(ino, &id);
         let cached = self.fresh_content(&id);
         let opened = {
             let mut nodes = lock(&self.nodes);

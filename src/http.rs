@@ -18,8 +18,9 @@ use crate::body::{Body, Filler};
 use crate::error::SourceError;
 use crate::fhir::{self, FHIR_JSON, Listed};
 use crate::json_body::JsonBinaryDecoder;
+use crate::limit::{Limiter, Permit};
 use crate::pool;
-use crate::source::{Fetched, Meta, Reserve, Source, Streamed};
+use crate::source::{Ahead, Fetched, Meta, Reserve, Source, Streamed};
 use crate::stats::Stats;
 
 /// First pause before a retry; doubled each time, with jitter.
@@ -64,6 +65,8 @@ pub struct HttpConfig {
     pub stats: Arc<Stats>,
     /// Which form of a Binary to ask for.
     pub fetch: FetchMode,
+    /// Requests in flight at once, at most (`--max-requests`).
+    pub max_requests: usize,
 }
 
 /// Which form of a Binary to ask for (`--fetch`).
@@ -97,6 +100,7 @@ impl HttpConfig {
             ca_pem: None,
             stats: Arc::default(),
             fetch: FetchMode::Auto,
+            max_requests: crate::limit::DEFAULT_MAX_REQUESTS,
         }
     }
 }
@@ -116,6 +120,8 @@ pub struct HttpSource {
     head_useless: std::sync::atomic::AtomicBool,
     /// The server refused `_summary=true` reads or ignored them (sent `data` anyway).
     summary_useless: std::sync::atomic::AtomicBool,
+    /// Requests in flight, readers first.
+    limit: Limiter,
 }
 
 /// One GET to make: where, what to accept, the version held, and the most body to read.
@@ -141,6 +147,8 @@ struct Answer {
     rest: Option<reqwest::Response>,
     /// The Binary decoded as the body arrived (`body` is then empty).
     binary: Option<Result<fhir::Binary, String>>,
+    /// This request's place among those in flight, held while `rest` is still to be read.
+    permit: Permit,
 }
 
 /// What a fetch got: everything, or the headers of a body to stream.
@@ -158,6 +166,8 @@ struct Streaming {
     /// `meta` is still to be completed by a summary read ([`HttpSource::summarised`]), once the
     /// body has started to stream.
     summarise: bool,
+    /// The request's place among those in flight, until the body is in.
+    permit: Permit,
 }
 
 /// How to ask again for a streamed body cut short, and how to know the answer is the same.
@@ -252,8 +262,13 @@ fn is_transient(status: StatusCode) -> bool {
 impl HttpSource {
     /// A source for `config`.
     pub fn new(config: HttpConfig) -> Result<Self, SourceError> {
+        // HTTP/2 where the server offers it (ALPN over TLS): every request on one connection.
+        // Otherwise HTTP/1.1 keep-alive, one connection per request in flight, so keep as many
+        // idle as may be in flight at once.
         let mut builder = reqwest::Client::builder()
             .connect_timeout(config.timeout)
+            .pool_max_idle_per_host(config.max_requests.max(1))
+            .tcp_nodelay(true)
             .user_agent(concat!("fhirfs/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = &config.ca_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem)
@@ -270,13 +285,14 @@ impl HttpSource {
         let auth = Arc::new(Auth::new(config.token.clone(), client.clone(), config.base.clone()));
         Ok(Self {
             client,
-            config,
             auth,
             base,
             content_types: std::sync::Mutex::default(),
             raw: std::sync::atomic::AtomicU8::new(RAW_UNKNOWN),
             head_useless: std::sync::atomic::AtomicBool::new(false),
             summary_useless: std::sync::atomic::AtomicBool::new(false),
+            limit: Limiter::new(config.max_requests),
+            config,
         })
     }
 
@@ -287,6 +303,7 @@ impl HttpSource {
 
     /// One try: send, check the status, read the body (up to `get.limit` bytes).
     async fn attempt(&self, get: &Get<'_>, token: Option<&Secret>) -> Result<Answer, Failure> {
+        let permit = self.limit.acquire().await;
         let mut request =
             self.client.request(Method::GET, get.url.clone()).header(header::ACCEPT, get.accept);
         if let (Some(token), true) = (token, self.same_origin(get.url)) {
@@ -311,6 +328,12 @@ impl HttpSource {
         if !status.is_success() && status != StatusCode::NOT_MODIFIED {
             return Err(Failure::fatal(SourceError::from_status(status.as_u16())));
         }
+        // A fetch ahead of the reader gives way before reading a body that would not fit.
+        if let (Some(ahead), Some(len)) = (Ahead::current(), response.content_length())
+            && !ahead.admits(len)
+        {
+            return Err(Failure::fatal(SourceError::Declined));
+        }
         if let (Some(reserve), Some(len)) = (get.reserve, response.content_length())
             && len > 0
             && len <= get.limit
@@ -329,14 +352,15 @@ impl HttpSource {
                 body: Vec::new(),
                 rest: Some(response),
                 binary: None,
+                permit,
             });
         }
         if get.decode && status == StatusCode::OK && media_type(&headers) == FHIR_JSON {
             let binary = Some(Self::decoded(response, get.limit).await?);
-            return Ok(Answer { status, headers, body: Vec::new(), rest: None, binary });
+            return Ok(Answer { status, headers, body: Vec::new(), rest: None, binary, permit });
         }
         let body = Self::body(response, get.limit).await?;
-        Ok(Answer { status, headers, body, rest: None, binary: None })
+        Ok(Answer { status, headers, body, rest: None, binary: None, permit })
     }
 
     /// Reads a body into one buffer sized from `Content-Length`.
@@ -389,11 +413,16 @@ impl HttpSource {
             }
         });
         let mut read = 0u64;
+        // A fetch ahead without a Content-Length is admitted as its bytes arrive.
+        let ahead = Ahead::current().filter(|_| declared.is_none());
         while let Some(chunk) = chunks.recv().await {
             let chunk = chunk.map_err(|e| Failure::transient(transport(e)))?;
             read += chunk.len() as u64;
             if read > limit {
                 return Err(too_large());
+            }
+            if ahead.as_ref().is_some_and(|ahead| !ahead.admits(read)) {
+                return Err(Failure::fatal(SourceError::Declined));
             }
             sink(&chunk);
         }
@@ -594,7 +623,8 @@ impl HttpSource {
                 let etag = answer.headers.get(header::ETAG).cloned();
                 let last_modified = answer.headers.get(header::LAST_MODIFIED).cloned();
                 let resume = Resume { url, accept, etag, last_modified, content_type: kind };
-                let streaming = Streaming { meta, len, response, resume, summarise };
+                let permit = answer.permit;
+                let streaming = Streaming { meta, len, response, resume, summarise, permit };
                 return Ok(Got::Streaming(Box::new(streaming)));
             }
             if summarise {
@@ -779,6 +809,7 @@ impl HttpSource {
         mut filler: Filler,
         resume: Resume,
         deadline: Instant,
+        mut permit: Permit,
     ) {
         let len = response.content_length().unwrap_or(0);
         let changed = || SourceError::BadBody("the Binary changed while it was being read".into());
@@ -819,6 +850,8 @@ impl HttpSource {
                 return filler.fail(error);
             }
             debug!(url = %resume.url, %error, "body cut short: asking again");
+            // This request is over: its place goes back before the next one waits for one.
+            drop(permit);
             let get = Get {
                 url: &resume.url,
                 accept: &resume.accept,
@@ -832,8 +865,9 @@ impl HttpSource {
             let again = tokio::time::timeout_at(deadline.into(), self.get(&get, deadline)).await;
             let again = again.unwrap_or(Err(SourceError::Timeout(self.config.timeout)));
             match again {
-                Ok(Answer { rest: Some(again), .. }) if resume.same(&again, len) => {
+                Ok(Answer { rest: Some(again), permit: held, .. }) if resume.same(&again, len) => {
                     response = again;
+                    permit = held;
                     at = 0;
                 }
                 Ok(_) => return filler.fail(changed()),
@@ -914,7 +948,9 @@ impl Source for HttpSource {
         if let Some(token) = self.auth.token().await? {
             request = request.header(header::AUTHORIZATION, token.bearer()?);
         }
+        let permit = self.limit.acquire().await;
         let sent = tokio::time::timeout(self.config.timeout, request.send()).await;
+        drop(permit);
         let Ok(Ok(response)) = sent else { return Ok(None) };
         self.config.stats.count_status(response.status().as_u16());
         if matches!(response.status().as_u16(), 405 | 501) {
@@ -949,8 +985,10 @@ impl Source for HttpSource {
                 Got::Done(fetched) => Ok(fetched),
                 // Not asked for; should a body come unread anyway, read it here.
                 Got::Streaming(streaming) => {
-                    let Streaming { mut meta, len, response, resume, summarise } = *streaming;
+                    let Streaming { mut meta, len, response, resume, summarise, permit } =
+                        *streaming;
                     let body = Self::body(response, len).await.map_err(|f| f.error)?;
+                    drop(permit);
                     if summarise {
                         meta = self.summarised(id, &resume.url, meta, deadline).await;
                     }
@@ -980,11 +1018,11 @@ impl Source for HttpSource {
                 Streamed::Content { meta, body: Body::whole(bytes) }
             }
             Got::Streaming(streaming) => {
-                let Streaming { mut meta, len, response, resume, summarise } = *streaming;
+                let Streaming { mut meta, len, response, resume, summarise, permit } = *streaming;
                 let url = resume.url.clone();
                 let (body, filler) = Body::filling(len);
                 // The body streams in while the summary read completes what the file shows.
-                tokio::spawn(Arc::clone(self).fill(response, filler, resume, deadline));
+                tokio::spawn(Arc::clone(self).fill(response, filler, resume, deadline, permit));
                 if summarise {
                     meta = self.summarised(id, &url, meta, deadline).await;
                 }

@@ -271,6 +271,8 @@ struct ServerState {
     search_fault: Option<SearchFault>,
     page_cap: usize,
     listing_data: bool,
+    /// Searches list the Binaries in an order of their own, not by id.
+    shuffled_listing: bool,
     cursors: HashMap<String, Page>,
     cursor_keys: RandomState,
     cursor_seq: u64,
@@ -543,6 +545,12 @@ impl LoopbackServer {
     /// it, as a server that ignores them does (default false: honour them).
     pub fn set_listing_data(&self, include: bool) {
         self.inner.lock().listing_data = include;
+    }
+
+    /// When true, searches list the Binaries in a fixed order unrelated to their ids (by a
+    /// hash), as servers that list by creation time or storage order do.
+    pub fn set_shuffled_listing(&self, shuffled: bool) {
+        self.inner.lock().shuffled_listing = shuffled;
     }
 
     /// Reads of `id` wait (after being counted) until the returned gate is released.
@@ -827,10 +835,19 @@ impl Inner {
         };
         let size = page.count.min(cap);
         let form = if page.subsetted && !state.listing_data { Form::Subsetted } else { Form::Full };
-        let matches: Vec<_> = state
+        let mut matches: Vec<_> = state
             .live()
             .filter(|(id, _, _)| page.ids.as_ref().is_none_or(|ids| ids.contains(id)))
             .collect();
+        if state.shuffled_listing {
+            // Stable across searches, unrelated to the ids' order (FNV-1a of the id).
+            let key = |id: &str| {
+                id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                })
+            };
+            matches.sort_by_key(|(id, _, _)| key(id));
+        }
         let total = matches.len();
         let mut entries: Vec<Value> = matches
             .into_iter()

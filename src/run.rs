@@ -325,6 +325,7 @@ pub fn main(args: Args, mut readiness: Readiness) -> anyhow::Result<()> {
         http.max_size = args.max_size.as_u64();
         http.ca_pem = ca_pem;
         http.fetch = args.fetch;
+        http.max_requests = usize::from(args.max_requests);
         let stats = Arc::clone(&http.stats);
         let source = HttpSource::new(http).context("cannot set up the HTTP client")?;
         let fs = FhirFs::with_stats(source, args.fs_config(), stats);

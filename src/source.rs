@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -58,6 +58,75 @@ pub enum Streamed {
 
 /// Told the size of content about to arrive.
 pub type Reserve<'a> = dyn Fn(u64) + Send + Sync + 'a;
+
+/// Asked whether a fetch made ahead may hold `bytes` bytes in all (see [`Ahead`]).
+pub type Admit = dyn Fn(u64) -> bool + Send + Sync;
+
+/// A fetch made ahead of a reader (read-ahead across files). A source runs it behind the
+/// reader's own requests, and gives it up ([`SourceError::Declined`]) when its content would
+/// not fit what the core admits ahead of the reader. Once a reader waits for the fetch
+/// ([`Ahead::make_urgent`]) it is a reader's fetch: first in line, and held to no byte bound.
+///
+/// The core passes it to the source as a task-local ([`Ahead::run`], [`Ahead::current`]),
+/// so that the [`Source`] methods keep their shape for the fetches of readers.
+pub struct Ahead {
+    urgent: AtomicBool,
+    woken: tokio::sync::Notify,
+    admit: Box<Admit>,
+}
+
+tokio::task_local! {
+    static AHEAD: Arc<Ahead>;
+}
+
+impl Ahead {
+    /// A fetch ahead, whose content may take as many bytes as `admit` allows.
+    pub fn new(admit: Box<Admit>) -> Arc<Self> {
+        Arc::new(Self { urgent: AtomicBool::new(false), woken: tokio::sync::Notify::new(), admit })
+    }
+
+    /// A fetch ahead with no byte bound (only its place in line).
+    pub fn unbounded() -> Arc<Self> {
+        Self::new(Box::new(|_| true))
+    }
+
+    /// Runs `future` as this fetch ahead: [`Ahead::current`] inside it returns `self`.
+    pub async fn run<F: Future>(self: Arc<Self>, future: F) -> F::Output {
+        AHEAD.scope(self, future).await
+    }
+
+    /// The fetch ahead being run, if the current task runs one.
+    pub fn current() -> Option<Arc<Self>> {
+        AHEAD.try_with(Arc::clone).ok()
+    }
+
+    /// A reader waits for this fetch now.
+    pub fn make_urgent(&self) {
+        self.urgent.store(true, Ordering::SeqCst);
+        self.woken.notify_waiters();
+    }
+
+    /// True once a reader waits for this fetch.
+    pub fn is_urgent(&self) -> bool {
+        self.urgent.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once a reader waits for this fetch.
+    pub async fn urgent(&self) {
+        let woken = self.woken.notified();
+        tokio::pin!(woken);
+        // Registered before the check, so a wake between the two is not missed.
+        woken.as_mut().enable();
+        if !self.is_urgent() {
+            woken.await;
+        }
+    }
+
+    /// Whether the content may hold `bytes` bytes in all: always, once urgent.
+    pub fn admits(&self, bytes: u64) -> bool {
+        self.is_urgent() || (self.admit)(bytes)
+    }
+}
 
 /// A store of Binaries: list them all, fetch one.
 pub trait Source: Send + Sync + 'static {
@@ -117,6 +186,7 @@ struct MemState {
 pub struct MemorySource {
     state: Mutex<MemState>,
     fetches: AtomicU64,
+    ahead_fetches: AtomicU64,
     lists: AtomicU64,
     open: watch::Sender<bool>,
     started: watch::Sender<u64>,
@@ -127,6 +197,7 @@ impl Default for MemorySource {
         Self {
             state: Mutex::default(),
             fetches: AtomicU64::new(0),
+            ahead_fetches: AtomicU64::new(0),
             lists: AtomicU64::new(0),
             open: watch::Sender::new(true),
             started: watch::Sender::new(0),
@@ -184,6 +255,11 @@ impl MemorySource {
         self.fetches.load(Ordering::SeqCst)
     }
 
+    /// How many of the fetches were made ahead of a reader ([`Ahead`]).
+    pub fn ahead_fetch_count(&self) -> u64 {
+        self.ahead_fetches.load(Ordering::SeqCst)
+    }
+
     /// How many listings were made.
     pub fn list_count(&self) -> u64 {
         self.lists.load(Ordering::SeqCst)
@@ -222,6 +298,10 @@ impl Source for MemorySource {
     }
 
     async fn fetch(&self, id: &str, cached_version: Option<&str>) -> Result<Fetched, SourceError> {
+        let ahead = Ahead::current();
+        if ahead.is_some() {
+            self.ahead_fetches.fetch_add(1, Ordering::SeqCst);
+        }
         self.fetches.fetch_add(1, Ordering::SeqCst);
         self.started.send_modify(|n| *n += 1);
         let mut open = self.open.subscribe();
@@ -233,6 +313,9 @@ impl Source for MemorySource {
         let (meta, bytes) = state.binaries.get(id).ok_or(SourceError::NotFound)?;
         if cached_version.is_some() && cached_version == meta.version_id.as_deref() {
             return Ok(Fetched::NotModified);
+        }
+        if ahead.is_some_and(|ahead| !ahead.admits(bytes.len() as u64)) {
+            return Err(SourceError::Declined);
         }
         Ok(Fetched::Content { meta: meta.clone(), bytes: bytes.clone() })
     }

@@ -17,6 +17,8 @@ pub struct Stats {
     pub bytes_served: AtomicU64,
     /// Fetches and listings that failed (after retries).
     pub errors: AtomicU64,
+    /// Files fetched ahead of a program walking the folder.
+    pub read_ahead: AtomicU64,
     /// HTTP answers by status (every try, retries included; 0 = no answer).
     statuses: Mutex<BTreeMap<u16, u64>>,
 }
@@ -44,11 +46,13 @@ impl fmt::Display for Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         write!(
             f,
-            "cache_hits={} cache_misses={} bytes_served={} errors={} gets_by_status={{",
+            "cache_hits={} cache_misses={} bytes_served={} errors={} read_ahead={} \
+             gets_by_status={{",
             get(&self.cache_hits),
             get(&self.cache_misses),
             get(&self.bytes_served),
-            get(&self.errors)
+            get(&self.errors),
+            get(&self.read_ahead)
         )?;
         for (i, (status, n)) in self.statuses().iter().enumerate() {
             let sep = if i == 0 { "" } else { "," };
@@ -72,7 +76,8 @@ mod tests {
         stats.count_status(404);
         assert_eq!(
             stats.to_string(),
-            "cache_hits=2 cache_misses=0 bytes_served=10 errors=0 gets_by_status={200:2,404:1}"
+            "cache_hits=2 cache_misses=0 bytes_served=10 errors=0 read_ahead=0 \
+             gets_by_status={200:2,404:1}"
         );
     }
 }
