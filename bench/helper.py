@@ -8,6 +8,8 @@
                                       (new connection each, Accept: application/fhir+json)
   median                              median of the numbers on stdin
   stats URL                           the bench server's /stats as `key=value` words
+  search-page FILE NEXTFILE           the ids of a searchset Bundle in FILE, one a line; writes
+                                      its `next` link (or nothing) to NEXTFILE
 """
 
 import http.client
@@ -113,6 +115,18 @@ def stats(url):
     return 0
 
 
+def search_page(path, next_path):
+    with open(path) as f:
+        bundle = json.load(f)
+    for entry in bundle.get("entry", []):
+        print(entry["resource"]["id"])
+    links = bundle.get("link", [])
+    following = next((link.get("url", "") for link in links if link.get("relation") == "next"), "")
+    with open(next_path, "w") as f:
+        f.write(following)
+    return 0
+
+
 def main(argv):
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
@@ -128,6 +142,8 @@ def main(argv):
         return median()
     if command == "stats" and len(args) == 1:
         return stats(args[0])
+    if command == "search-page" and len(args) == 2:
+        return search_page(*args)
     print(__doc__, file=sys.stderr)
     return 2
 

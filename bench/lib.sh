@@ -161,12 +161,14 @@ now_us() {
     echo "${t/./}"
 }
 
-# time_us CMD...: runs CMD (stdout to /dev/null) and sets ELAPSED to its wall time in µs.
+# time_us CMD...: runs CMD (stdout to /dev/null) and sets ELAPSED to its wall time in µs;
+# returns CMD's status (so that `if time_us timeout ...` sees a failure or a timeout).
 time_us() {
-    local start=$EPOCHREALTIME
-    "$@" >/dev/null
+    local start=$EPOCHREALTIME status=0
+    "$@" >/dev/null || status=$?
     local end=$EPOCHREALTIME
     ELAPSED=$((${end/./} - ${start/./}))
+    return "$status"
 }
 
 median() { printf '%s\n' "$@" | python3 "$HELPER" median; }

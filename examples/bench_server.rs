@@ -12,6 +12,10 @@
 //!   --delay-id ID=MS     wait MS more before answering reads of ID (repeatable)
 //!   --listing-data       searches carry `data` even when `_elements`/`_summary` leave it out
 //!   --page-cap N         largest search page, whatever `_count` asks (default 1000)
+//!   --split-writes       write every answer's headers and body in two separate writes, on
+//!                        sockets without TCP_NODELAY (as Python's http.server does): on a
+//!                        reused connection a small body then waits for the client's delayed
+//!                        ACK of the headers (Nagle), about 40 ms on Linux
 //! ```
 //!
 //! Routes (base `http://127.0.0.1:P/fhir`):
@@ -39,7 +43,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::macros::format_description;
@@ -106,6 +112,19 @@ impl Segments {
                 Body::from_stream(futures::stream::iter(parts))
             }
         }
+    }
+
+    /// The body as a stream that is not ready at first (it yields once to the scheduler before
+    /// its first segment): hyper then flushes the headers on their own before it writes any of
+    /// the body, as a server that writes headers and body separately does.
+    fn split_body(&self) -> Body {
+        if self.parts.is_empty() {
+            return Body::empty();
+        }
+        let pause = futures::stream::once(tokio::task::yield_now())
+            .filter_map(|()| std::future::ready(None::<Result<Bytes, Infallible>>));
+        let parts = self.parts.clone().into_iter().map(Ok::<_, Infallible>);
+        Body::from_stream(pause.chain(futures::stream::iter(parts)))
     }
 }
 
@@ -208,6 +227,7 @@ struct Server {
     delays: HashMap<String, Duration>,
     listing_data: bool,
     page_cap: usize,
+    split_writes: bool,
     last_modified: HeaderValue,
     stats: Stats,
 }
@@ -221,6 +241,7 @@ struct Options {
     delays: HashMap<String, Duration>,
     listing_data: bool,
     page_cap: usize,
+    split_writes: bool,
 }
 
 /// `1KiB` = 1024, `1KB` = 1000, `1M` = 1MiB; a bare number is bytes.
@@ -268,6 +289,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, String>
         delays: HashMap::new(),
         listing_data: false,
         page_cap: DEFAULT_PAGE_CAP,
+        split_writes: false,
     };
     let mut count = 0usize;
     let mut size = 1usize << 10;
@@ -292,6 +314,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, String>
                 options.delays.insert(id.to_owned(), Duration::from_millis(ms));
             }
             "--listing-data" => options.listing_data = true,
+            "--split-writes" => options.split_writes = true,
             "--page-cap" => options.page_cap = number(value()?)?.max(1) as usize,
             "-h" | "--help" => {
                 let doc = include_str!("bench_server.rs");
@@ -414,6 +437,7 @@ impl Server {
             delays: options.delays.clone(),
             listing_data: options.listing_data,
             page_cap: options.page_cap,
+            split_writes: options.split_writes,
             last_modified,
             stats: Stats::default(),
         }
@@ -421,7 +445,8 @@ impl Server {
 
     fn answer(&self, status: StatusCode, content_type: &str, body: &Segments) -> Response {
         Stats::add(&self.stats.body_bytes, body.len);
-        let mut response = Response::new(body.body());
+        let body_out = if self.split_writes { body.split_body() } else { body.body() };
+        let mut response = Response::new(body_out);
         *response.status_mut() = status;
         let headers = response.headers_mut();
         if let Ok(value) = HeaderValue::from_str(content_type) {
@@ -622,9 +647,10 @@ async fn main() -> std::process::ExitCode {
     let raw_bytes: u64 = server.binaries.iter().map(|b| b.raw.len).sum();
     let json_bytes: u64 = server.binaries.iter().map(|b| b.data.len).sum();
     eprintln!(
-        "bench_server: {} Binaries, {raw_bytes} bytes ({json_bytes} as base64), encoded in {:?}",
+        "bench_server: {} Binaries, {raw_bytes} bytes ({json_bytes} as base64), encoded in {:?}{}",
         server.binaries.len(),
-        started.elapsed()
+        started.elapsed(),
+        if options.split_writes { "; headers and bodies in separate writes, Nagle on" } else { "" }
     );
     let router = Router::new()
         .route("/fhir/Binary", get(search))
@@ -635,7 +661,19 @@ async fn main() -> std::process::ExitCode {
     println!("READY {}", addr.port());
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    if let Err(e) = axum::serve(listener, router).await {
+    let served = if options.split_writes {
+        // Nagle's algorithm on (the kernel's default, said explicitly): the body written after
+        // the headers waits for their ACK.
+        let listener = listener.tap_io(|stream| {
+            if let Err(e) = stream.set_nodelay(false) {
+                eprintln!("bench_server: cannot clear TCP_NODELAY: {e}");
+            }
+        });
+        axum::serve(listener, router).await
+    } else {
+        axum::serve(listener, router).await
+    };
+    if let Err(e) = served {
         eprintln!("bench_server: {e}");
         return std::process::ExitCode::FAILURE;
     }
