@@ -38,6 +38,8 @@ fn help_lists_every_option_with_its_default() {
         "--timeout",
         "--page-size",
         "--max-size",
+        "--max-requests",
+        "--read-ahead",
         "--uid",
         "--gid",
         "--ca-file",
@@ -56,6 +58,8 @@ fn help_lists_every_option_with_its_default() {
         "[default: 30]",
         "[default: 1000]",
         "[default: 1GiB]",
+        "[default: 16]",
+        "[default: 32]",
         "[default: info]",
         "[default: system/Binary.read]",
     ] {
