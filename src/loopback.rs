@@ -195,6 +195,25 @@ pub enum Fault {
     /// Never answers (until the server's runtime stops). Unlike [`LoopbackServer::hold`],
     /// nothing releases it.
     Hang,
+    /// The content lives outside the resource, as Medplum keeps raw uploads: a read whose
+    /// Accept starts with `application/fhir+json` gets the FHIR JSON without `data` (untagged),
+    /// any other read gets this answer.
+    WithoutData(RawAnswer),
+}
+
+/// What a read that does not ask for FHIR JSON gets under [`Fault::WithoutData`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawAnswer {
+    /// The stored bytes with the Binary's contentType (the raw form works).
+    Content,
+    /// The FHIR JSON without `data` again: the server has no native form.
+    Json,
+    /// This status, with an OperationOutcome.
+    Status(u16),
+    /// 200 with the headers and half of a body, then the connection is aborted.
+    Reset,
+    /// Never answers.
+    Hang,
 }
 
 /// A misbehaviour injected on searches (`GET /Binary?...` and its pages).
@@ -374,6 +393,17 @@ enum Arrival<'a> {
     /// A read that leaves `data` out (`_summary=true`, `_elements` without `data`).
     Summary,
     Head,
+}
+
+/// How a read is answered, whatever its Accept says.
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    /// By the Accept and the quirk mode.
+    Negotiated,
+    /// The native bytes.
+    Raw,
+    /// The FHIR JSON without `data` (untagged).
+    JsonWithoutData,
 }
 
 impl LoopbackServer {
@@ -679,6 +709,26 @@ impl Inner {
         response
     }
 
+    /// The answer to a read of `id` under `Fault::WithoutData`.
+    async fn without_data(
+        &self,
+        id: &str,
+        params: &[(String, String)],
+        headers: &HeaderMap,
+        raw: RawAnswer,
+    ) -> Response {
+        if accept_starts_with_fhir_json(headers) {
+            return self.binary(id, params, headers, Shape::JsonWithoutData, true);
+        }
+        match raw {
+            RawAnswer::Content => self.binary(id, params, headers, Shape::Raw, true),
+            RawAnswer::Json => self.binary(id, params, headers, Shape::JsonWithoutData, true),
+            RawAnswer::Status(status) => injected(status, id),
+            RawAnswer::Reset => reset(self.json_text(id)),
+            RawAnswer::Hang => std::future::pending().await,
+        }
+    }
+
     /// The fault for this read of `id`: the id's own (used up by one), else a random one.
     fn take_fault(&self, id: &str) -> Option<Fault> {
         let mut state = self.lock();
@@ -722,7 +772,7 @@ impl Inner {
         id: &str,
         params: &[(String, String)],
         headers: &HeaderMap,
-        force_raw: bool,
+        shape: Shape,
         count: bool,
     ) -> Response {
         let state = self.lock();
@@ -732,15 +782,16 @@ impl Inner {
             Some(_) => return outcome(410, &format!("Binary/{id} was deleted")),
             None => return outcome(404, &format!("Binary/{id} is not known")),
         };
-        let json = !force_raw
-            && match quirks {
-                Quirks::Standard | Quirks::Hapi => wants_json(headers, params),
-                Quirks::Medplum => accept_starts_with_fhir_json(headers),
-                Quirks::Microsoft if accepts_json(headers, params, true) => true,
-                Quirks::Microsoft => {
-                    return outcome(406, "this server only serves FHIR formats");
-                }
-            };
+        let json = match (shape, quirks) {
+            (Shape::Raw, _) => false,
+            (Shape::JsonWithoutData, _) => true,
+            (Shape::Negotiated, Quirks::Standard | Quirks::Hapi) => wants_json(headers, params),
+            (Shape::Negotiated, Quirks::Medplum) => accept_starts_with_fhir_json(headers),
+            (Shape::Negotiated, Quirks::Microsoft) if accepts_json(headers, params, true) => true,
+            (Shape::Negotiated, Quirks::Microsoft) => {
+                return outcome(406, "this server only serves FHIR formats");
+            }
+        };
         let etag = format!("W/\"{}\"", state.version_id(id, version));
         let mut validators = HeaderMap::new();
         if let Ok(value) = HeaderValue::from_str(&etag) {
@@ -767,6 +818,7 @@ impl Inner {
             let subset = leaves_data_out(params) && !state.listing_data;
             let form = match quirks {
                 _ if subset => Form::Subsetted,
+                _ if shape == Shape::JsonWithoutData => Form::WithoutData,
                 Quirks::Medplum if item.raw => Form::WithoutData,
                 _ => Form::Full,
             };
@@ -1065,8 +1117,8 @@ async fn read(
     if leaves_data_out(&params) {
         let throttled = inner.arrive(Arrival::Summary).await;
         let response = inner.gatekeep(throttled, &headers);
-        let response =
-            response.unwrap_or_else(|| inner.binary(&id, &params, &headers, false, false));
+        let response = response
+            .unwrap_or_else(|| inner.binary(&id, &params, &headers, Shape::Negotiated, false));
         return inner.answered(response);
     }
     let throttled = inner.arrive(Arrival::Read(&id)).await;
@@ -1079,8 +1131,9 @@ async fn read(
         return inner.answered(refused);
     }
     let response = match inner.take_fault(&id) {
-        None => inner.binary(&id, &params, &headers, false, true),
-        Some(Fault::Raw) => inner.binary(&id, &params, &headers, true, true),
+        None => inner.binary(&id, &params, &headers, Shape::Negotiated, true),
+        Some(Fault::Raw) => inner.binary(&id, &params, &headers, Shape::Raw, true),
+        Some(Fault::WithoutData(raw)) => inner.without_data(&id, &params, &headers, raw).await,
         Some(Fault::Status(status) | Fault::FailTimes { status, .. }) => injected(status, &id),
         Some(Fault::RetryAfter { status, retry_after, .. }) => {
             with_retry_after(injected(status, &id), &retry_after)
@@ -1143,7 +1196,8 @@ fn verbatim(content_type: String, body: Bytes) -> Response {
 }
 
 /// `HEAD /fhir/Binary/{id}`: the GET's status and headers, no body, and the `Content-Length`
-/// of the body the GET would send. Only `Status`, `Body` and `Raw` faults apply.
+/// of the body the GET would send. Only `Status`, `Body`, `Raw` and `WithoutData` (but not its
+/// transport faults) apply.
 async fn head(
     State(inner): State<Arc<Inner>>,
     Path(id): Path<String>,
@@ -1156,9 +1210,24 @@ async fn head(
         (Some(refused), _) => refused,
         (None, Some(Fault::Status(status))) => injected(status, &id),
         (None, Some(Fault::Body { content_type, body })) => verbatim(content_type, body),
-        (None, Some(Fault::Raw)) => inner.binary(&id, &params, &headers, true, false),
-        (None, _) => inner.binary(&id, &params, &headers, false, false),
+        (None, Some(Fault::Raw)) => inner.binary(&id, &params, &headers, Shape::Raw, false),
+        (None, Some(Fault::WithoutData(raw))) => {
+            let shape = match raw {
+                _ if accept_starts_with_fhir_json(&headers) => Shape::JsonWithoutData,
+                RawAnswer::Status(status) => return head_of(injected(status, &id)).await,
+                RawAnswer::Content => Shape::Raw,
+                // No transport faults for HEAD: the JSON form's headers.
+                RawAnswer::Json | RawAnswer::Reset | RawAnswer::Hang => Shape::JsonWithoutData,
+            };
+            inner.binary(&id, &params, &headers, shape, false)
+        }
+        (None, _) => inner.binary(&id, &params, &headers, Shape::Negotiated, false),
     };
+    head_of(response).await
+}
+
+/// The status and headers of `response`, with the `Content-Length` of its body and no body.
+async fn head_of(response: Response) -> Response {
     let (mut parts, body) = response.into_parts();
     // The bodies here are in memory already (or one chunk), so collecting them is cheap.
     let len = match axum::body::to_bytes(body, usize::MAX).await {
@@ -1715,6 +1784,60 @@ mod tests {
         assert!(waited.is_err(), "answered: {waited:?}");
         request.abort();
         assert!(server.counts().statuses.is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_data_leaves_data_out_and_answers_raw_reads_as_told() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.put("a", "application/pdf", "%PDF-1.7");
+        let url = format!("{}/Binary/a", server.base_url());
+        let resource = |body: &Bytes| serde_json::from_slice::<Value>(body).unwrap();
+        for raw in [RawAnswer::Status(503), RawAnswer::Status(404), RawAnswer::Json] {
+            server.set_fault("a", Some(Fault::WithoutData(raw)));
+            let (status, headers, body) = get(&url, &[("accept", FHIR_JSON)]).await;
+            assert_eq!(
+                (status, headers[header::CONTENT_TYPE].to_str().unwrap()),
+                (200, FHIR_JSON),
+                "{raw:?}"
+            );
+            let json = resource(&body);
+            assert_eq!(json["contentType"], "application/pdf", "{raw:?}");
+            assert!(json.get("data").is_none() && json["meta"].get("tag").is_none(), "{json}");
+            for accept in ["application/pdf", "*/*"] {
+                let (status, headers, body) = get(&url, &[("accept", accept)]).await;
+                match raw {
+                    RawAnswer::Status(expected) => assert_eq!(status, expected, "{accept}"),
+                    _ => {
+                        assert_eq!(
+                            (status, headers[header::CONTENT_TYPE].to_str().unwrap()),
+                            (200, FHIR_JSON)
+                        );
+                        assert!(resource(&body).get("data").is_none(), "{accept}");
+                    }
+                }
+            }
+        }
+        server.set_fault("a", Some(Fault::WithoutData(RawAnswer::Content)));
+        let (status, headers, body) = get(&url, &[("accept", "*/*")]).await;
+        assert_eq!(
+            (status, headers[header::CONTENT_TYPE].to_str().unwrap(), &body[..]),
+            (200, "application/pdf", &b"%PDF-1.7"[..])
+        );
+        server.set_fault("a", Some(Fault::WithoutData(RawAnswer::Reset)));
+        let (status, _, body) = fetch(reqwest::Method::GET, &url, &[("accept", "*/*")]).await;
+        assert_eq!((status, body.is_err()), (200, true), "the connection breaks mid-body");
+        server.set_fault("a", Some(Fault::WithoutData(RawAnswer::Hang)));
+        let hung = url.clone();
+        let before = server.counts().per_id["a"];
+        let mut request = tokio::spawn(async move { get(&hung, &[("accept", "*/*")]).await.0 });
+        server.wait_for_reads("a", before + 1).await;
+        let waited = tokio::time::timeout(Duration::from_millis(300), &mut request).await;
+        assert!(waited.is_err(), "answered: {waited:?}");
+        request.abort();
+        // The JSON form is still answered, and the fault stays until cleared.
+        assert_eq!(get(&url, &[("accept", FHIR_JSON)]).await.0, 200);
+        server.set_fault("a", None);
+        assert_eq!(resource(&get(&url, &[("accept", FHIR_JSON)]).await.2)["data"], "JVBERi0xLjc=");
     }
 
     #[tokio::test]
