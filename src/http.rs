@@ -249,6 +249,16 @@ fn is_transient(status: StatusCode) -> bool {
     matches!(status.as_u16(), 429 | 502 | 503 | 504)
 }
 
+/// True when an answer is in the resource's form: FHIR JSON, or `application/json` with a
+/// Binary body (some servers label FHIR so).
+fn in_resource_form(answer: &Answer) -> bool {
+    match media_type(&answer.headers).as_str() {
+        FHIR_JSON => true,
+        "application/json" => fhir::looks_like_binary(&answer.body),
+        _ => false,
+    }
+}
+
 impl HttpSource {
     /// A source for `config`.
     pub fn new(config: HttpConfig) -> Result<Self, SourceError> {
@@ -630,7 +640,7 @@ impl HttpSource {
         }
         // No `data`: some servers keep the bytes outside the resource and only serve them raw.
         // Ask for the native form before calling the file empty.
-        self.fetch_raw(&url, meta, binary.subsetted, deadline).await.map(Got::Done)
+        self.fetch_raw(id, &url, meta, binary.subsetted, deadline).await.map(Got::Done)
     }
 
     /// The Binary without `data` (`_summary=true`): its times to the millisecond and its type,
@@ -723,13 +733,31 @@ impl HttpSource {
         }
     }
 
+    /// The native bytes of Binary `id`, whose FHIR JSON (`meta`) came without `data`. Only an
+    /// answer may make the file empty: a success with an empty body, or one that shows the
+    /// server has no native form (404, 406, 415, or the same resource again). Any other outcome
+    /// is the read's, with the errno a first read would get: 401/403 EACCES, a 5xx after the
+    /// retries, a network error or the deadline EIO.
     async fn fetch_raw(
         &self,
+        id: &str,
         url: &Url,
         meta: Meta,
         subsetted: bool,
         deadline: Instant,
     ) -> Result<Fetched, SourceError> {
+        let no_native_form = |meta: Meta, why: &str| {
+            if subsetted {
+                return Err(SourceError::BadBody(
+                    "the server left `data` out of a full read".into(),
+                ));
+            }
+            debug!(id, why, "no native form either: the Binary is empty");
+            Ok(Fetched::Content { meta, bytes: Bytes::new() })
+        };
+        // The raw bytes of a JSON Binary (or one of no known type) may be in the resource's
+        // form themselves.
+        let own_json = meta.content_type.as_deref().is_none_or(|kind| kind.contains("json"));
         let accept = match meta.content_type.as_deref() {
             Some(kind) if !kind.contains("json") => kind.to_owned(),
             _ => "*/*".to_owned(),
@@ -744,29 +772,48 @@ impl HttpSource {
             stream: false,
             decode: false,
         };
-        let raw = self.get(&get, deadline).await;
-        match raw {
-            Ok(answer) if media_type(&answer.headers) != FHIR_JSON => {
-                let from_headers = header_meta(&answer.headers);
-                let merged = Meta {
-                    version_id: meta.version_id.or(from_headers.version_id),
-                    last_updated: meta.last_updated.or(from_headers.last_updated),
-                    content_type: meta.content_type.or(Some(media_type(&answer.headers))),
-                    security_context: meta.security_context.or(from_headers.security_context),
-                    size: None,
-                };
-                Ok(Fetched::Content { meta: merged, bytes: Bytes::from(answer.body) })
+        let answer = match self.get(&get, deadline).await {
+            Ok(answer) if answer.status == StatusCode::NOT_MODIFIED => {
+                return Err(SourceError::BadBody("304 to a read that named no version".into()));
             }
-            Err(e @ SourceError::TooLarge { .. }) => Err(e),
-            _ if subsetted => {
-                Err(SourceError::BadBody("the server left `data` out of a full read".into()))
+            Ok(answer) => answer,
+            // The raw form is not known (404) or cannot be had in any type asked for (406,
+            // 415): there is none.
+            Err(e @ (SourceError::NotFound | SourceError::Status(406 | 415))) => {
+                return no_native_form(meta, &e.to_string());
             }
-            other => {
-                let status = other.as_ref().map(|a| a.status.as_u16()).ok();
-                debug!(?status, "no raw form either: the Binary is empty");
-                Ok(Fetched::Content { meta, bytes: Bytes::new() })
+            Err(e) => return Err(e),
+        };
+        if in_resource_form(&answer) {
+            match fhir::binary_identity(&answer.body) {
+                // This resource again (HFS, Microsoft): the server has no other form of it.
+                Some(again) if again.id.as_deref() == Some(id) => {
+                    let headers = header_meta(&answer.headers);
+                    let same = again.meta.version_id.or(headers.version_id) == meta.version_id
+                        && again.meta.last_updated.or(headers.last_updated) == meta.last_updated;
+                    if !same || again.has_data {
+                        let changed = "the resource changed between its JSON and its raw read";
+                        return Err(SourceError::BadBody(changed.into()));
+                    }
+                    return no_native_form(meta, "the raw read answered the same resource");
+                }
+                // A JSON Binary's own bytes.
+                _ if own_json => {}
+                _ => {
+                    let other = "the raw read answered FHIR JSON that is not this Binary";
+                    return Err(SourceError::BadBody(other.into()));
+                }
             }
         }
+        let from_headers = header_meta(&answer.headers);
+        let merged = Meta {
+            version_id: meta.version_id.or(from_headers.version_id),
+            last_updated: meta.last_updated.or(from_headers.last_updated),
+            content_type: meta.content_type.or(Some(media_type(&answer.headers))),
+            security_context: meta.security_context.or(from_headers.security_context),
+            size: None,
+        };
+        Ok(Fetched::Content { meta: merged, bytes: Bytes::from(answer.body) })
     }
 
     /// Reads a streamed body into `filler` as it arrives, within the fetch's deadline. A body
