@@ -259,6 +259,24 @@ fn in_resource_form(answer: &Answer) -> bool {
     }
 }
 
+/// True when an answer in the resource's form is surely Binary `id` itself, not the bytes of a
+/// JSON Binary that look like a resource: it names `id` and the version its own ETag names
+/// (bytes stored before their version existed would have to guess it).
+fn is_the_resource(id: &str, answer: &Answer) -> bool {
+    let Some(etag) = header_text(&answer.headers, header::ETAG).and_then(version_from_etag) else {
+        return false;
+    };
+    let (found, version) = match &answer.binary {
+        Some(Ok(binary)) => (binary.id.clone(), binary.meta.version_id.clone()),
+        Some(Err(_)) => return false,
+        None => match fhir::binary_identity(&answer.body) {
+            Some(identity) => (identity.id, identity.meta.version_id),
+            None => return false,
+        },
+    };
+    found.as_deref() == Some(id) && version == Some(etag)
+}
+
 impl HttpSource {
     /// A source for `config`.
     pub fn new(config: HttpConfig) -> Result<Self, SourceError> {
@@ -517,8 +535,8 @@ impl HttpSource {
         let url = self.binary_url(id)?;
         let mut answer = None;
         let raw_accept = self.raw_accept(id);
-        // Set when a raw answer turned out to be the FHIR resource labelled `application/json`.
-        let mut labelled_json = false;
+        // Set when a raw answer in the resource's form may have been a JSON Binary's own bytes.
+        let mut ambiguous = false;
         if let Some((accept, _)) = &raw_accept {
             let get = Get {
                 url: &url,
@@ -533,13 +551,11 @@ impl HttpSource {
                 Ok(a) if a.status == StatusCode::NOT_MODIFIED => {
                     return Ok(Got::Done(Fetched::NotModified));
                 }
-                // The resource or the raw bytes of a JSON Binary that looks like one: ask for
-                // the resource, which says which (`contentType`), and decode it.
-                Ok(a)
-                    if media_type(&a.headers) == "application/json"
-                        && fhir::looks_like_binary(&a.body) =>
-                {
-                    labelled_json = true;
+                // The resource, or the raw bytes of a JSON Binary that look like one (Medplum
+                // serves a raw upload typed `application/fhir+json` as it is). Unless it shows
+                // that it is the resource, ask for the resource, whose `contentType` says which.
+                Ok(a) if in_resource_form(&a) && !is_the_resource(id, &a) => {
+                    ambiguous = true;
                 }
                 Ok(a) => {
                     let kind = media_type(&a.headers);
@@ -619,8 +635,7 @@ impl HttpSource {
         };
         let binary = binary.map_err(SourceError::BadBody)?;
         self.learn_content_type(id, binary.meta.content_type.as_deref());
-        if labelled_json && !binary.meta.content_type.as_deref().is_some_and(|k| k.contains("json"))
-        {
+        if ambiguous && !binary.meta.content_type.as_deref().is_some_and(|k| k.contains("json")) {
             // Not a JSON Binary, so the raw request got the resource: this server answers
             // `*/*` with FHIR JSON.
             let _ = self.raw.compare_exchange(
@@ -1076,6 +1091,31 @@ mod tests {
         for status in [400, 401, 403, 404, 405, 406, 410, 500, 501] {
             assert!(!is_transient(StatusCode::from_u16(status).unwrap()), "{status}");
         }
+    }
+
+    #[test]
+    fn an_answer_is_the_resource_only_with_its_id_and_etag_version() {
+        let answer = |etag: Option<&str>, body: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            if let Some(etag) = etag {
+                headers.insert(header::ETAG, HeaderValue::from_str(etag).unwrap());
+            }
+            let body = body.as_bytes().to_vec();
+            Answer { status: StatusCode::OK, headers, body, rest: None, binary: None }
+        };
+        let resource = r#"{"resourceType":"Binary","id":"a","meta":{"versionId":"2"},
+            "contentType":"text/plain"}"#;
+        assert!(in_resource_form(&answer(None, resource)));
+        assert!(is_the_resource("a", &answer(Some("W/\"2\""), resource)));
+        assert!(!is_the_resource("b", &answer(Some("W/\"2\""), resource)), "another id");
+        assert!(!is_the_resource("a", &answer(Some("W/\"3\""), resource)), "another version");
+        assert!(!is_the_resource("a", &answer(None, resource)), "no ETag to prove it");
+        // A JSON Binary's own bytes that look like a resource.
+        let lookalike = r#"{"resourceType":"Binary","contentType":"text/plain","data":"aGk="}"#;
+        assert!(in_resource_form(&answer(None, lookalike)));
+        assert!(!is_the_resource("a", &answer(Some("W/\"2\""), lookalike)));
+        assert!(!in_resource_form(&answer(None, r#"{"retries": 3}"#)), "other JSON is content");
     }
 
     #[test]

@@ -285,6 +285,42 @@ fn a_raw_json_binary_on_medplum_is_read_once() {
     assert_eq!((counts.raw_reads, counts.json_reads, counts.summary_reads), (1, 0, 1));
 }
 
+/// A raw upload typed FHIR JSON comes back from Medplum's raw read with that type, and holds
+/// a Binary resource of its own. It is served as stored, not as that inner Binary's `data`;
+/// so is a Binary created as JSON with such content, on a server that serves it raw or only
+/// as FHIR JSON. The reads it takes: a raw answer that is not surely the resource costs a
+/// JSON read, and Medplum's JSON without `data` a raw read after it; Microsoft's answer is
+/// the resource (its id and the ETag's version), used as it is.
+#[test]
+fn a_binary_typed_fhir_json_is_served_as_stored() {
+    let inner = br#"{"resourceType":"Binary","contentType":"text/plain","data":"aGVsbG8="}"#;
+    let kind = "application/fhir+json; charset=utf-8";
+    // GETs of the file with `--fetch auto` and with `--fetch json`.
+    let cases =
+        [(Quirks::Medplum, [3, 2]), (Quirks::Standard, [2, 1]), (Quirks::Microsoft, [1, 1])];
+    for (quirks, gets) in cases {
+        let server = Server::start();
+        server.server.set_quirks(quirks);
+        server.server.set_throttle(None);
+        server.server.set_search_status(Some(400));
+        if quirks == Quirks::Medplum {
+            server.server.put_raw("nested", kind, &inner[..]);
+        } else {
+            server.server.put("nested", kind, &inner[..]);
+        }
+        for (mode, gets) in ["auto", "json"].into_iter().zip(gets) {
+            let before = server.reads_of("nested");
+            let mount = Mount::builder().args(&["--fetch", mode]).mount(&server.base_url());
+            let what = format!("{quirks:?}, --fetch {mode}");
+            let len = std::fs::metadata(mount.path("nested")).unwrap().len();
+            assert_eq!(len, inner.len() as u64, "{what}: stat\n{}", mount.log());
+            let bytes = std::fs::read(mount.path("nested")).unwrap();
+            assert_eq!(String::from_utf8_lossy(&bytes), String::from_utf8_lossy(inner), "{what}");
+            assert_eq!(server.reads_of("nested") - before, gets, "{what}: GETs");
+        }
+    }
+}
+
 /// A name the server does not know costs one request, not a summary beside it.
 #[test]
 fn a_missing_name_costs_one_request() {
