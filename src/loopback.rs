@@ -256,7 +256,9 @@ pub enum Quirks {
     /// `application/fhir+json` (absent Accept, `application/json` and `*/*` get raw; `_format`
     /// is ignored); Binaries created with [`LoopbackServer::put_raw`] come back on the JSON
     /// path with neither `data` nor `url`, and raw as a chunked body without Content-Length;
-    /// versionIds are UUIDs; 304 only on the JSON path; 401 without `WWW-Authenticate`.
+    /// a Binary created as JSON without `data` ([`LoopbackServer::put`] of no bytes) has no
+    /// stored file, so its raw read answers 500 ("File not found"); versionIds are UUIDs; 304
+    /// only on the JSON path; 401 without `WWW-Authenticate`.
     Medplum,
     /// HAPI FHIR: raw bytes for a non-FHIR Accept; page size 20 by default, capped (50 unless
     /// `set_page_cap`); `next` links point at the base
@@ -825,6 +827,10 @@ impl Inner {
             let pretty = param(params, "_pretty") == Some("true");
             let body = state.render(&state.binary_json(id, version, item, form), pretty);
             return (validators, [(header::CONTENT_TYPE, FHIR_JSON)], body).into_response();
+        }
+        if quirks == Quirks::Medplum && !item.raw && item.bytes.is_empty() {
+            // Medplum stores no file for a Binary created as JSON without `data`.
+            return outcome(500, "File not found");
         }
         if count {
             self.counts.send_modify(|c| c.raw_reads += 1);
@@ -1838,6 +1844,24 @@ mod tests {
         assert_eq!(get(&url, &[("accept", FHIR_JSON)]).await.0, 200);
         server.set_fault("a", None);
         assert_eq!(resource(&get(&url, &[("accept", FHIR_JSON)]).await.2)["data"], "JVBERi0xLjc=");
+    }
+
+    #[tokio::test]
+    async fn medplum_has_no_file_for_an_empty_binary_created_as_json() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.set_quirks(Quirks::Medplum);
+        server.put("made-json", "text/plain", "");
+        server.put_raw("made-raw", "text/plain", "");
+        let base = server.base_url();
+        let (_, _, body) = get(&format!("{base}/Binary/made-json"), &[("accept", FHIR_JSON)]).await;
+        let json: Value = serde_json::from_slice(&body).unwrap();
+        assert!(json["contentType"] == "text/plain" && json.get("data").is_none(), "{json}");
+        let (status, _, body) =
+            get(&format!("{base}/Binary/made-json"), &[("accept", "*/*")]).await;
+        assert_eq!(status, 500);
+        assert!(String::from_utf8_lossy(&body).contains("File not found"));
+        let (status, _, body) = get(&format!("{base}/Binary/made-raw"), &[("accept", "*/*")]).await;
+        assert_eq!((status, &body[..]), (200, &b""[..]));
     }
 
     #[tokio::test]

@@ -137,6 +137,11 @@ fn medplum_without_search_serves_every_sample_by_lookup() {
     let mount = Mount::new(&server.base_url());
     // Every search on Binary is 400: the folder is empty, but each id can be opened.
     assert_eq!(listing(&mount), Vec::<String>::new());
+    // Medplum keeps no file for a Binary created as JSON without `data` (`size-0` is stored
+    // so): its raw read is a 500, which cannot be told from a storage failure.
+    let (empty, samples): (Vec<_>, Vec<_>) = samples.into_iter().partition(|s| s.id == "size-0");
+    let err = std::fs::read(mount.path(&empty[0].id)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
     check_files(&server, &mount, &samples);
     let counts = server.server.counts();
     assert!(
@@ -283,6 +288,29 @@ fn a_raw_json_binary_on_medplum_is_read_once() {
     assert_eq!(meta.modified().unwrap(), server.server.stored("config").unwrap().last_updated);
     let counts = server.server.counts();
     assert_eq!((counts.raw_reads, counts.json_reads, counts.summary_reads), (1, 0, 1));
+}
+
+/// Medplum answers the raw read of a Binary created as JSON without `data` with 500 ("File not
+/// found"): EIO in every mode, never an empty file. A raw upload of no bytes is empty.
+#[test]
+fn medplum_empty_binaries_created_as_json_are_eio_in_every_mode() {
+    let server = Server::start();
+    server.server.set_quirks(Quirks::Medplum);
+    server.server.put("made-json", "text/plain", "");
+    server.server.put_raw("made-raw", "text/plain", "");
+    // GETs of the stat and the read together: one 500 each, after a JSON read in `json` mode.
+    for (mode, gets) in [("auto", 2), ("json", 4), ("raw", 2)] {
+        let before = server.reads_of("made-json");
+        let mount = Mount::builder().args(&["--fetch", mode]).mount(&server.base_url());
+        let path = mount.path("made-json");
+        let stat = std::fs::metadata(&path).map(|m| m.len()).map_err(common::errno);
+        assert_eq!(stat, Err(libc::EIO), "{mode}: stat\n{}", mount.log());
+        let read = std::fs::read(&path).map_err(common::errno);
+        assert_eq!(read, Err(libc::EIO), "{mode}: read");
+        assert_eq!(server.reads_of("made-json") - before, gets, "{mode}: the failure was kept");
+        assert_eq!(std::fs::metadata(mount.path("made-raw")).unwrap().len(), 0, "{mode}");
+        assert_eq!(std::fs::read(mount.path("made-raw")).unwrap(), b"", "{mode}");
+    }
 }
 
 /// A raw upload typed FHIR JSON comes back from Medplum's raw read with that type, and holds
