@@ -9,7 +9,7 @@ use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
-use tracing::debug;
+use tracing::{debug, warn};
 use url::Url;
 
 pub use crate::auth::Secret;
@@ -36,6 +36,11 @@ const READ_AHEAD_CHUNKS: usize = 8;
 
 /// How long the start-up check waits for the server.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The Binary id the start-up check reads, with the token: the nil UUID, which no server
+/// hands out (Medplum and HFS give random UUIDs, HAPI numbers), so the answer is a 404 once
+/// the token is accepted, and a 401 or 403 when it is not.
+pub const PROBE_ID: &str = "00000000-0000-0000-0000-000000000000";
 
 /// The most a `_summary=true` read may send: the resource without `data` is a few hundred
 /// bytes. A server that ignores `_summary` sends the whole Binary, which is not read.
@@ -993,15 +998,58 @@ impl Source for HttpSource {
         Ok(Some(Meta { size: Some(size), content_type: Some(kind), ..header_meta(headers) }))
     }
 
+    /// Reads [`PROBE_ID`] with the token: any answer shows that the server is up, and a 401 or
+    /// 403 that it refuses the token, which is logged here (one warning; the mount goes up
+    /// anyway). `/metadata` would not tell: servers such as Medplum serve it without a login.
     async fn probe(&self) -> Result<(), SourceError> {
-        // The CapabilityStatement every FHIR server has; any HTTP answer shows it is up.
-        let url = format!("{}/metadata", self.base);
-        let request = self.client.get(url).header(header::ACCEPT, FHIR_JSON).send();
-        match tokio::time::timeout(PROBE_TIMEOUT.min(self.config.timeout), request).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(transport(e)),
-            Err(_) => Err(SourceError::Timeout(PROBE_TIMEOUT.min(self.config.timeout))),
-        }
+        let wait = PROBE_TIMEOUT.min(self.config.timeout);
+        let deadline = Instant::now() + wait;
+        let url = self.binary_url(PROBE_ID)?;
+        let get = Get {
+            url: &url,
+            accept: FHIR_JSON,
+            if_none_match: None,
+            limit: SUMMARY_LIMIT,
+            reserve: None,
+            stream: false,
+            decode: false,
+        };
+        let probe = async {
+            let token = match self.auth.token().await {
+                Ok(token) => token,
+                // Reported where it failed (auth.rs); the server cannot judge a token not had.
+                Err(e) => {
+                    debug!(error = %e, "no token to check at start");
+                    return Ok(());
+                }
+            };
+            match self.get(&get, deadline).await {
+                Err(SourceError::Unauthorized) if token.is_none() => warn!(
+                    "the server wants a token (401) and no token is configured; mounted anyway: \
+                     reads fail with EACCES"
+                ),
+                Err(SourceError::Unauthorized) => warn!(
+                    "the server refuses the token (401: wrong or expired); mounted anyway: reads \
+                     fail with EACCES until it takes one"
+                ),
+                Err(SourceError::Forbidden) => warn!(
+                    "the server does not let the token read Binary (403: scope or permissions); \
+                     mounted anyway: reads fail with EACCES"
+                ),
+                Err(e @ (SourceError::Transport(_) | SourceError::Timeout(_))) => return Err(e),
+                // Up, and the token taken (a 404, as expected), or no way to tell.
+                Ok(_)
+                | Err(
+                    SourceError::NotFound
+                    | SourceError::Gone
+                    | SourceError::Status(_)
+                    | SourceError::BadBody(_)
+                    | SourceError::TooLarge { .. },
+                ) => {}
+            }
+            Ok(())
+        };
+        tokio::time::timeout(wait, probe).await.unwrap_or(Err(SourceError::Timeout(wait)))
     }
 
     async fn fetch(&self, id: &str, cached_version: Option<&str>) -> Result<Fetched, SourceError> {

@@ -24,6 +24,8 @@ use time::format_description::BorrowedFormatItem;
 use time::macros::format_description;
 use tokio::sync::watch;
 
+use crate::http::PROBE_ID;
+
 const FHIR_JSON: &str = "application/fhir+json";
 /// Page size when a search has no `_count` (HAPI's default).
 const DEFAULT_COUNT: usize = 20;
@@ -91,6 +93,10 @@ pub struct Counts {
     /// Answers to reads and searches by status, faults included. HEADs are not counted, nor
     /// requests that are never answered (`Fault::Hang`).
     pub statuses: BTreeMap<u16, u64>,
+    /// fhirfs's start-up checks (reads of [`PROBE_ID`]), counted once answered, whatever the
+    /// answer. They are in no other counter, and never throttled, so that a check made
+    /// beside a test's own requests changes none of their counts.
+    pub probes: u64,
 }
 
 /// Releases held requests when `release()` is called or when dropped.
@@ -395,6 +401,8 @@ enum Arrival<'a> {
     /// A read that leaves `data` out (`_summary=true`, `_elements` without `data`).
     Summary,
     Head,
+    /// fhirfs's start-up check: counted once answered, never throttled.
+    Probe,
 }
 
 /// How a read is answered, whatever its Accept says.
@@ -661,6 +669,7 @@ impl Inner {
                 c.reads += 1;
                 *c.per_id.entry(id.to_owned()).or_default() += 1;
             }
+            Arrival::Probe => {}
         });
         let (latency, throttled) = {
             let mut state = self.lock();
@@ -668,9 +677,14 @@ impl Inner {
                 let arrivals = state.arrivals.entry(id.to_owned()).or_default();
                 arrivals.push(Instant::now());
             }
-            state.throttle_seq += 1;
+            // A start-up check beside a test's requests must not shift which one is throttled.
+            let throttling = !matches!(arrival, Arrival::Probe);
+            if throttling {
+                state.throttle_seq += 1;
+            }
             let seq = state.throttle_seq;
-            (state.latency, state.throttle_every.is_some_and(|n| seq.is_multiple_of(n)))
+            let every = state.throttle_every.filter(|_| throttling);
+            (state.latency, every.is_some_and(|n| seq.is_multiple_of(n)))
         };
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
@@ -708,6 +722,21 @@ impl Inner {
     fn answered(&self, response: Response) -> Response {
         let status = response.status().as_u16();
         self.counts.send_modify(|c| *c.statuses.entry(status).or_default() += 1);
+        response
+    }
+
+    /// fhirfs's start-up check, a read of [`PROBE_ID`]: answered like any read of that id (the
+    /// token is checked, a `Fault::Status` on it applies), but counted only in
+    /// [`Counts::probes`] and never throttled, nor given random faults.
+    async fn probe(&self, params: &[(String, String)], headers: &HeaderMap) -> Response {
+        self.arrive(Arrival::Probe).await;
+        let fault = self.lock().faults.get(PROBE_ID).map(|armed| armed.fault.clone());
+        let response = match (self.deny(headers), fault) {
+            (Some(refused), _) => refused,
+            (None, Some(Fault::Status(status))) => injected(status, PROBE_ID),
+            (None, _) => self.binary(PROBE_ID, params, headers, Shape::Negotiated, false),
+        };
+        self.counts.send_modify(|c| c.probes += 1);
         response
     }
 
@@ -1120,6 +1149,9 @@ async fn read(
     Query(params): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Response {
+    if id == PROBE_ID {
+        return inner.probe(&params, &headers).await;
+    }
     if leaves_data_out(&params) {
         let throttled = inner.arrive(Arrival::Summary).await;
         let response = inner.gatekeep(throttled, &headers);
@@ -1844,6 +1876,33 @@ mod tests {
         assert_eq!(get(&url, &[("accept", FHIR_JSON)]).await.0, 200);
         server.set_fault("a", None);
         assert_eq!(resource(&get(&url, &[("accept", FHIR_JSON)]).await.2)["data"], "JVBERi0xLjc=");
+    }
+
+    #[tokio::test]
+    async fn probes_are_counted_apart_and_never_throttled() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.set_quirks(Quirks::Microsoft);
+        server.set_token(Some("t"));
+        let probe = format!("{}/Binary/{PROBE_ID}", server.base_url());
+        let accept = ("accept", FHIR_JSON);
+        assert_eq!(get(&probe, &[accept]).await.0, 401);
+        for _ in 0..9 {
+            assert_eq!(get(&probe, &[accept, ("authorization", "Bearer t")]).await.0, 404);
+        }
+        server.set_fault(PROBE_ID, Some(Fault::Status(403)));
+        assert_eq!(get(&probe, &[accept, ("authorization", "Bearer t")]).await.0, 403);
+        let counts = server.counts();
+        assert_eq!((counts.probes, counts.reads), (11, 0), "{counts:?}");
+        assert!(counts.statuses.is_empty() && counts.per_id.is_empty(), "{counts:?}");
+        // Throttling still counts from its start: the fifth read is the first 429.
+        server.set_token(None);
+        server.put("b", "text/plain", "b");
+        let url = format!("{}/Binary/b", server.base_url());
+        let mut statuses = Vec::new();
+        for _ in 0..5 {
+            statuses.push(get(&url, &[accept]).await.0);
+        }
+        assert_eq!(statuses, [200, 200, 200, 200, 429]);
     }
 
     #[tokio::test]
