@@ -221,6 +221,24 @@ pub fn looks_like_binary(body: &[u8]) -> bool {
     serde_json::from_slice::<RawResource<'_>>(body).is_ok_and(|r| r.is_binary())
 }
 
+/// What a Binary resource says about itself, read without decoding `data`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The resource id, when the JSON has one.
+    pub id: Option<String>,
+    /// Version, time, type and security context (`size` is not set).
+    pub meta: Meta,
+    /// The resource carries `data`.
+    pub has_data: bool,
+}
+
+/// The identity of the Binary resource in `body`, or `None` when `body` is not one.
+pub fn binary_identity(body: &[u8]) -> Option<Identity> {
+    let raw: RawResource<'_> = serde_json::from_slice(body).ok()?;
+    let identity = Identity { id: raw.id.clone(), meta: raw.meta(), has_data: raw.data.is_some() };
+    raw.is_binary().then_some(identity)
+}
+
 /// One Binary found by a search.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
@@ -302,6 +320,21 @@ pub fn format_instant(time: SystemTime) -> String {
 mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn binary_identity_reads_id_version_and_whether_data_is_there() {
+        let with = br#"{"resourceType":"Binary","id":"a","meta":{"versionId":"2"},"data":"aGk="}"#;
+        let identity = binary_identity(with).unwrap();
+        assert_eq!(identity.id.as_deref(), Some("a"));
+        assert_eq!(identity.meta.version_id.as_deref(), Some("2"));
+        assert!(identity.has_data);
+        let without = br#"{"resourceType":"Binary","contentType":"text/plain"}"#;
+        let identity = binary_identity(without).unwrap();
+        assert_eq!((identity.id, identity.has_data), (None, false));
+        assert_eq!(identity.meta.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(binary_identity(br#"{"resourceType":"Patient","id":"a"}"#), None);
+        assert_eq!(binary_identity(b"not json"), None);
+    }
 
     fn b64(bytes: &[u8]) -> String {
         base64_simd::STANDARD.encode_to_string(bytes)

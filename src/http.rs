@@ -9,7 +9,7 @@ use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
-use tracing::debug;
+use tracing::{debug, warn};
 use url::Url;
 
 pub use crate::auth::Secret;
@@ -37,6 +37,11 @@ const READ_AHEAD_CHUNKS: usize = 8;
 
 /// How long the start-up check waits for the server.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The Binary id the start-up check reads, with the token: the nil UUID, which no server
+/// hands out (Medplum and HFS give random UUIDs, HAPI numbers), so the answer is a 404 once
+/// the token is accepted, and a 401 or 403 when it is not.
+pub const PROBE_ID: &str = "00000000-0000-0000-0000-000000000000";
 
 /// The most a `_summary=true` read may send: the resource without `data` is a few hundred
 /// bytes. A server that ignores `_summary` sends the whole Binary, which is not read.
@@ -257,6 +262,34 @@ fn transport(e: reqwest::Error) -> SourceError {
 /// Statuses worth another try: the server is busy or a gateway failed. Never other 4xx.
 fn is_transient(status: StatusCode) -> bool {
     matches!(status.as_u16(), 429 | 502 | 503 | 504)
+}
+
+/// True when an answer is in the resource's form: FHIR JSON, or `application/json` with a
+/// Binary body (some servers label FHIR so).
+fn in_resource_form(answer: &Answer) -> bool {
+    match media_type(&answer.headers).as_str() {
+        FHIR_JSON => true,
+        "application/json" => fhir::looks_like_binary(&answer.body),
+        _ => false,
+    }
+}
+
+/// True when an answer in the resource's form is surely Binary `id` itself, not the bytes of a
+/// JSON Binary that look like a resource: it names `id` and the version its own ETag names
+/// (bytes stored before their version existed would have to guess it).
+fn is_the_resource(id: &str, answer: &Answer) -> bool {
+    let Some(etag) = header_text(&answer.headers, header::ETAG).and_then(version_from_etag) else {
+        return false;
+    };
+    let (found, version) = match &answer.binary {
+        Some(Ok(binary)) => (binary.id.clone(), binary.meta.version_id.clone()),
+        Some(Err(_)) => return false,
+        None => match fhir::binary_identity(&answer.body) {
+            Some(identity) => (identity.id, identity.meta.version_id),
+            None => return false,
+        },
+    };
+    found.as_deref() == Some(id) && version == Some(etag)
 }
 
 impl HttpSource {
@@ -536,8 +569,8 @@ impl HttpSource {
         let url = self.binary_url(id)?;
         let mut answer = None;
         let raw_accept = self.raw_accept(id);
-        // Set when a raw answer turned out to be the FHIR resource labelled `application/json`.
-        let mut labelled_json = false;
+        // Set when a raw answer in the resource's form may have been a JSON Binary's own bytes.
+        let mut ambiguous = false;
         if let Some((accept, _)) = &raw_accept {
             let get = Get {
                 url: &url,
@@ -552,13 +585,11 @@ impl HttpSource {
                 Ok(a) if a.status == StatusCode::NOT_MODIFIED => {
                     return Ok(Got::Done(Fetched::NotModified));
                 }
-                // The resource or the raw bytes of a JSON Binary that looks like one: ask for
-                // the resource, which says which (`contentType`), and decode it.
-                Ok(a)
-                    if media_type(&a.headers) == "application/json"
-                        && fhir::looks_like_binary(&a.body) =>
-                {
-                    labelled_json = true;
+                // The resource, or the raw bytes of a JSON Binary that look like one (Medplum
+                // serves a raw upload typed `application/fhir+json` as it is). Unless it shows
+                // that it is the resource, ask for the resource, whose `contentType` says which.
+                Ok(a) if in_resource_form(&a) && !is_the_resource(id, &a) => {
+                    ambiguous = true;
                 }
                 Ok(a) => {
                     let kind = media_type(&a.headers);
@@ -639,8 +670,7 @@ impl HttpSource {
         };
         let binary = binary.map_err(SourceError::BadBody)?;
         self.learn_content_type(id, binary.meta.content_type.as_deref());
-        if labelled_json && !binary.meta.content_type.as_deref().is_some_and(|k| k.contains("json"))
-        {
+        if ambiguous && !binary.meta.content_type.as_deref().is_some_and(|k| k.contains("json")) {
             // Not a JSON Binary, so the raw request got the resource: this server answers
             // `*/*` with FHIR JSON.
             let _ = self.raw.compare_exchange(
@@ -660,7 +690,7 @@ impl HttpSource {
         }
         // No `data`: some servers keep the bytes outside the resource and only serve them raw.
         // Ask for the native form before calling the file empty.
-        self.fetch_raw(&url, meta, binary.subsetted, deadline).await.map(Got::Done)
+        self.fetch_raw(id, &url, meta, binary.subsetted, deadline).await.map(Got::Done)
     }
 
     /// The Binary without `data` (`_summary=true`): its times to the millisecond and its type,
@@ -753,13 +783,31 @@ impl HttpSource {
         }
     }
 
+    /// The native bytes of Binary `id`, whose FHIR JSON (`meta`) came without `data`. Only an
+    /// answer may make the file empty: a success with an empty body, or one that shows the
+    /// server has no native form (404, 406, 415, or the same resource again). Any other outcome
+    /// is the read's, with the errno a first read would get: 401/403 EACCES, a 5xx after the
+    /// retries, a network error or the deadline EIO.
     async fn fetch_raw(
         &self,
+        id: &str,
         url: &Url,
         meta: Meta,
         subsetted: bool,
         deadline: Instant,
     ) -> Result<Fetched, SourceError> {
+        let no_native_form = |meta: Meta, why: &str| {
+            if subsetted {
+                return Err(SourceError::BadBody(
+                    "the server left `data` out of a full read".into(),
+                ));
+            }
+            debug!(id, why, "no native form either: the Binary is empty");
+            Ok(Fetched::Content { meta, bytes: Bytes::new() })
+        };
+        // The raw bytes of a JSON Binary (or one of no known type) may be in the resource's
+        // form themselves.
+        let own_json = meta.content_type.as_deref().is_none_or(|kind| kind.contains("json"));
         let accept = match meta.content_type.as_deref() {
             Some(kind) if !kind.contains("json") => kind.to_owned(),
             _ => "*/*".to_owned(),
@@ -774,29 +822,48 @@ impl HttpSource {
             stream: false,
             decode: false,
         };
-        let raw = self.get(&get, deadline).await;
-        match raw {
-            Ok(answer) if media_type(&answer.headers) != FHIR_JSON => {
-                let from_headers = header_meta(&answer.headers);
-                let merged = Meta {
-                    version_id: meta.version_id.or(from_headers.version_id),
-                    last_updated: meta.last_updated.or(from_headers.last_updated),
-                    content_type: meta.content_type.or(Some(media_type(&answer.headers))),
-                    security_context: meta.security_context.or(from_headers.security_context),
-                    size: None,
-                };
-                Ok(Fetched::Content { meta: merged, bytes: Bytes::from(answer.body) })
+        let answer = match self.get(&get, deadline).await {
+            Ok(answer) if answer.status == StatusCode::NOT_MODIFIED => {
+                return Err(SourceError::BadBody("304 to a read that named no version".into()));
             }
-            Err(e @ SourceError::TooLarge { .. }) => Err(e),
-            _ if subsetted => {
-                Err(SourceError::BadBody("the server left `data` out of a full read".into()))
+            Ok(answer) => answer,
+            // The raw form is not known (404) or cannot be had in any type asked for (406,
+            // 415): there is none.
+            Err(e @ (SourceError::NotFound | SourceError::Status(406 | 415))) => {
+                return no_native_form(meta, &e.to_string());
             }
-            other => {
-                let status = other.as_ref().map(|a| a.status.as_u16()).ok();
-                debug!(?status, "no raw form either: the Binary is empty");
-                Ok(Fetched::Content { meta, bytes: Bytes::new() })
+            Err(e) => return Err(e),
+        };
+        if in_resource_form(&answer) {
+            match fhir::binary_identity(&answer.body) {
+                // This resource again (HFS, Microsoft): the server has no other form of it.
+                Some(again) if again.id.as_deref() == Some(id) => {
+                    let headers = header_meta(&answer.headers);
+                    let same = again.meta.version_id.or(headers.version_id) == meta.version_id
+                        && again.meta.last_updated.or(headers.last_updated) == meta.last_updated;
+                    if !same || again.has_data {
+                        let changed = "the resource changed between its JSON and its raw read";
+                        return Err(SourceError::BadBody(changed.into()));
+                    }
+                    return no_native_form(meta, "the raw read answered the same resource");
+                }
+                // A JSON Binary's own bytes.
+                _ if own_json => {}
+                _ => {
+                    let other = "the raw read answered FHIR JSON that is not this Binary";
+                    return Err(SourceError::BadBody(other.into()));
+                }
             }
         }
+        let from_headers = header_meta(&answer.headers);
+        let merged = Meta {
+            version_id: meta.version_id.or(from_headers.version_id),
+            last_updated: meta.last_updated.or(from_headers.last_updated),
+            content_type: meta.content_type.or(Some(media_type(&answer.headers))),
+            security_context: meta.security_context.or(from_headers.security_context),
+            size: None,
+        };
+        Ok(Fetched::Content { meta: merged, bytes: Bytes::from(answer.body) })
     }
 
     /// Reads a streamed body into `filler` as it arrives, within the fetch's deadline. A body
@@ -967,15 +1034,58 @@ impl Source for HttpSource {
         Ok(Some(Meta { size: Some(size), content_type: Some(kind), ..header_meta(headers) }))
     }
 
+    /// Reads [`PROBE_ID`] with the token: any answer shows that the server is up, and a 401 or
+    /// 403 that it refuses the token, which is logged here (one warning; the mount goes up
+    /// anyway). `/metadata` would not tell: servers such as Medplum serve it without a login.
     async fn probe(&self) -> Result<(), SourceError> {
-        // The CapabilityStatement every FHIR server has; any HTTP answer shows it is up.
-        let url = format!("{}/metadata", self.base);
-        let request = self.client.get(url).header(header::ACCEPT, FHIR_JSON).send();
-        match tokio::time::timeout(PROBE_TIMEOUT.min(self.config.timeout), request).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(transport(e)),
-            Err(_) => Err(SourceError::Timeout(PROBE_TIMEOUT.min(self.config.timeout))),
-        }
+        let wait = PROBE_TIMEOUT.min(self.config.timeout);
+        let deadline = Instant::now() + wait;
+        let url = self.binary_url(PROBE_ID)?;
+        let get = Get {
+            url: &url,
+            accept: FHIR_JSON,
+            if_none_match: None,
+            limit: SUMMARY_LIMIT,
+            reserve: None,
+            stream: false,
+            decode: false,
+        };
+        let probe = async {
+            let token = match self.auth.token().await {
+                Ok(token) => token,
+                // Reported where it failed (auth.rs); the server cannot judge a token not had.
+                Err(e) => {
+                    debug!(error = %e, "no token to check at start");
+                    return Ok(());
+                }
+            };
+            match self.get(&get, deadline).await {
+                Err(SourceError::Unauthorized) if token.is_none() => warn!(
+                    "the server wants a token (401) and no token is configured; mounted anyway: \
+                     reads fail with EACCES"
+                ),
+                Err(SourceError::Unauthorized) => warn!(
+                    "the server refuses the token (401: wrong or expired); mounted anyway: reads \
+                     fail with EACCES until it takes one"
+                ),
+                Err(SourceError::Forbidden) => warn!(
+                    "the server does not let the token read Binary (403: scope or permissions); \
+                     mounted anyway: reads fail with EACCES"
+                ),
+                Err(e @ (SourceError::Transport(_) | SourceError::Timeout(_))) => return Err(e),
+                // Up, and the token taken (a 404, as expected), or no way to tell.
+                Ok(_)
+                | Err(
+                    SourceError::NotFound
+                    | SourceError::Gone
+                    | SourceError::Status(_)
+                    | SourceError::BadBody(_)
+                    | SourceError::TooLarge { .. },
+                ) => {}
+            }
+            Ok(())
+        };
+        tokio::time::timeout(wait, probe).await.unwrap_or(Err(SourceError::Timeout(wait)))
     }
 
     async fn fetch(&self, id: &str, cached_version: Option<&str>) -> Result<Fetched, SourceError> {
@@ -1067,6 +1177,31 @@ mod tests {
         for status in [400, 401, 403, 404, 405, 406, 410, 500, 501] {
             assert!(!is_transient(StatusCode::from_u16(status).unwrap()), "{status}");
         }
+    }
+
+    #[test]
+    fn an_answer_is_the_resource_only_with_its_id_and_etag_version() {
+        let answer = |etag: Option<&str>, body: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            if let Some(etag) = etag {
+                headers.insert(header::ETAG, HeaderValue::from_str(etag).unwrap());
+            }
+            let body = body.as_bytes().to_vec();
+            Answer { status: StatusCode::OK, headers, body, rest: None, binary: None }
+        };
+        let resource = r#"{"resourceType":"Binary","id":"a","meta":{"versionId":"2"},
+            "contentType":"text/plain"}"#;
+        assert!(in_resource_form(&answer(None, resource)));
+        assert!(is_the_resource("a", &answer(Some("W/\"2\""), resource)));
+        assert!(!is_the_resource("b", &answer(Some("W/\"2\""), resource)), "another id");
+        assert!(!is_the_resource("a", &answer(Some("W/\"3\""), resource)), "another version");
+        assert!(!is_the_resource("a", &answer(None, resource)), "no ETag to prove it");
+        // A JSON Binary's own bytes that look like a resource.
+        let lookalike = r#"{"resourceType":"Binary","contentType":"text/plain","data":"aGk="}"#;
+        assert!(in_resource_form(&answer(None, lookalike)));
+        assert!(!is_the_resource("a", &answer(Some("W/\"2\""), lookalike)));
+        assert!(!in_resource_form(&answer(None, r#"{"retries": 3}"#)), "other JSON is content");
     }
 
     #[test]

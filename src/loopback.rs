@@ -24,6 +24,8 @@ use time::format_description::BorrowedFormatItem;
 use time::macros::format_description;
 use tokio::sync::watch;
 
+use crate::http::PROBE_ID;
+
 const FHIR_JSON: &str = "application/fhir+json";
 /// Page size when a search has no `_count` (HAPI's default).
 const DEFAULT_COUNT: usize = 20;
@@ -91,6 +93,10 @@ pub struct Counts {
     /// Answers to reads and searches by status, faults included. HEADs are not counted, nor
     /// requests that are never answered (`Fault::Hang`).
     pub statuses: BTreeMap<u16, u64>,
+    /// fhirfs's start-up checks (reads of [`PROBE_ID`]), counted once answered, whatever the
+    /// answer. They are in no other counter, and never throttled, so that a check made
+    /// beside a test's own requests changes none of their counts.
+    pub probes: u64,
 }
 
 /// Releases held requests when `release()` is called or when dropped.
@@ -195,6 +201,25 @@ pub enum Fault {
     /// Never answers (until the server's runtime stops). Unlike [`LoopbackServer::hold`],
     /// nothing releases it.
     Hang,
+    /// The content lives outside the resource, as Medplum keeps raw uploads: a read whose
+    /// Accept starts with `application/fhir+json` gets the FHIR JSON without `data` (untagged),
+    /// any other read gets this answer.
+    WithoutData(RawAnswer),
+}
+
+/// What a read that does not ask for FHIR JSON gets under [`Fault::WithoutData`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawAnswer {
+    /// The stored bytes with the Binary's contentType (the raw form works).
+    Content,
+    /// The FHIR JSON without `data` again: the server has no native form.
+    Json,
+    /// This status, with an OperationOutcome.
+    Status(u16),
+    /// 200 with the headers and half of a body, then the connection is aborted.
+    Reset,
+    /// Never answers.
+    Hang,
 }
 
 /// A misbehaviour injected on searches (`GET /Binary?...` and its pages).
@@ -237,7 +262,9 @@ pub enum Quirks {
     /// `application/fhir+json` (absent Accept, `application/json` and `*/*` get raw; `_format`
     /// is ignored); Binaries created with [`LoopbackServer::put_raw`] come back on the JSON
     /// path with neither `data` nor `url`, and raw as a chunked body without Content-Length;
-    /// versionIds are UUIDs; 304 only on the JSON path; 401 without `WWW-Authenticate`.
+    /// a Binary created as JSON without `data` ([`LoopbackServer::put`] of no bytes) has no
+    /// stored file, so its raw read answers 500 ("File not found"); versionIds are UUIDs; 304
+    /// only on the JSON path; 401 without `WWW-Authenticate`.
     Medplum,
     /// HAPI FHIR: raw bytes for a non-FHIR Accept; page size 20 by default, capped (50 unless
     /// `set_page_cap`); `next` links point at the base
@@ -376,6 +403,19 @@ enum Arrival<'a> {
     /// A read that leaves `data` out (`_summary=true`, `_elements` without `data`).
     Summary,
     Head,
+    /// fhirfs's start-up check: counted once answered, never throttled.
+    Probe,
+}
+
+/// How a read is answered, whatever its Accept says.
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    /// By the Accept and the quirk mode.
+    Negotiated,
+    /// The native bytes.
+    Raw,
+    /// The FHIR JSON without `data` (untagged).
+    JsonWithoutData,
 }
 
 impl LoopbackServer {
@@ -637,6 +677,7 @@ impl Inner {
                 c.reads += 1;
                 *c.per_id.entry(id.to_owned()).or_default() += 1;
             }
+            Arrival::Probe => {}
         });
         let (latency, throttled) = {
             let mut state = self.lock();
@@ -644,9 +685,14 @@ impl Inner {
                 let arrivals = state.arrivals.entry(id.to_owned()).or_default();
                 arrivals.push(Instant::now());
             }
-            state.throttle_seq += 1;
+            // A start-up check beside a test's requests must not shift which one is throttled.
+            let throttling = !matches!(arrival, Arrival::Probe);
+            if throttling {
+                state.throttle_seq += 1;
+            }
             let seq = state.throttle_seq;
-            (state.latency, state.throttle_every.is_some_and(|n| seq.is_multiple_of(n)))
+            let every = state.throttle_every.filter(|_| throttling);
+            (state.latency, every.is_some_and(|n| seq.is_multiple_of(n)))
         };
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
@@ -685,6 +731,41 @@ impl Inner {
         let status = response.status().as_u16();
         self.counts.send_modify(|c| *c.statuses.entry(status).or_default() += 1);
         response
+    }
+
+    /// fhirfs's start-up check, a read of [`PROBE_ID`]: answered like any read of that id (the
+    /// token is checked, a `Fault::Status` on it applies), but counted only in
+    /// [`Counts::probes`] and never throttled, nor given random faults.
+    async fn probe(&self, params: &[(String, String)], headers: &HeaderMap) -> Response {
+        self.arrive(Arrival::Probe).await;
+        let fault = self.lock().faults.get(PROBE_ID).map(|armed| armed.fault.clone());
+        let response = match (self.deny(headers), fault) {
+            (Some(refused), _) => refused,
+            (None, Some(Fault::Status(status))) => injected(status, PROBE_ID),
+            (None, _) => self.binary(PROBE_ID, params, headers, Shape::Negotiated, false),
+        };
+        self.counts.send_modify(|c| c.probes += 1);
+        response
+    }
+
+    /// The answer to a read of `id` under `Fault::WithoutData`.
+    async fn without_data(
+        &self,
+        id: &str,
+        params: &[(String, String)],
+        headers: &HeaderMap,
+        raw: RawAnswer,
+    ) -> Response {
+        if accept_starts_with_fhir_json(headers) {
+            return self.binary(id, params, headers, Shape::JsonWithoutData, true);
+        }
+        match raw {
+            RawAnswer::Content => self.binary(id, params, headers, Shape::Raw, true),
+            RawAnswer::Json => self.binary(id, params, headers, Shape::JsonWithoutData, true),
+            RawAnswer::Status(status) => injected(status, id),
+            RawAnswer::Reset => reset(self.json_text(id)),
+            RawAnswer::Hang => std::future::pending().await,
+        }
     }
 
     /// The fault for this read of `id`: the id's own (used up by one), else a random one.
@@ -730,7 +811,7 @@ impl Inner {
         id: &str,
         params: &[(String, String)],
         headers: &HeaderMap,
-        force_raw: bool,
+        shape: Shape,
         count: bool,
     ) -> Response {
         let state = self.lock();
@@ -740,15 +821,16 @@ impl Inner {
             Some(_) => return outcome(410, &format!("Binary/{id} was deleted")),
             None => return outcome(404, &format!("Binary/{id} is not known")),
         };
-        let json = !force_raw
-            && match quirks {
-                Quirks::Standard | Quirks::Hapi => wants_json(headers, params),
-                Quirks::Medplum => accept_starts_with_fhir_json(headers),
-                Quirks::Microsoft if accepts_json(headers, params, true) => true,
-                Quirks::Microsoft => {
-                    return outcome(406, "this server only serves FHIR formats");
-                }
-            };
+        let json = match (shape, quirks) {
+            (Shape::Raw, _) => false,
+            (Shape::JsonWithoutData, _) => true,
+            (Shape::Negotiated, Quirks::Standard | Quirks::Hapi) => wants_json(headers, params),
+            (Shape::Negotiated, Quirks::Medplum) => accept_starts_with_fhir_json(headers),
+            (Shape::Negotiated, Quirks::Microsoft) if accepts_json(headers, params, true) => true,
+            (Shape::Negotiated, Quirks::Microsoft) => {
+                return outcome(406, "this server only serves FHIR formats");
+            }
+        };
         let etag = format!("W/\"{}\"", state.version_id(id, version));
         let mut validators = HeaderMap::new();
         if let Ok(value) = HeaderValue::from_str(&etag) {
@@ -775,12 +857,17 @@ impl Inner {
             let subset = leaves_data_out(params) && !state.listing_data;
             let form = match quirks {
                 _ if subset => Form::Subsetted,
+                _ if shape == Shape::JsonWithoutData => Form::WithoutData,
                 Quirks::Medplum if item.raw => Form::WithoutData,
                 _ => Form::Full,
             };
             let pretty = param(params, "_pretty") == Some("true");
             let body = state.render(&state.binary_json(id, version, item, form), pretty);
             return (validators, [(header::CONTENT_TYPE, FHIR_JSON)], body).into_response();
+        }
+        if quirks == Quirks::Medplum && !item.raw && item.bytes.is_empty() {
+            // Medplum stores no file for a Binary created as JSON without `data`.
+            return outcome(500, "File not found");
         }
         if count {
             self.counts.send_modify(|c| c.raw_reads += 1);
@@ -1079,11 +1166,14 @@ async fn read(
     Query(params): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Response {
+    if id == PROBE_ID {
+        return inner.probe(&params, &headers).await;
+    }
     if leaves_data_out(&params) {
         let throttled = inner.arrive(Arrival::Summary).await;
         let response = inner.gatekeep(throttled, &headers);
-        let response =
-            response.unwrap_or_else(|| inner.binary(&id, &params, &headers, false, false));
+        let response = response
+            .unwrap_or_else(|| inner.binary(&id, &params, &headers, Shape::Negotiated, false));
         return inner.answered(response);
     }
     let throttled = inner.arrive(Arrival::Read(&id)).await;
@@ -1096,8 +1186,9 @@ async fn read(
         return inner.answered(refused);
     }
     let response = match inner.take_fault(&id) {
-        None => inner.binary(&id, &params, &headers, false, true),
-        Some(Fault::Raw) => inner.binary(&id, &params, &headers, true, true),
+        None => inner.binary(&id, &params, &headers, Shape::Negotiated, true),
+        Some(Fault::Raw) => inner.binary(&id, &params, &headers, Shape::Raw, true),
+        Some(Fault::WithoutData(raw)) => inner.without_data(&id, &params, &headers, raw).await,
         Some(Fault::Status(status) | Fault::FailTimes { status, .. }) => injected(status, &id),
         Some(Fault::RetryAfter { status, retry_after, .. }) => {
             with_retry_after(injected(status, &id), &retry_after)
@@ -1160,7 +1251,8 @@ fn verbatim(content_type: String, body: Bytes) -> Response {
 }
 
 /// `HEAD /fhir/Binary/{id}`: the GET's status and headers, no body, and the `Content-Length`
-/// of the body the GET would send. Only `Status`, `Body` and `Raw` faults apply.
+/// of the body the GET would send. Only `Status`, `Body`, `Raw` and `WithoutData` (but not its
+/// transport faults) apply.
 async fn head(
     State(inner): State<Arc<Inner>>,
     Path(id): Path<String>,
@@ -1173,9 +1265,24 @@ async fn head(
         (Some(refused), _) => refused,
         (None, Some(Fault::Status(status))) => injected(status, &id),
         (None, Some(Fault::Body { content_type, body })) => verbatim(content_type, body),
-        (None, Some(Fault::Raw)) => inner.binary(&id, &params, &headers, true, false),
-        (None, _) => inner.binary(&id, &params, &headers, false, false),
+        (None, Some(Fault::Raw)) => inner.binary(&id, &params, &headers, Shape::Raw, false),
+        (None, Some(Fault::WithoutData(raw))) => {
+            let shape = match raw {
+                _ if accept_starts_with_fhir_json(&headers) => Shape::JsonWithoutData,
+                RawAnswer::Status(status) => return head_of(injected(status, &id)).await,
+                RawAnswer::Content => Shape::Raw,
+                // No transport faults for HEAD: the JSON form's headers.
+                RawAnswer::Json | RawAnswer::Reset | RawAnswer::Hang => Shape::JsonWithoutData,
+            };
+            inner.binary(&id, &params, &headers, shape, false)
+        }
+        (None, _) => inner.binary(&id, &params, &headers, Shape::Negotiated, false),
     };
+    head_of(response).await
+}
+
+/// The status and headers of `response`, with the `Content-Length` of its body and no body.
+async fn head_of(response: Response) -> Response {
     let (mut parts, body) = response.into_parts();
     // The bodies here are in memory already (or one chunk), so collecting them is cheap.
     let len = match axum::body::to_bytes(body, usize::MAX).await {
@@ -1732,6 +1839,105 @@ mod tests {
         assert!(waited.is_err(), "answered: {waited:?}");
         request.abort();
         assert!(server.counts().statuses.is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_data_leaves_data_out_and_answers_raw_reads_as_told() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.put("a", "application/pdf", "%PDF-1.7");
+        let url = format!("{}/Binary/a", server.base_url());
+        let resource = |body: &Bytes| serde_json::from_slice::<Value>(body).unwrap();
+        for raw in [RawAnswer::Status(503), RawAnswer::Status(404), RawAnswer::Json] {
+            server.set_fault("a", Some(Fault::WithoutData(raw)));
+            let (status, headers, body) = get(&url, &[("accept", FHIR_JSON)]).await;
+            assert_eq!(
+                (status, headers[header::CONTENT_TYPE].to_str().unwrap()),
+                (200, FHIR_JSON),
+                "{raw:?}"
+            );
+            let json = resource(&body);
+            assert_eq!(json["contentType"], "application/pdf", "{raw:?}");
+            assert!(json.get("data").is_none() && json["meta"].get("tag").is_none(), "{json}");
+            for accept in ["application/pdf", "*/*"] {
+                let (status, headers, body) = get(&url, &[("accept", accept)]).await;
+                match raw {
+                    RawAnswer::Status(expected) => assert_eq!(status, expected, "{accept}"),
+                    _ => {
+                        assert_eq!(
+                            (status, headers[header::CONTENT_TYPE].to_str().unwrap()),
+                            (200, FHIR_JSON)
+                        );
+                        assert!(resource(&body).get("data").is_none(), "{accept}");
+                    }
+                }
+            }
+        }
+        server.set_fault("a", Some(Fault::WithoutData(RawAnswer::Content)));
+        let (status, headers, body) = get(&url, &[("accept", "*/*")]).await;
+        assert_eq!(
+            (status, headers[header::CONTENT_TYPE].to_str().unwrap(), &body[..]),
+            (200, "application/pdf", &b"%PDF-1.7"[..])
+        );
+        server.set_fault("a", Some(Fault::WithoutData(RawAnswer::Reset)));
+        let (status, _, body) = fetch(reqwest::Method::GET, &url, &[("accept", "*/*")]).await;
+        assert_eq!((status, body.is_err()), (200, true), "the connection breaks mid-body");
+        server.set_fault("a", Some(Fault::WithoutData(RawAnswer::Hang)));
+        let hung = url.clone();
+        let before = server.counts().per_id["a"];
+        let mut request = tokio::spawn(async move { get(&hung, &[("accept", "*/*")]).await.0 });
+        server.wait_for_reads("a", before + 1).await;
+        let waited = tokio::time::timeout(Duration::from_millis(300), &mut request).await;
+        assert!(waited.is_err(), "answered: {waited:?}");
+        request.abort();
+        // The JSON form is still answered, and the fault stays until cleared.
+        assert_eq!(get(&url, &[("accept", FHIR_JSON)]).await.0, 200);
+        server.set_fault("a", None);
+        assert_eq!(resource(&get(&url, &[("accept", FHIR_JSON)]).await.2)["data"], "JVBERi0xLjc=");
+    }
+
+    #[tokio::test]
+    async fn probes_are_counted_apart_and_never_throttled() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.set_quirks(Quirks::Microsoft);
+        server.set_token(Some("t"));
+        let probe = format!("{}/Binary/{PROBE_ID}", server.base_url());
+        let accept = ("accept", FHIR_JSON);
+        assert_eq!(get(&probe, &[accept]).await.0, 401);
+        for _ in 0..9 {
+            assert_eq!(get(&probe, &[accept, ("authorization", "Bearer t")]).await.0, 404);
+        }
+        server.set_fault(PROBE_ID, Some(Fault::Status(403)));
+        assert_eq!(get(&probe, &[accept, ("authorization", "Bearer t")]).await.0, 403);
+        let counts = server.counts();
+        assert_eq!((counts.probes, counts.reads), (11, 0), "{counts:?}");
+        assert!(counts.statuses.is_empty() && counts.per_id.is_empty(), "{counts:?}");
+        // Throttling still counts from its start: the fifth read is the first 429.
+        server.set_token(None);
+        server.put("b", "text/plain", "b");
+        let url = format!("{}/Binary/b", server.base_url());
+        let mut statuses = Vec::new();
+        for _ in 0..5 {
+            statuses.push(get(&url, &[accept]).await.0);
+        }
+        assert_eq!(statuses, [200, 200, 200, 200, 429]);
+    }
+
+    #[tokio::test]
+    async fn medplum_has_no_file_for_an_empty_binary_created_as_json() {
+        let server = LoopbackServer::start().await.unwrap();
+        server.set_quirks(Quirks::Medplum);
+        server.put("made-json", "text/plain", "");
+        server.put_raw("made-raw", "text/plain", "");
+        let base = server.base_url();
+        let (_, _, body) = get(&format!("{base}/Binary/made-json"), &[("accept", FHIR_JSON)]).await;
+        let json: Value = serde_json::from_slice(&body).unwrap();
+        assert!(json["contentType"] == "text/plain" && json.get("data").is_none(), "{json}");
+        let (status, _, body) =
+            get(&format!("{base}/Binary/made-json"), &[("accept", "*/*")]).await;
+        assert_eq!(status, 500);
+        assert!(String::from_utf8_lossy(&body).contains("File not found"));
+        let (status, _, body) = get(&format!("{base}/Binary/made-raw"), &[("accept", "*/*")]).await;
+        assert_eq!((status, &body[..]), (200, &b""[..]));
     }
 
     #[tokio::test]

@@ -13,7 +13,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use common::{Mount, Server, errno};
-use fhirfs::loopback::LoopbackServer;
+use fhirfs::http::PROBE_ID;
+use fhirfs::loopback::{Fault, LoopbackServer, Quirks};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 const CLIENT_ID: &str = "fhirfs-backend";
@@ -173,6 +174,8 @@ fn after_a_401_the_smart_token_is_renewed_once() {
     let endpoint = TokenEndpoint::start(&server, "smart-rs384.pub.pem", Algorithm::RS384, 300);
     let mount = smart_mount(&server, &endpoint, "smart-rs384.key.pem");
     assert_eq!(std::fs::read(mount.path("a")).unwrap(), b"x");
+    // The start-up check reads with the token too: done before the token is revoked.
+    server.wait_for_probe();
     server.server.set_token(Some("revoked-everything"));
     assert_eq!(std::fs::read(mount.path("b")).unwrap(), b"y");
     assert_eq!(endpoint.issued(), 2);
@@ -217,6 +220,64 @@ fn a_rotated_token_file_is_picked_up_without_a_remount() {
     assert_eq!(errno(std::fs::read(mount.path("c")).unwrap_err()), libc::EACCES);
     assert_eq!(server.reads_of("c"), 1, "the same token is not retried");
     assert!(!mount.log().contains("token-two"));
+}
+
+/// The warning lines about the token that the start-up check gives, once it is done.
+fn token_warnings(mount: &Mount) -> Vec<String> {
+    mount.wait_log_lines("the server answers", 1);
+    let log = mount.log();
+    log.lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("EACCES"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The start-up check reads a Binary that cannot exist, with the token: a token the server
+/// refuses is reported in one warning line that names the cause (never the token), and the
+/// mount goes up anyway. `/metadata` would not tell: it needs no login here, as on Medplum.
+#[test]
+fn a_token_the_server_refuses_is_reported_at_start() {
+    let server = Server::start();
+    server.server.set_quirks(Quirks::Medplum);
+    server.server.set_token(Some("the-right-token"));
+    server.server.put("a", "text/plain", "x");
+    for (token, cause) in [(Some("a-wrong-token"), "refuses the token"), (None, "no token")] {
+        let mut builder = Mount::builder();
+        if let Some(token) = token {
+            builder = builder.env("FHIRFS_TOKEN", token);
+        }
+        let mount = builder.mount(&server.base_url());
+        let warnings = token_warnings(&mount);
+        assert_eq!(warnings.len(), 1, "{token:?}: one warning\n{}", mount.log());
+        assert!(warnings[0].contains(cause) && warnings[0].contains("401"), "{}", warnings[0]);
+        assert!(!mount.log().contains("a-wrong-token"), "the token reached the log");
+        assert!(common::is_mounted(&mount.mountpoint));
+        assert_eq!(errno(std::fs::read(mount.path("a")).unwrap_err()), libc::EACCES);
+    }
+}
+
+#[test]
+fn a_token_without_binary_access_is_reported_at_start() {
+    let server = Server::start();
+    server.server.put("a", "text/plain", "x");
+    // As HFS answers a token without Binary scope.
+    server.server.set_fault(PROBE_ID, Some(Fault::Status(403)));
+    let mount = Mount::builder().env("FHIRFS_TOKEN", "narrow-scope").mount(&server.base_url());
+    let warnings = token_warnings(&mount);
+    assert_eq!(warnings.len(), 1, "one warning\n{}", mount.log());
+    assert!(warnings[0].contains("403") && warnings[0].contains("scope"), "{}", warnings[0]);
+    assert!(!mount.log().contains("narrow-scope"), "the token reached the log");
+}
+
+#[test]
+fn a_token_the_server_takes_gives_no_warning_at_start() {
+    let server = Server::start();
+    server.server.set_quirks(Quirks::Medplum);
+    server.server.set_token(Some("the-right-token"));
+    let mount = Mount::builder().env("FHIRFS_TOKEN", "the-right-token").mount(&server.base_url());
+    assert_eq!(token_warnings(&mount), Vec::<String>::new());
+    let counts = server.server.counts();
+    assert_eq!((counts.probes, counts.reads), (1, 0), "one check, no read: {counts:?}");
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use common::{Mount, PATIENCE, Server, errno, is_mounted};
-use fhirfs::loopback::{Fault, Quirks, RandomFaults, SearchFault, noise};
+use fhirfs::loopback::{Fault, Quirks, RandomFaults, RawAnswer, SearchFault, noise};
 
 /// Extra time allowed past a deadline for scheduling, the kernel and a loaded machine.
 const SLACK: Duration = Duration::from_millis(2500);
@@ -315,6 +315,116 @@ fn a_410_is_not_cached() {
     assert_eq!(stat(mount.path("deleted")), Err(libc::ENOENT));
     assert_eq!(stat(mount.path("deleted")), Err(libc::ENOENT));
     assert_eq!(server.reads_of("deleted"), 2, "only 404 is cached negatively");
+}
+
+// --- The raw read after a FHIR JSON without `data` -------------------------------------------
+
+/// The bytes stored behind each Binary below (never what an empty file shows).
+const STORED_LEN: usize = 3000;
+
+/// A Binary whose FHIR JSON has no `data` (as Medplum keeps raw uploads), and whose raw read
+/// gets this answer; what its `stat` size and read must then be: the errno a first read would
+/// get, or an empty file only where the server shows it has no native form.
+const WITHOUT_DATA: [(&str, RawAnswer, Result<usize, i32>); 13] = [
+    ("raw-500", RawAnswer::Status(500), Err(libc::EIO)),
+    ("raw-503", RawAnswer::Status(503), Err(libc::EIO)),
+    ("raw-400", RawAnswer::Status(400), Err(libc::EIO)),
+    ("raw-401", RawAnswer::Status(401), Err(libc::EACCES)),
+    ("raw-403", RawAnswer::Status(403), Err(libc::EACCES)),
+    ("raw-410", RawAnswer::Status(410), Err(libc::ENOENT)),
+    ("raw-reset", RawAnswer::Reset, Err(libc::EIO)),
+    ("raw-hang", RawAnswer::Hang, Err(libc::EIO)),
+    ("raw-404", RawAnswer::Status(404), Ok(0)),
+    ("raw-406", RawAnswer::Status(406), Ok(0)),
+    ("raw-415", RawAnswer::Status(415), Ok(0)),
+    ("raw-json", RawAnswer::Json, Ok(0)),
+    ("raw-works", RawAnswer::Content, Ok(STORED_LEN)),
+];
+
+/// The `--timeout` of these mounts: what a hung raw read costs each stat and each read.
+const WITHOUT_DATA_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Each case of [`WITHOUT_DATA`] through a mount with `--fetch mode` over a server with
+/// `quirks`: stat, then read, each in its own thread (the hung ones take the deadline).
+fn without_data_reads_as_listed(mode: &str, quirks: Quirks) {
+    let server = Server::start();
+    server.server.set_quirks(quirks);
+    server.server.set_throttle(None);
+    // No listing: each stat or read of a cold file is one fetch of that file alone.
+    server.server.set_search_status(Some(400));
+    server.server.put("plain", "text/plain", "plain bytes");
+    for (i, (id, raw, _)) in WITHOUT_DATA.iter().enumerate() {
+        server.server.put(id, "application/pdf", noise(STORED_LEN, i as u64 + 60));
+        server.server.set_fault(id, Some(Fault::WithoutData(*raw)));
+    }
+    let timeout = WITHOUT_DATA_TIMEOUT.as_secs().to_string();
+    let mount =
+        Mount::builder().args(&["--fetch", mode, "--timeout", &timeout]).mount(&server.base_url());
+    // In `auto` mode, Microsoft's FHIR JSON answer to this first read moves the mount to JSON.
+    assert_eq!(read(mount.path("plain")).as_deref(), Ok(&b"plain bytes"[..]), "{mode}");
+
+    let runs: Vec<_> = WITHOUT_DATA
+        .iter()
+        .map(|&(id, _, _)| {
+            let path = mount.path(id);
+            thread::spawn(move || {
+                let (size, stat_took) = timed(|| stat(&path));
+                let (bytes, read_took) = timed(|| read(&path));
+                (size, bytes, stat_took.max(read_took))
+            })
+        })
+        .collect();
+    // Every case is checked before the test fails, so that one run shows all that is wrong.
+    let mut wrong = Vec::new();
+    for (run, (i, &(id, raw, expected))) in runs.into_iter().zip(WITHOUT_DATA.iter().enumerate()) {
+        let (size, bytes, slowest) = run.join().unwrap();
+        let mut check = |ok: bool, what: String| {
+            if !ok {
+                wrong.push(format!("{id} ({raw:?}): {what}"));
+            }
+        };
+        let want_size = expected.map(|len| len as u64);
+        check(size == want_size, format!("stat gave {size:?}, not {want_size:?}"));
+        // The stored bytes, or none (an empty file).
+        let stored = noise(STORED_LEN, i as u64 + 60);
+        let want = expected.map(|len| &stored[..len]);
+        let got = bytes.as_deref().map_err(|&e| e);
+        check(got == want, format!("read gave {:?} bytes, not {expected:?}", got.map(<[u8]>::len)));
+        check(slowest <= WITHOUT_DATA_TIMEOUT + SLACK, format!("took {slowest:?}"));
+        // One FHIR JSON read and one raw read per fetch (more where retried). A failure is not
+        // kept: the read after the failed stat fetches again.
+        let reads = server.reads_of(id);
+        let (ok, want) = match raw {
+            RawAnswer::Status(503) | RawAnswer::Reset => (reads >= 6, "6 or more (retried)"),
+            _ if expected.is_err() => (reads == 4, "4 (a fetch for the stat, one for the read)"),
+            _ => (reads == 2, "2 (one fetch for the stat and the read)"),
+        };
+        check(ok, format!("{reads} GETs, not {want}"));
+    }
+    assert!(wrong.is_empty(), "--fetch {mode}:\n{}\n{}", wrong.join("\n"), mount.log());
+
+    // A failure is reported, and `cp` copies no empty file in its place.
+    assert_eq!(complaints(&mount, "raw-500").len(), 2, "{}", mount.log());
+    let dest = mount.dir.path().join("copy-of-raw-500");
+    let cp = std::process::Command::new("cp").arg(mount.path("raw-500")).arg(&dest).output();
+    assert!(!cp.unwrap().status.success(), "cp of an unreadable file succeeded");
+    assert!(!dest.exists(), "cp left a file behind");
+
+    // The next open after a failure asks again, and gets the bytes once the raw read works.
+    server.server.set_fault("raw-500", Some(Fault::WithoutData(RawAnswer::Content)));
+    let stored = noise(STORED_LEN, 60);
+    assert!(read(mount.path("raw-500")) == Ok(stored), "{mode}: raw-500 once mended");
+    assert_still_serving(&server, &mount, "plain");
+}
+
+#[test]
+fn json_mode_gives_a_json_without_data_the_errno_of_its_raw_read() {
+    without_data_reads_as_listed("json", Quirks::Standard);
+}
+
+#[test]
+fn auto_mode_on_a_json_only_server_gives_a_json_without_data_the_errno_of_its_raw_read() {
+    without_data_reads_as_listed("auto", Quirks::Microsoft);
 }
 
 // --- Bad bodies ------------------------------------------------------------------------------

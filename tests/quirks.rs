@@ -137,6 +137,11 @@ fn medplum_without_search_serves_every_sample_by_lookup() {
     let mount = Mount::new(&server.base_url());
     // Every search on Binary is 400: the folder is empty, but each id can be opened.
     assert_eq!(listing(&mount), Vec::<String>::new());
+    // Medplum keeps no file for a Binary created as JSON without `data` (`size-0` is stored
+    // so): its raw read is a 500, which cannot be told from a storage failure.
+    let (empty, samples): (Vec<_>, Vec<_>) = samples.into_iter().partition(|s| s.id == "size-0");
+    let err = std::fs::read(mount.path(&empty[0].id)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
     check_files(&server, &mount, &samples);
     let counts = server.server.counts();
     assert!(
@@ -283,6 +288,65 @@ fn a_raw_json_binary_on_medplum_is_read_once() {
     assert_eq!(meta.modified().unwrap(), server.server.stored("config").unwrap().last_updated);
     let counts = server.server.counts();
     assert_eq!((counts.raw_reads, counts.json_reads, counts.summary_reads), (1, 0, 1));
+}
+
+/// Medplum answers the raw read of a Binary created as JSON without `data` with 500 ("File not
+/// found"): EIO in every mode, never an empty file. A raw upload of no bytes is empty.
+#[test]
+fn medplum_empty_binaries_created_as_json_are_eio_in_every_mode() {
+    let server = Server::start();
+    server.server.set_quirks(Quirks::Medplum);
+    server.server.put("made-json", "text/plain", "");
+    server.server.put_raw("made-raw", "text/plain", "");
+    // GETs of the stat and the read together: one 500 each, after a JSON read in `json` mode.
+    for (mode, gets) in [("auto", 2), ("json", 4), ("raw", 2)] {
+        let before = server.reads_of("made-json");
+        let mount = Mount::builder().args(&["--fetch", mode]).mount(&server.base_url());
+        let path = mount.path("made-json");
+        let stat = std::fs::metadata(&path).map(|m| m.len()).map_err(common::errno);
+        assert_eq!(stat, Err(libc::EIO), "{mode}: stat\n{}", mount.log());
+        let read = std::fs::read(&path).map_err(common::errno);
+        assert_eq!(read, Err(libc::EIO), "{mode}: read");
+        assert_eq!(server.reads_of("made-json") - before, gets, "{mode}: the failure was kept");
+        assert_eq!(std::fs::metadata(mount.path("made-raw")).unwrap().len(), 0, "{mode}");
+        assert_eq!(std::fs::read(mount.path("made-raw")).unwrap(), b"", "{mode}");
+    }
+}
+
+/// A raw upload typed FHIR JSON comes back from Medplum's raw read with that type, and holds
+/// a Binary resource of its own. It is served as stored, not as that inner Binary's `data`;
+/// so is a Binary created as JSON with such content, on a server that serves it raw or only
+/// as FHIR JSON. The reads it takes: a raw answer that is not surely the resource costs a
+/// JSON read, and Medplum's JSON without `data` a raw read after it; Microsoft's answer is
+/// the resource (its id and the ETag's version), used as it is.
+#[test]
+fn a_binary_typed_fhir_json_is_served_as_stored() {
+    let inner = br#"{"resourceType":"Binary","contentType":"text/plain","data":"aGVsbG8="}"#;
+    let kind = "application/fhir+json; charset=utf-8";
+    // GETs of the file with `--fetch auto` and with `--fetch json`.
+    let cases =
+        [(Quirks::Medplum, [3, 2]), (Quirks::Standard, [2, 1]), (Quirks::Microsoft, [1, 1])];
+    for (quirks, gets) in cases {
+        let server = Server::start();
+        server.server.set_quirks(quirks);
+        server.server.set_throttle(None);
+        server.server.set_search_status(Some(400));
+        if quirks == Quirks::Medplum {
+            server.server.put_raw("nested", kind, &inner[..]);
+        } else {
+            server.server.put("nested", kind, &inner[..]);
+        }
+        for (mode, gets) in ["auto", "json"].into_iter().zip(gets) {
+            let before = server.reads_of("nested");
+            let mount = Mount::builder().args(&["--fetch", mode]).mount(&server.base_url());
+            let what = format!("{quirks:?}, --fetch {mode}");
+            let len = std::fs::metadata(mount.path("nested")).unwrap().len();
+            assert_eq!(len, inner.len() as u64, "{what}: stat\n{}", mount.log());
+            let bytes = std::fs::read(mount.path("nested")).unwrap();
+            assert_eq!(String::from_utf8_lossy(&bytes), String::from_utf8_lossy(inner), "{what}");
+            assert_eq!(server.reads_of("nested") - before, gets, "{what}: GETs");
+        }
+    }
 }
 
 /// A name the server does not know costs one request, not a summary beside it.

@@ -45,6 +45,14 @@ impl Server {
             .unwrap_or_else(|_| panic!("{n} reads of {id} never reached the server"));
     }
 
+    /// Waits (without polling) until the server has answered a mount's start-up check.
+    pub fn wait_for_probe(&self) {
+        let wait = self.server.wait_for_counts(|c| c.probes >= 1);
+        self.runtime
+            .block_on(async { tokio::time::timeout(PATIENCE, wait).await })
+            .unwrap_or_else(|_| panic!("the start-up check never reached the server"));
+    }
+
     pub fn reads_of(&self, id: &str) -> u64 {
         self.server.counts().per_id.get(id).copied().unwrap_or(0)
     }
