@@ -1080,7 +1080,8 @@ impl Source for HttpSource {
                     | SourceError::Gone
                     | SourceError::Status(_)
                     | SourceError::BadBody(_)
-                    | SourceError::TooLarge { .. },
+                    | SourceError::TooLarge { .. }
+                    | SourceError::Declined,
                 ) => {}
             }
             Ok(())
@@ -1188,7 +1189,8 @@ mod tests {
                 headers.insert(header::ETAG, HeaderValue::from_str(etag).unwrap());
             }
             let body = body.as_bytes().to_vec();
-            Answer { status: StatusCode::OK, headers, body, rest: None, binary: None }
+            let permit = Permit::unlimited();
+            Answer { status: StatusCode::OK, headers, body, rest: None, binary: None, permit }
         };
         let resource = r#"{"resourceType":"Binary","id":"a","meta":{"versionId":"2"},
             "contentType":"text/plain"}"#;
