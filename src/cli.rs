@@ -8,10 +8,10 @@ use anyhow::{Context, bail};
 use clap::{CommandFactory, Parser};
 use url::Url;
 
+use crate::auth::smart::{SmartClient, SmartConfig};
 use crate::auth::{Secret, TokenSource};
 use crate::fs::FsConfig;
 use crate::http::FetchMode;
-use crate::smart::{SmartClient, SmartConfig};
 
 /// Environment variable that may hold the bearer token.
 pub const TOKEN_ENV: &str = "FHIRFS_TOKEN";
@@ -190,13 +190,13 @@ pub struct Args {
     /// Requests in flight to the server at once, at most: reads, read-ahead and searches
     /// together, a program's own reads first. HTTP/2 servers get them on one connection;
     /// HTTP/1.1 servers on up to this many keep-alive connections.
-    #[arg(long, value_name = "N", default_value_t = crate::limit::DEFAULT_MAX_REQUESTS as u16,
+    #[arg(long, value_name = "N", default_value_t = crate::http::limit::DEFAULT_MAX_REQUESTS as u16,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub max_requests: u16,
 
     /// Files fetched ahead of a program that walks the folder (cp -r, rsync -a, tar): the
     /// next ones in listing or name order while it copies one. 0 turns it off.
-    #[arg(long, value_name = "FILES", default_value_t = crate::readahead::DEFAULT_AHEAD_FILES)]
+    #[arg(long, value_name = "FILES", default_value_t = crate::fs::readahead::DEFAULT_AHEAD_FILES)]
     pub read_ahead: usize,
 
     /// Largest Binary served; larger ones fail with EFBIG.

@@ -4,14 +4,13 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::body::Body;
+use crate::buffer::body::Body;
 use crate::error::SourceError;
-pub use crate::fhir::Listed;
 
 /// What is known about one Binary besides its bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -26,6 +25,23 @@ pub struct Meta {
     pub security_context: Option<String>,
     /// Exact decoded size in bytes, when known.
     pub size: Option<u64>,
+}
+
+/// One Binary found by a search.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The Binary id (already checked against the FHIR id pattern).
+    pub id: String,
+    /// Its metadata; `size` comes from the base64 length when the entry carried `data`.
+    pub meta: Meta,
+}
+
+/// True when `new` is `old` with the sub-second part that `old` (a whole-second HTTP date) lacks.
+pub(crate) fn refines(old: SystemTime, new: SystemTime) -> bool {
+    let (Ok(o), Ok(n)) = (old.duration_since(UNIX_EPOCH), new.duration_since(UNIX_EPOCH)) else {
+        return false;
+    };
+    o.subsec_nanos() == 0 && n.subsec_nanos() != 0 && o.as_secs() == n.as_secs()
 }
 
 /// The answer to a fetch.

@@ -331,7 +331,7 @@ fn the_token_never_goes_to_another_origin() {
 
 #[test]
 fn the_token_endpoint_is_discovered_from_the_smart_configuration() {
-    use fhirfs::smart::{SmartClient, SmartConfig};
+    use fhirfs::auth::smart::{SmartClient, SmartConfig};
     let server = Server::start();
     let endpoint = TokenEndpoint::start(&server, "smart-es384.pub.pem", Algorithm::ES384, 300);
     let base = url::Url::parse(&endpoint.url.replace("/token", "/fhir")).unwrap();

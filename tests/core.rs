@@ -4,10 +4,10 @@ use std::ffi::OsStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fhirfs::body::Body;
+use fhirfs::buffer::body::Body;
 use fhirfs::error::{FsError, SourceError};
-use fhirfs::fhir::Listed;
 use fhirfs::fs::{FhirFs, FsConfig, Kind, ROOT_INO};
+use fhirfs::source::Listed;
 use fhirfs::source::{Fetched, MemorySource, Reserve, Source, Streamed};
 
 fn core(source: MemorySource) -> Arc<FhirFs<MemorySource>> {

@@ -10,9 +10,9 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
+use fhirfs::fhir::json::JsonBinaryDecoder;
 use fhirfs::fhir::{decoded_len, parse_binary, parse_bundle};
 use fhirfs::id::{id_from_name, is_valid_id};
-use fhirfs::json_body::JsonBinaryDecoder;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 

@@ -1,11 +1,16 @@
 //! FHIR JSON: the Binary resource and searchset Bundles, parsed without copying `data`.
+//!
+//! - this module: Binary resources and searchset Bundles, parsed whole;
+//! - [`json`]: decoding a Binary's FHIR JSON while it streams in.
+
+pub mod json;
 
 use std::borrow::Cow;
 use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use crate::source::Meta;
+use crate::source::{Listed, Meta};
 
 /// The FHIR JSON media type; `application/json` is accepted as its alias.
 pub const FHIR_JSON: &str = "application/fhir+json";
@@ -237,15 +242,6 @@ pub fn binary_identity(body: &[u8]) -> Option<Identity> {
     let raw: RawResource<'_> = serde_json::from_slice(body).ok()?;
     let identity = Identity { id: raw.id.clone(), meta: raw.meta(), has_data: raw.data.is_some() };
     raw.is_binary().then_some(identity)
-}
-
-/// One Binary found by a search.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listed {
-    /// The Binary id (already checked against the FHIR id pattern).
-    pub id: String,
-    /// Its metadata; `size` comes from the base64 length when the entry carried `data`.
-    pub meta: Meta,
 }
 
 /// One page of a search.

@@ -3,6 +3,11 @@
 //! Methods are named after the FUSE operations and return plain structs; the FUSE adapter is
 //! the only caller that knows about the kernel. Everything here can be driven from tests with a
 //! `MemorySource`.
+//!
+//! - this module: `FhirFs`, its inodes and pins, the content cache and the listing;
+//! - [`readahead`]: recognising a walk through the folder, and the room for fetches ahead.
+
+pub mod readahead;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -15,13 +20,12 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tracing::{debug, warn};
 
-use crate::body::Body;
+use crate::buffer::body::Body;
 use crate::error::{FsError, SourceError};
-use crate::fhir::Listed;
 use crate::id::id_from_name;
-use crate::readahead::{self, Budget, Order, Walk, Walker};
-use crate::source::{Ahead, Meta, Source, Streamed};
+use crate::source::{Ahead, Listed, Meta, Source, Streamed, refines};
 use crate::stats::Stats;
+use readahead::{Budget, Order, Walk, Walker};
 
 /// The inode of the mount's root folder (fixed by FUSE).
 pub const ROOT_INO: u64 = 1;
@@ -311,7 +315,7 @@ struct Inflight {
     ahead: Option<Arc<Ahead>>,
 }
 
-/// Read-ahead across files (see [`crate::readahead`]).
+/// Read-ahead across files (see [`crate::fs::readahead`]).
 struct ReadAhead {
     walker: Walker,
     /// Files fetched ahead in this walk, each once (even when that failed or gave way).
@@ -358,14 +362,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// True when `new` is `old` with the sub-second part that `old` (a whole-second HTTP date) lacks.
-pub(crate) fn refines(old: SystemTime, new: SystemTime) -> bool {
-    let (Ok(o), Ok(n)) = (old.duration_since(UNIX_EPOCH), new.duration_since(UNIX_EPOCH)) else {
-        return false;
-    };
-    o.subsec_nanos() == 0 && n.subsec_nanos() != 0 && o.as_secs() == n.as_secs()
-}
-
 fn is_fresh(at: Option<Instant>, ttl: Duration) -> bool {
     at.is_some_and(|at| at.elapsed() < ttl)
 }
@@ -378,7 +374,7 @@ impl<S: Source> FhirFs<S> {
 
     /// A core over `source` that counts into `stats` (shared with the source).
     pub fn with_stats(source: S, config: FsConfig, stats: Arc<Stats>) -> Arc<Self> {
-        crate::pool::limit_to(usize::try_from(config.cache_bytes).unwrap_or(usize::MAX));
+        crate::buffer::pool::limit_to(usize::try_from(config.cache_bytes).unwrap_or(usize::MAX));
         let content = moka::sync::Cache::builder()
             .max_capacity(config.cache_bytes)
             // Plain LRU: TinyLFU's admission would turn away a file just fetched for `stat`
@@ -1325,7 +1321,7 @@ impl<S: Source> FhirFs<S> {
         self: &Arc<Self>,
         id: &str,
         expected: &str,
-        relay: &mut crate::body::Relay,
+        relay: &mut crate::buffer::body::Relay,
     ) -> Result<(), SourceError> {
         let content = self.content(id).await.map_err(|e| match e {
             FsError::Source { source, .. } => source,

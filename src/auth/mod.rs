@@ -1,5 +1,10 @@
 //! The bearer token: none, fixed, a file another process rewrites, or SMART Backend Services;
 //! renewed before it expires and once after a 401.
+//!
+//! - this module: token sources (fixed, a file re-read when it changes, SMART) and `Secret`;
+//! - [`smart`]: the SMART Backend Services client (signed assertions, the token endpoint).
+
+pub mod smart;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -11,7 +16,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::error::SourceError;
-use crate::smart::SmartClient;
+use smart::SmartClient;
 
 /// A SMART token is renewed when less than this part of its life is left (but at most a
 /// minute before it expires), so requests never race its expiry.

@@ -9,8 +9,8 @@
 
 use memchr::memchr2;
 
+use crate::buffer::pool;
 use crate::fhir::{self, Binary};
-use crate::pool;
 
 /// Base64 characters decoded at a time from the carry-over between chunks.
 const GROUP: usize = 4;
@@ -386,8 +386,8 @@ mod tests {
 
     #[test]
     fn a_large_body_decodes_exactly_while_its_buffer_is_faulted_in() {
-        let _one = crate::pool::tests::one_helper_at_a_time();
-        crate::pool::tests::require_populate_write();
+        let _one = crate::buffer::pool::tests::one_helper_at_a_time();
+        crate::buffer::pool::tests::require_populate_write();
         // 33 MiB decoded: new memory (above glibc's largest mmap threshold), with a helper.
         let content: Vec<u8> =
             (0..33u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
@@ -424,8 +424,8 @@ mod tests {
 
     #[test]
     fn decoding_past_the_capacity_stops_the_helper_before_the_buffer_grows() {
-        let _one = crate::pool::tests::one_helper_at_a_time();
-        crate::pool::tests::require_populate_write();
+        let _one = crate::buffer::pool::tests::one_helper_at_a_time();
+        crate::buffer::pool::tests::require_populate_write();
         let mut decoded = Decoded::with_capacity(33 << 20);
         assert!(decoded.ahead.is_some());
         let text = base64_simd::STANDARD.encode_to_string(vec![7u8; (33 << 20) + 3]);

@@ -2,7 +2,7 @@
 //! as they arrive, so that a program reading a cold file gets its first bytes while the rest
 //! is on the way (the kernel moves the start of a file while the source fetches its end).
 //!
-//! A streamed body is one buffer of its full length (from the [`pool`](crate::pool) when one
+//! A streamed body is one buffer of its full length (from the [`pool`](crate::buffer::pool) when one
 //! fits), filled as chunks arrive and published in aligned pieces of it (a read within one
 //! piece is a slice, a read across pieces the only copy). One buffer, not the network's own
 //! chunks: hundreds of 400 KiB chunks would stay in the allocator's arenas after the body is
@@ -13,7 +13,7 @@ use std::sync::{Arc, Weak};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::pool;
+use crate::buffer::pool;
 use tokio::sync::watch;
 
 use crate::error::SourceError;

@@ -1,5 +1,10 @@
 //! The HTTP source: reads and searches Binary on a FHIR server with reqwest, with retries,
 //! deadlines and token renewal.
+//!
+//! - this module: `HttpSource`, its settings, and the `Source` methods;
+//! - [`limit`]: how many requests may be in flight at once, readers first.
+
+pub mod limit;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -14,14 +19,14 @@ use url::Url;
 
 pub use crate::auth::Secret;
 use crate::auth::{Auth, TokenSource};
-use crate::body::{Body, Filler};
+use crate::buffer::body::{Body, Filler};
+use crate::buffer::pool;
 use crate::error::SourceError;
-use crate::fhir::{self, FHIR_JSON, Listed};
-use crate::json_body::JsonBinaryDecoder;
-use crate::limit::{Limiter, Permit};
-use crate::pool;
-use crate::source::{Ahead, Fetched, Meta, Reserve, Source, Streamed};
+use crate::fhir::json::JsonBinaryDecoder;
+use crate::fhir::{self, FHIR_JSON};
+use crate::source::{Ahead, Fetched, Listed, Meta, Reserve, Source, Streamed};
 use crate::stats::Stats;
+use limit::{Limiter, Permit};
 
 /// First pause before a retry; doubled each time, with jitter.
 const RETRY_MIN_DELAY: Duration = Duration::from_millis(100);
@@ -105,7 +110,7 @@ impl HttpConfig {
             ca_pem: None,
             stats: Arc::default(),
             fetch: FetchMode::Auto,
-            max_requests: crate::limit::DEFAULT_MAX_REQUESTS,
+            max_requests: crate::http::limit::DEFAULT_MAX_REQUESTS,
         }
     }
 }
@@ -763,7 +768,7 @@ impl HttpSource {
             (Some(raw), Some(summarised)) => raw == summarised,
             (None, _) => match (meta.last_updated, summary.last_updated) {
                 (Some(header), Some(summarised)) => {
-                    header == summarised || crate::fs::refines(header, summarised)
+                    header == summarised || crate::source::refines(header, summarised)
                 }
                 _ => false,
             },
