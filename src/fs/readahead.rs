@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 
+use super::*;
+
 /// How far apart two opens may be in an order and still step through it.
 pub const WALK_GAP: usize = 3;
 
@@ -184,6 +186,125 @@ impl Budget {
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.held.retain(|id, _| keep(id));
         self.total = self.held.values().sum();
+    }
+}
+
+impl<S: Source> FhirFs<S> {
+    /// Notes that a reader opened `ino`: it is no longer ahead of the reader, and the open may
+    /// continue a walk, whose next files are then fetched.
+    pub(super) fn opened_for_walk(self: &Arc<Self>, ino: u64, id: &str) {
+        lock(&self.ahead_budget).release(id);
+        if self.config.read_ahead == 0 {
+            return;
+        }
+        let (listing, name) = {
+            let mut nodes = lock(&self.nodes);
+            let Some(node) = nodes.by_ino.get(&ino) else { return };
+            let positions = (node.index, node.name_index);
+            if let Some(size) = node.meta.size {
+                lock(&self.ahead_budget).saw(size);
+            }
+            if nodes.walk.is_some_and(|(index, _)| Some(index) == positions.0) {
+                nodes.walk_opened = true;
+            }
+            positions
+        };
+        let walks = {
+            let mut ahead = lock(&self.ahead);
+            let walks = ahead.walker.opened(listing, name);
+            if walks.is_empty() && ahead.walker.broken() && std::mem::take(&mut ahead.walking) {
+                // The walk stopped: what was fetched ahead stays cached, but holds no room.
+                debug!("the walk through the folder stopped");
+                ahead.tried.clear();
+                lock(&self.ahead_budget).clear();
+            }
+            walks
+        };
+        self.read_ahead(&walks);
+    }
+
+    /// The next files of `walk`: inode, id and size (when known), within `--read-ahead`.
+    pub(super) fn window(&self, walk: Walk) -> Vec<(u64, String, Option<u64>)> {
+        let inos: Vec<u64> = match walk.order {
+            Order::Listing => {
+                let order = Arc::clone(&lock(&self.order));
+                let ahead = walk.ahead(self.config.read_ahead, order.len());
+                ahead.into_iter().map(|pos| order[pos].0).collect()
+            }
+            Order::Name => {
+                let order = Arc::clone(&lock(&self.by_name_order));
+                let ahead = walk.ahead(self.config.read_ahead, order.len());
+                ahead.into_iter().map(|pos| order[pos]).collect()
+            }
+        };
+        let nodes = lock(&self.nodes);
+        let nodes = inos.into_iter().filter_map(|ino| Some((ino, nodes.by_ino.get(&ino)?)));
+        nodes.map(|(ino, node)| (ino, node.id.clone(), node.meta.size)).collect()
+    }
+
+    /// Fetches ahead of `walks`; room held by files outside their windows (passed, or of a
+    /// walk that turned) is let go first.
+    pub(super) fn read_ahead(self: &Arc<Self>, walks: &[Walk]) {
+        if walks.is_empty() {
+            return;
+        }
+        let windows: Vec<_> = walks.iter().map(|walk| self.window(*walk)).collect();
+        {
+            let held: HashSet<&str> =
+                windows.iter().flatten().map(|(_, id, _)| id.as_str()).collect();
+            lock(&self.ahead_budget).retain(|id| held.contains(id));
+        }
+        for (walk, window) in walks.iter().zip(windows) {
+            self.read_ahead_files(walk.order, window);
+        }
+    }
+
+    /// Fetches the files of a walk's `window` that are not cached or on their way, within the
+    /// byte budget. Files the budget can never hold are left to their opens.
+    pub(super) fn read_ahead_files(
+        self: &Arc<Self>,
+        order: Order,
+        window: Vec<(u64, String, Option<u64>)>,
+    ) {
+        let wanted: Vec<_> = window
+            .into_iter()
+            .filter(|(_, id, _)| {
+                !self.known_missing(id)
+                    && self.fresh_content(id).is_none()
+                    && !lock(&self.inflight).contains_key(id)
+            })
+            .collect();
+        let mut picked = Vec::new();
+        {
+            let mut ahead = lock(&self.ahead);
+            ahead.walking = true;
+            let mut budget = lock(&self.ahead_budget);
+            for (ino, id, size) in wanted {
+                if ahead.tried.contains(&ino) {
+                    continue;
+                }
+                // A file of unknown size is expected to be as large as the largest seen in
+                // this walk; its Content-Length, once in, decides (and may make it give way).
+                let size = size.unwrap_or_else(|| budget.expected());
+                if size > budget.limit() {
+                    // Never held ahead whole: its open fetches it.
+                    ahead.tried.insert(ino);
+                    continue;
+                }
+                if !budget.admit(&id, size) {
+                    // No room until the reader catches up.
+                    break;
+                }
+                ahead.tried.insert(ino);
+                picked.push(id);
+            }
+        }
+        if !picked.is_empty() {
+            debug!(files = picked.len(), ?order, "fetching ahead of a walk");
+        }
+        for id in picked {
+            self.fetch_ahead(id);
+        }
     }
 }
 
