@@ -333,6 +333,21 @@ struct ReadAhead {
 pub type Invalidator = Box<dyn Fn(u64) + Send + Sync>;
 
 /// The filesystem core.
+///
+/// # Locks
+///
+/// Every lock is held briefly and never across an `.await`, except `listing`. When two are held
+/// at once they are taken in this order, and never the other way round:
+///
+/// 1. `listing` (async; held across the search, so concurrent listings wait for one request);
+/// 2. `inflight` (the fetch map: checked and filled under one lock, for single-flight);
+/// 3. `handles`;
+/// 4. `ahead`, then `ahead_budget`;
+/// 5. `nodes`;
+/// 6. the leaves, which take no other lock while held: `ahead_budget` (also taken under
+///    `nodes`), `oversize`, `missing`, `order`, `by_name_order`.
+///
+/// The moka cache (`content`) has its own locking; its eviction listener only empties a slot.
 pub struct FhirFs<S: Source> {
     source: Arc<S>,
     config: FsConfig,
