@@ -134,6 +134,7 @@ fn within_the_ttl_the_cached_version_is_served_without_requests() {
 fn drop_kernel_pages(path: &Path) {
     use std::os::fd::AsRawFd;
     let file = std::fs::File::open(path).unwrap();
+    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open.
     let done = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     assert_eq!(done, 0, "posix_fadvise");
 }

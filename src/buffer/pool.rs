@@ -365,12 +365,14 @@ pub(crate) mod tests {
         // SAFETY: `ahead` is dropped before `data`, which does not change meanwhile.
         let ahead = unsafe { FaultAhead::start(&data) }.expect("a helper for a new 40 MiB buffer");
         assert_eq!(HELPERS.load(Ordering::Acquire), 1);
-        // SAFETY: as above, for a second buffer.
         let second: Vec<u8> = Vec::with_capacity(large);
-        assert!(unsafe { FaultAhead::start(&second) }.is_none(), "one helper at a time");
-        // SAFETY: as above.
+        // SAFETY: as above, for a second buffer.
+        let refused = unsafe { FaultAhead::start(&second) };
+        assert!(refused.is_none(), "one helper at a time");
         let small: Vec<u8> = Vec::with_capacity(FAULT_AHEAD_MIN - 1);
-        assert!(unsafe { FaultAhead::start(&small) }.is_none(), "too small for a helper");
+        // SAFETY: as above.
+        let refused = unsafe { FaultAhead::start(&small) };
+        assert!(refused.is_none(), "too small for a helper");
 
         // Nothing written yet: the helper stops a lead ahead and waits.
         wait_until("the helper to wait for the writer", || {
