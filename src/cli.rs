@@ -59,23 +59,43 @@ const IGNORED_MOUNT_OPTIONS: &[&str] = &[
     "fg",
 ];
 
+/// A mount-style `-o` option list that cannot be rewritten into long options.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MountOptionError {
+    /// `-o` came last, with no list after it.
+    #[error("-o needs a list of options")]
+    Missing,
+    /// The list is not UTF-8.
+    #[error("mount options must be UTF-8")]
+    NotUtf8,
+    /// No option of fhirfs has this name.
+    #[error("unknown mount option {0:?}")]
+    Unknown(String),
+    /// The option takes a value (`key=value`) and none was given.
+    #[error("mount option {0:?} needs a value")]
+    NeedsValue(String),
+    /// The option is a flag and a value was given.
+    #[error("mount option {0:?} takes no value")]
+    TakesNoValue(String),
+}
+
 /// Rewrites mount-style `-o key=value,flag` options into the long options they name
 /// (`token_file=/x` → `--token-file /x`, `allow_other` → `--allow-other`), as mount.fuse3
 /// passes them: `fhirfs SOURCE MOUNTPOINT -o opts`.
-pub fn expand_mount_options(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
+pub fn expand_mount_options(argv: Vec<OsString>) -> Result<Vec<OsString>, MountOptionError> {
     let command = Args::command();
     let mut out = Vec::with_capacity(argv.len());
     let mut args = argv.into_iter();
     while let Some(arg) = args.next() {
         let options = if arg == "-o" {
-            args.next().ok_or("-o needs a list of options")?
+            args.next().ok_or(MountOptionError::Missing)?
         } else if let Some(rest) = arg.to_str().and_then(|a| a.strip_prefix("-o")) {
             OsString::from(rest)
         } else {
             out.push(arg);
             continue;
         };
-        let options = options.into_string().map_err(|_| "mount options must be UTF-8")?;
+        let options = options.into_string().map_err(|_| MountOptionError::NotUtf8)?;
         for option in options.split(',').filter(|o| !o.is_empty()) {
             let (key, value) = match option.split_once('=') {
                 Some((k, v)) => (k, Some(v)),
@@ -89,14 +109,14 @@ pub fn expand_mount_options(argv: Vec<OsString>) -> Result<Vec<OsString>, String
             }
             let long = key.replace('_', "-");
             let Some(known) = command.get_arguments().find(|a| a.get_long() == Some(&long)) else {
-                return Err(format!("unknown mount option {key:?}"));
+                return Err(MountOptionError::Unknown(key.to_owned()));
             };
             let takes_value = known.get_action().takes_values();
             match (takes_value, value) {
                 (true, Some(value)) => out.extend([format!("--{long}").into(), value.into()]),
                 (false, None) => out.push(format!("--{long}").into()),
-                (true, None) => return Err(format!("mount option {key:?} needs a value")),
-                (false, Some(_)) => return Err(format!("mount option {key:?} takes no value")),
+                (true, None) => return Err(MountOptionError::NeedsValue(key.to_owned())),
+                (false, Some(_)) => return Err(MountOptionError::TakesNoValue(key.to_owned())),
             }
         }
     }
@@ -278,7 +298,7 @@ impl Args {
                 scope: self.smart_scope.clone(),
                 kid: self.smart_kid.clone(),
             };
-            let client = SmartClient::new(config).map_err(anyhow::Error::msg)?;
+            let client = SmartClient::new(config)?;
             return Ok(TokenSource::Smart(std::sync::Arc::new(client)));
         }
         if let Some(path) = &self.token_file {
@@ -409,7 +429,7 @@ mod tests {
         assert!(err.contains("cannot read the SMART key /nonexistent"), "{err}");
     }
 
-    fn expand(args: &[&str]) -> Result<Vec<String>, String> {
+    fn expand(args: &[&str]) -> Result<Vec<String>, MountOptionError> {
         let argv = args.iter().map(OsString::from).collect();
         let out = expand_mount_options(argv)?;
         Ok(out.into_iter().map(|a| a.into_string().unwrap()).collect())
@@ -447,9 +467,13 @@ mod tests {
 
     #[test]
     fn bad_mount_options_are_named() {
-        assert!(expand(&["fhirfs", "-o", "bogus=1"]).unwrap_err().contains("bogus"));
-        assert!(expand(&["fhirfs", "-o", "token_file"]).unwrap_err().contains("needs a value"));
-        assert!(expand(&["fhirfs", "-o", "allow_other=yes"]).unwrap_err().contains("no value"));
+        let unknown = MountOptionError::Unknown("bogus".into());
+        assert_eq!(expand(&["fhirfs", "-o", "bogus=1"]), Err(unknown));
+        let needs = MountOptionError::NeedsValue("token_file".into());
+        assert_eq!(expand(&["fhirfs", "-o", "token_file"]), Err(needs));
+        let flag = MountOptionError::TakesNoValue("allow_other".into());
+        assert_eq!(expand(&["fhirfs", "-o", "allow_other=yes"]), Err(flag));
+        assert_eq!(expand(&["fhirfs", "-o"]), Err(MountOptionError::Missing));
         assert!(expand(&["fhirfs", "-o"]).is_err());
     }
 

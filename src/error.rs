@@ -33,6 +33,11 @@ pub enum SourceError {
     /// ahead. Never a program's error: a reader that wants the file fetches it itself.
     #[error("a fetch ahead gave way (too large to hold ahead of the reader)")]
     Declined,
+    /// The configuration cannot work (a base URL that cannot take a path, a CA file without
+    /// certificates, a token a header cannot carry, a key that cannot sign): no request is
+    /// sent.
+    #[error("{0}")]
+    Config(String),
     /// The Binary is larger than `--max-size`.
     #[error("larger than the limit of {limit} bytes")]
     TooLarge {
@@ -100,7 +105,8 @@ impl FsError {
                 | SourceError::BadBody(_)
                 | SourceError::Transport(_)
                 | SourceError::Timeout(_)
-                | SourceError::Declined => libc::EIO,
+                | SourceError::Declined
+                | SourceError::Config(_) => libc::EIO,
             },
             Self::NoEntry => libc::ENOENT,
             Self::NotDir => libc::ENOTDIR,

@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
 use fhirfs::fhir::json::JsonBinaryDecoder;
-use fhirfs::fhir::{decoded_len, parse_binary, parse_bundle};
+use fhirfs::fhir::{FhirError, decode_binary, decoded_len, parse_bundle};
 use fhirfs::id::{id_from_name, is_valid_id};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -89,7 +89,8 @@ fn binary_decoder_round_trips_any_content() {
             r#"{{"resourceType":"Binary","id":"x","contentType":"application/octet-stream","data":{}}}"#,
             json_string(&data, escape)
         );
-        let binary = parse_binary(body.as_bytes()).map_err(TestCaseError::fail)?;
+        let binary = decode_binary(body.as_bytes().to_vec())
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(binary.data.as_deref(), Some(&bytes[..]));
         prop_assert_eq!(decoded_len(&data), bytes.len() as u64);
         Ok(())
@@ -97,7 +98,7 @@ fn binary_decoder_round_trips_any_content() {
 }
 
 /// `body` fed to the streaming decoder in chunks cut at `cuts` (positions, any order).
-fn decode_streamed(body: &[u8], cuts: &[usize]) -> Result<fhirfs::fhir::Binary, String> {
+fn decode_streamed(body: &[u8], cuts: &[usize]) -> Result<fhirfs::fhir::Binary, FhirError> {
     let mut at: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
     at.extend([0, body.len()]);
     at.sort_unstable();
@@ -137,7 +138,7 @@ fn streaming_decoder_reads_every_body_as_the_whole_body_decoder_does() {
             format!(r#"{{{others},"data":{data}}}"#)
         };
         let body = mutate(body.into_bytes(), edits);
-        let whole = parse_binary(&body).ok();
+        let whole = decode_binary(body.clone()).ok();
         let streamed = decode_streamed(&body, &cuts).ok();
         prop_assert_eq!(streamed, whole, "{}", String::from_utf8_lossy(&body));
         Ok(())
@@ -157,7 +158,7 @@ fn binary_decoder_never_panics_on_mangled_bodies() {
         );
         let mangled = mutate(body.into_bytes(), edits);
         // Any answer is fine; a panic is not. A success must carry decodable data.
-        if let Ok(binary) = parse_binary(&mangled)
+        if let Ok(binary) = decode_binary(mangled.clone())
             && let Some(data) = binary.data
         {
             prop_assert_eq!(binary.meta.size, Some(data.len() as u64));
@@ -169,7 +170,7 @@ fn binary_decoder_never_panics_on_mangled_bodies() {
 #[test]
 fn binary_decoder_never_panics_on_arbitrary_bytes() {
     fuzz("binary_decoder_bytes", proptest::collection::vec(any::<u8>(), 0..512), |bytes| {
-        let _ = parse_binary(&bytes);
+        let _ = decode_binary(bytes.clone());
         Ok(())
     });
 }
@@ -207,7 +208,7 @@ fn bundle_parser_keeps_only_valid_binary_ids_and_exact_sizes() {
         let bundle =
             serde_json::json!({"resourceType": "Bundle", "link": links, "entry": entry_json});
         let text = bundle.to_string().into_bytes();
-        let page = parse_bundle(&text).map_err(TestCaseError::fail)?;
+        let page = parse_bundle(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(page.next.as_ref(), next.as_ref());
         let expected: Vec<_> =
             entries.iter().filter(|(id, kind, _)| kind == "Binary" && is_valid_id(id)).collect();

@@ -37,7 +37,7 @@ impl Secret {
     /// The `Authorization` header value, marked sensitive so that it is never logged.
     pub fn bearer(&self) -> Result<HeaderValue, SourceError> {
         let mut value = HeaderValue::from_str(&format!("Bearer {}", self.0)).map_err(|_| {
-            SourceError::Transport("the token has characters a header cannot carry".into())
+            SourceError::Config("the token has characters a header cannot carry".into())
         })?;
         value.set_sensitive(true);
         Ok(value)

@@ -90,13 +90,15 @@ fn unix_now() -> u64 {
 
 impl SmartClient {
     /// A client for `config`; fails when the key is neither an RSA nor a P-384 EC key.
-    pub fn new(config: SmartConfig) -> Result<Self, String> {
+    pub fn new(config: SmartConfig) -> Result<Self, SourceError> {
         let (key, algorithm) = if let Ok(key) = EncodingKey::from_rsa_pem(&config.key_pem) {
             (key, Algorithm::RS384)
         } else if let Ok(key) = EncodingKey::from_ec_pem(&config.key_pem) {
             (key, Algorithm::ES384)
         } else {
-            return Err("the SMART key is neither an RSA nor an EC private key in PEM".into());
+            return Err(SourceError::Config(
+                "the SMART key is neither an RSA nor an EC private key in PEM".into(),
+            ));
         };
         let token_url = OnceCell::new_with(config.token_url.clone());
         Ok(Self {
@@ -167,7 +169,7 @@ impl SmartClient {
         let mut header = Header::new(self.algorithm);
         header.kid = self.config.kid.clone();
         jsonwebtoken::encode(&header, &claims, &self.key)
-            .map_err(|e| SourceError::Transport(format!("cannot sign the SMART assertion: {e}")))
+            .map_err(|e| SourceError::Config(format!("cannot sign the SMART assertion: {e}")))
     }
 
     /// Asks the token endpoint for a new access token.

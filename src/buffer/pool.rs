@@ -87,7 +87,8 @@ pub fn give_back(buf: Box<[u8]>) {
 }
 
 /// Bytes held by the pool now.
-pub fn held() -> usize {
+#[cfg(test)]
+fn held() -> usize {
     pool().iter().map(|b| b.len()).sum()
 }
 

@@ -10,7 +10,7 @@
 use memchr::memchr2;
 
 use crate::buffer::pool;
-use crate::fhir::{self, Binary};
+use crate::fhir::{self, Binary, FhirError};
 
 /// Base64 characters decoded at a time from the carry-over between chunks.
 const GROUP: usize = 4;
@@ -81,7 +81,7 @@ impl JsonBinaryDecoder {
     }
 
     /// The Binary, exactly as [`fhir::decode_binary`] reads the whole body.
-    pub fn finish(mut self) -> Result<Binary, String> {
+    pub fn finish(mut self) -> Result<Binary, FhirError> {
         if let Some(body) = self.fallback {
             return fhir::decode_binary(body);
         }
@@ -96,8 +96,8 @@ impl JsonBinaryDecoder {
             let mut rest = self.pending;
             rest.extend_from_slice(self.tail.as_deref().unwrap_or_default());
             if !rest.is_empty() {
-                let last = base64_simd::forgiving_decode_to_vec(&rest)
-                    .map_err(|_| "invalid base64".to_owned())?;
+                let last =
+                    base64_simd::forgiving_decode_to_vec(&rest).map_err(|_| FhirError::Base64)?;
                 decoded.extend_from_slice(&last);
             }
             // Sized from Content-Length, the buffer fits within a few hundred bytes; grown
@@ -357,7 +357,7 @@ fn is_base64(byte: u8) -> bool {
 mod tests {
     use super::*;
 
-    fn decode_in_chunks(body: &[u8], size: usize) -> Result<Binary, String> {
+    fn decode_in_chunks(body: &[u8], size: usize) -> Result<Binary, FhirError> {
         let mut decoder = JsonBinaryDecoder::new(body.len());
         for chunk in body.chunks(size.max(1)) {
             decoder.push(chunk);

@@ -10,6 +10,41 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
+/// What is wrong with a FHIR JSON body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FhirError {
+    /// Not JSON, or not of the resource's shape (serde_json's message says where).
+    #[error("malformed JSON: {0}")]
+    Json(String),
+    /// A resource of another type than the one expected.
+    #[error("resourceType is {found:?}, not {expected}")]
+    WrongType {
+        /// The type wanted: `Binary` or `Bundle`.
+        expected: &'static str,
+        /// The `resourceType` found, or `(missing)`.
+        found: String,
+    },
+    /// `data` is not base64.
+    #[error("invalid base64")]
+    Base64,
+}
+
+impl From<FhirError> for SourceError {
+    fn from(e: FhirError) -> Self {
+        SourceError::BadBody(e.to_string())
+    }
+}
+
+impl FhirError {
+    fn json(e: serde_json::Error) -> Self {
+        Self::Json(e.to_string())
+    }
+
+    fn wrong_type(expected: &'static str, found: Option<&str>) -> Self {
+        Self::WrongType { expected, found: found.unwrap_or("(missing)").to_owned() }
+    }
+}
+use crate::error::SourceError;
 use crate::source::{Listed, Meta};
 
 /// The FHIR JSON media type; `application/json` is accepted as its alias.
@@ -160,23 +195,14 @@ enum Data {
     Owned(String),
 }
 
-/// Parses a Binary resource and decodes its `data` exactly once.
-pub fn parse_binary(body: &[u8]) -> Result<Binary, String> {
-    decode_binary(body.to_vec())
-}
-
 /// Parses a Binary resource and decodes its `data` exactly once, in place: the base64 text is
 /// turned into bytes inside the body's own buffer, which becomes the content. A 64 MiB Binary
 /// costs its ~85 MiB body and nothing more.
-pub fn decode_binary(mut body: Vec<u8>) -> Result<Binary, String> {
+pub fn decode_binary(mut body: Vec<u8>) -> Result<Binary, FhirError> {
     let (mut binary, data) = {
-        let raw: RawResource<'_> =
-            serde_json::from_slice(&body).map_err(|e| format!("malformed JSON: {e}"))?;
+        let raw: RawResource<'_> = serde_json::from_slice(&body).map_err(FhirError::json)?;
         if !raw.is_binary() {
-            return Err(format!(
-                "resourceType is {:?}, not Binary",
-                raw.resource_type.as_deref().unwrap_or("(missing)")
-            ));
+            return Err(FhirError::wrong_type("Binary", raw.resource_type.as_deref()));
         }
         let binary =
             Binary { id: raw.id.clone(), subsetted: raw.subsetted(), meta: raw.meta(), data: None };
@@ -214,10 +240,10 @@ pub fn decode_binary(mut body: Vec<u8>) -> Result<Binary, String> {
 }
 
 /// Decodes base64 in place (whitespace and missing padding tolerated); the decoded length.
-fn decode_in_place(buf: &mut [u8]) -> Result<usize, String> {
+fn decode_in_place(buf: &mut [u8]) -> Result<usize, FhirError> {
     base64_simd::forgiving_decode_inplace(buf)
         .map(|decoded| decoded.len())
-        .map_err(|_| "invalid base64".to_owned())
+        .map_err(|_| FhirError::Base64)
 }
 
 /// True when the body looks like a FHIR resource of type Binary (used for `application/json`,
@@ -256,14 +282,10 @@ pub struct Page {
 }
 
 /// Parses one searchset Bundle page.
-pub fn parse_bundle(body: &[u8]) -> Result<Page, String> {
-    let raw: RawBundle<'_> =
-        serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
+pub fn parse_bundle(body: &[u8]) -> Result<Page, FhirError> {
+    let raw: RawBundle<'_> = serde_json::from_slice(body).map_err(FhirError::json)?;
     if raw.resource_type.as_deref() != Some("Bundle") {
-        return Err(format!(
-            "resourceType is {:?}, not Bundle",
-            raw.resource_type.as_deref().unwrap_or("(missing)")
-        ));
+        return Err(FhirError::wrong_type("Bundle", raw.resource_type.as_deref()));
     }
     let next =
         raw.link.into_iter().find(|l| l.relation.as_deref() == Some("next")).and_then(|l| l.url);
@@ -344,7 +366,7 @@ mod tests {
             "securityContext":{{"reference":"Patient/1"}},"data":"{}"}}"#,
             b64(b"hello")
         );
-        let bin = parse_binary(body.as_bytes()).unwrap();
+        let bin = decode_binary(body.as_bytes().to_vec()).unwrap();
         assert_eq!(bin.data.as_deref(), Some(&b"hello"[..]));
         assert_eq!(bin.meta.size, Some(5));
         assert_eq!(bin.meta.version_id.as_deref(), Some("3"));
@@ -371,26 +393,29 @@ mod tests {
         assert!(encoded.contains('/'));
         let body =
             format!(r#"{{"resourceType":"Binary","data":"{}"}}"#, encoded.replace('/', "\\/"));
-        assert_eq!(parse_binary(body.as_bytes()).unwrap().data.unwrap(), raw);
+        assert_eq!(decode_binary(body.as_bytes().to_vec()).unwrap().data.unwrap(), raw);
     }
 
     #[test]
     fn absent_data_is_none_and_subset_is_flagged() {
         let body = br#"{"resourceType":"Binary","meta":{"tag":[{"code":"SUBSETTED"}]}}"#;
-        let bin = parse_binary(body).unwrap();
+        let bin = decode_binary(body.to_vec()).unwrap();
         assert_eq!(bin.data, None);
         assert!(bin.subsetted);
     }
 
     #[test]
     fn bad_bodies_are_errors() {
-        assert!(parse_binary(b"{not json").unwrap_err().contains("malformed JSON"));
-        assert!(parse_binary(br#"{"resourceType":"Binary","data":"#).is_err());
+        assert!(matches!(decode_binary(b"{not json".to_vec()), Err(FhirError::Json(_))));
+        assert!(decode_binary(br#"{"resourceType":"Binary","data":"#.to_vec()).is_err());
         let patient = br#"{"resourceType":"Patient","id":"a"}"#;
-        assert!(parse_binary(patient).unwrap_err().contains("Patient"));
+        assert_eq!(
+            decode_binary(patient.to_vec()).unwrap_err().to_string(),
+            "resourceType is \"Patient\", not Binary"
+        );
         let bad = br#"{"resourceType":"Binary","data":"!!!!"}"#;
-        assert_eq!(parse_binary(bad).unwrap_err(), "invalid base64");
-        assert!(parse_binary(b"[]").is_err());
+        assert_eq!(decode_binary(bad.to_vec()).unwrap_err(), FhirError::Base64);
+        assert!(decode_binary(b"[]".to_vec()).is_err());
     }
 
     #[test]
@@ -433,7 +458,12 @@ mod tests {
 
     #[test]
     fn a_listing_that_is_not_a_bundle_is_an_error() {
-        assert!(parse_bundle(br#"{"resourceType":"Binary"}"#).unwrap_err().contains("Bundle"));
+        assert!(
+            parse_bundle(br#"{"resourceType":"Binary"}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("Bundle")
+        );
         assert!(parse_bundle(b"<html>").is_err());
     }
 

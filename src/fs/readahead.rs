@@ -140,7 +140,8 @@ impl Budget {
     }
 
     /// Bytes held now.
-    pub fn total(&self) -> u64 {
+    #[cfg(test)]
+    fn total(&self) -> u64 {
         self.total
     }
 

@@ -13,9 +13,9 @@ impl HttpSource {
 
     pub(super) fn binary_url(&self, id: &str) -> Result<Url, SourceError> {
         let mut url = Url::parse(&format!("{}/Binary", self.base))
-            .map_err(|e| SourceError::Transport(format!("bad base URL: {e}")))?;
+            .map_err(|e| SourceError::Config(format!("bad base URL: {e}")))?;
         url.path_segments_mut()
-            .map_err(|()| SourceError::Transport("base URL cannot have a path".into()))?
+            .map_err(|()| SourceError::Config("base URL cannot have a path".into()))?
             .push(id);
         Ok(url)
     }
@@ -165,7 +165,7 @@ impl HttpSource {
             Some(decoded) => decoded,
             None => fhir::decode_binary(answer.body),
         };
-        let binary = binary.map_err(SourceError::BadBody)?;
+        let binary = binary?;
         self.learn_content_type(id, binary.meta.content_type.as_deref());
         if ambiguous && !binary.meta.content_type.as_deref().is_some_and(|k| k.contains("json")) {
             // Not a JSON Binary, so the raw request got the resource: this server answers

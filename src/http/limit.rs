@@ -18,12 +18,16 @@ pub const DEFAULT_MAX_REQUESTS: usize = 16;
 /// The share of the permits kept for readers: fetches ahead hold at most the rest.
 const READER_SHARE: usize = 4;
 
+/// How many of `max` places fetches ahead may hold.
+fn ahead_share(max: usize) -> usize {
+    (max - max / READER_SHARE).max(1)
+}
+
 /// The limit on requests in flight.
 #[derive(Debug)]
 pub struct Limiter {
     all: Arc<Semaphore>,
     ahead: Arc<Semaphore>,
-    max: usize,
 }
 
 /// One request's place; freed on drop.
@@ -45,18 +49,8 @@ impl Limiter {
     /// At most `max` requests at once (at least one); fetches ahead get three quarters.
     pub fn new(max: usize) -> Self {
         let max = max.max(1);
-        let ahead = (max - max / READER_SHARE).max(1);
-        Self { all: Arc::new(Semaphore::new(max)), ahead: Arc::new(Semaphore::new(ahead)), max }
-    }
-
-    /// The most requests in flight at once.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
-    /// How many of the permits fetches ahead may hold.
-    pub fn ahead_max(&self) -> usize {
-        (self.max - self.max / READER_SHARE).max(1)
+        let ahead = ahead_share(max);
+        Self { all: Arc::new(Semaphore::new(max)), ahead: Arc::new(Semaphore::new(ahead)) }
     }
 
     /// Waits for a place. A fetch ahead ([`Ahead::current`]) first waits for one of the places
@@ -109,9 +103,8 @@ mod tests {
     }
 
     #[test]
-    fn one_place_is_shared() {
-        let limiter = Limiter::new(1);
-        assert_eq!((limiter.max(), limiter.ahead_max()), (1, 1));
-        assert_eq!(Limiter::new(16).ahead_max(), 12);
+    fn fetches_ahead_hold_three_quarters_and_at_least_one_place() {
+        assert_eq!(ahead_share(1), 1);
+        assert_eq!(ahead_share(16), 12);
     }
 }

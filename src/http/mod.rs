@@ -164,7 +164,7 @@ struct Answer {
     /// The response whose body is still to be read (`body` is then empty).
     rest: Option<reqwest::Response>,
     /// The Binary decoded as the body arrived (`body` is then empty).
-    binary: Option<Result<fhir::Binary, String>>,
+    binary: Option<Result<fhir::Binary, fhir::FhirError>>,
     /// This request's place among those in flight, held while `rest` is still to be read.
     permit: Permit,
 }
@@ -318,9 +318,9 @@ impl HttpSource {
             .user_agent(concat!("fhirfs/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = &config.ca_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| SourceError::Transport(format!("bad CA file: {e}")))?;
+                .map_err(|e| SourceError::Config(format!("bad CA file: {e}")))?;
             if certs.is_empty() {
-                return Err(SourceError::Transport("the CA file has no certificate".into()));
+                return Err(SourceError::Config("the CA file has no certificate".into()));
             }
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
@@ -426,7 +426,13 @@ impl Source for HttpSource {
                     "the server does not let the token read Binary (403: scope or permissions); \
                      mounted anyway: reads fail with EACCES"
                 ),
-                Err(e @ (SourceError::Transport(_) | SourceError::Timeout(_))) => return Err(e),
+                Err(
+                    e @ (SourceError::Transport(_)
+                    | SourceError::Timeout(_)
+                    | SourceError::Config(_)),
+                ) => {
+                    return Err(e);
+                }
                 // Up, and the token taken (a 404, as expected), or no way to tell.
                 Ok(_)
                 | Err(

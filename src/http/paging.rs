@@ -6,7 +6,7 @@ use super::*;
 impl HttpSource {
     pub(super) async fn list_inner(&self) -> Result<Vec<Listed>, SourceError> {
         let mut url = Url::parse(&format!("{}/Binary", self.base))
-            .map_err(|e| SourceError::Transport(format!("bad base URL: {e}")))?;
+            .map_err(|e| SourceError::Config(format!("bad base URL: {e}")))?;
         url.query_pairs_mut()
             .append_pair("_count", &self.config.page_size.to_string())
             .append_pair("_elements", "id,meta,contentType");
@@ -55,6 +55,6 @@ impl HttpSource {
             decode: false,
         };
         let answer = self.get(&get, deadline).await?;
-        fhir::parse_bundle(&answer.body).map_err(SourceError::BadBody)
+        fhir::parse_bundle(&answer.body).map_err(SourceError::from)
     }
 }

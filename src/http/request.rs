@@ -83,7 +83,7 @@ impl HttpSource {
     pub(super) async fn decoded(
         response: reqwest::Response,
         limit: u64,
-    ) -> Result<Result<fhir::Binary, String>, Failure> {
+    ) -> Result<Result<fhir::Binary, fhir::FhirError>, Failure> {
         let declared = response.content_length().filter(|&len| len <= limit);
         let mut decoder = JsonBinaryDecoder::new(declared.unwrap_or(0) as usize);
         Self::each_chunk(response, limit, |chunk| decoder.push(chunk)).await?;
