@@ -201,15 +201,7 @@ impl HttpSource {
         }
         let mut url = url.clone();
         url.query_pairs_mut().append_pair("_summary", "true");
-        let get = Get {
-            url: &url,
-            accept: FHIR_JSON,
-            if_none_match: None,
-            limit: SUMMARY_LIMIT,
-            reserve: None,
-            stream: false,
-            decode: false,
-        };
+        let get = Get::json(&url, SUMMARY_LIMIT);
         let (summary, useless) = match self.get(&get, deadline).await {
             Ok(answer)
                 if matches!(

@@ -156,6 +156,21 @@ struct Get<'a> {
     decode: bool,
 }
 
+impl<'a> Get<'a> {
+    /// A GET of FHIR JSON read whole, at most `limit` bytes.
+    fn json(url: &'a Url, limit: u64) -> Self {
+        Self {
+            url,
+            accept: FHIR_JSON,
+            if_none_match: None,
+            limit,
+            reserve: None,
+            stream: false,
+            decode: false,
+        }
+    }
+}
+
 /// One answer with its body read, or left to stream.
 struct Answer {
     status: StatusCode,
@@ -395,15 +410,7 @@ impl Source for HttpSource {
         let wait = PROBE_TIMEOUT.min(self.config.timeout);
         let deadline = Instant::now() + wait;
         let url = self.binary_url(PROBE_ID)?;
-        let get = Get {
-            url: &url,
-            accept: FHIR_JSON,
-            if_none_match: None,
-            limit: SUMMARY_LIMIT,
-            reserve: None,
-            stream: false,
-            decode: false,
-        };
+        let get = Get::json(&url, SUMMARY_LIMIT);
         let probe = async {
             let token = match self.auth.token().await {
                 Ok(token) => token,

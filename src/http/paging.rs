@@ -45,15 +45,7 @@ impl HttpSource {
         deadline: Instant,
     ) -> Result<fhir::Page, SourceError> {
         let limit = self.json_limit();
-        let get = Get {
-            url,
-            accept: FHIR_JSON,
-            if_none_match: None,
-            limit,
-            reserve: None,
-            stream: false,
-            decode: false,
-        };
+        let get = Get::json(url, limit);
         let answer = self.get(&get, deadline).await?;
         fhir::parse_bundle(&answer.body).map_err(SourceError::from)
     }
