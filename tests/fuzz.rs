@@ -226,6 +226,62 @@ fn bundle_parser_keeps_only_valid_binary_ids_and_exact_sizes() {
     });
 }
 
+/// An entry that a listing cannot use: `id` of the wrong JSON type, a `resource` that is not
+/// an object, no `resource`, meta of the wrong shape, or a non-Binary.
+fn bad_entry_strategy() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::json;
+    prop_oneof![
+        any::<i64>().prop_map(|n| json!({"resource": {"resourceType": "Binary", "id": n}})),
+        any::<bool>().prop_map(|b| json!({"resource": {"resourceType": "Binary", "id": b}})),
+        ".{0,20}".prop_map(|t| json!({"resource": t})),
+        Just(json!({"search": {"mode": "outcome"}})),
+        Just(json!({"resource": {"resourceType": "Binary", "id": ["a"]}})),
+        "[a-z]{1,8}"
+            .prop_map(|id| json!({"resource": {"resourceType": "Binary", "id": id, "meta": 7}})),
+        "[a-z]{1,8}"
+            .prop_map(|id| json!({"resource": {"resourceType": "Binary", "id": id, "data": 5}})),
+        "[a-z]{1,8}"
+            .prop_map(|id| json!({"resource": {"resourceType": "OperationOutcome", "id": id}})),
+        Just(json!(null)),
+        Just(json!(42)),
+    ]
+}
+
+#[test]
+fn a_page_keeps_every_good_entry_among_bad_ones() {
+    let strategy = (
+        proptest::collection::vec("[A-Za-z0-9.-]{1,64}", 0..12),
+        proptest::collection::vec(bad_entry_strategy(), 0..12),
+        proptest::collection::vec(any::<u16>(), 0..24),
+    );
+    fuzz("page_with_bad_entries", strategy, |(good, bad, order)| {
+        let good: Vec<String> = good.into_iter().filter(|id| is_valid_id(id)).collect();
+        let mut entries: Vec<(bool, serde_json::Value)> = good
+            .iter()
+            .map(|id| (true, serde_json::json!({"resource": {"resourceType": "Binary", "id": id}})))
+            .chain(bad.iter().cloned().map(|entry| (false, entry)))
+            .collect();
+        // Shuffle by the random keys, so bad entries fall anywhere among the good ones.
+        let mut keyed: Vec<_> = entries.drain(..).enumerate().collect();
+        keyed.sort_by_key(|(i, _)| order.get(*i).copied().unwrap_or(u16::MAX));
+        let entries: Vec<_> = keyed.into_iter().map(|(_, e)| e).collect();
+        let json: Vec<_> = entries.iter().map(|(_, e)| e.clone()).collect();
+        let bundle = serde_json::json!({"resourceType": "Bundle", "entry": json});
+        let page = parse_bundle(bundle.to_string().as_bytes())
+            .map_err(|e| TestCaseError::fail(format!("a page with bad entries failed: {e}")))?;
+        let wanted: Vec<&String> = entries
+            .iter()
+            .filter(|(good, _)| *good)
+            .map(|(_, e)| e["resource"]["id"].as_str().unwrap())
+            .map(|id| good.iter().find(|g| g.as_str() == id).unwrap())
+            .collect();
+        let got: Vec<&String> = page.entries.iter().map(|e| &e.id).collect();
+        prop_assert_eq!(got, wanted, "every good entry, in order");
+        prop_assert_eq!(page.skipped, bad.len(), "every bad entry counted");
+        Ok(())
+    });
+}
+
 #[test]
 fn name_mapping_only_lets_fhir_ids_through() {
     let names = prop_oneof![

@@ -10,6 +10,9 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
+use crate::error::SourceError;
+use crate::source::{Listed, Meta};
+
 /// What is wrong with a FHIR JSON body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FhirError {
@@ -44,8 +47,6 @@ impl FhirError {
         Self::WrongType { expected, found: found.unwrap_or("(missing)").to_owned() }
     }
 }
-use crate::error::SourceError;
-use crate::source::{Listed, Meta};
 
 /// The FHIR JSON media type; `application/json` is accepted as its alias.
 pub const FHIR_JSON: &str = "application/fhir+json";
@@ -131,8 +132,10 @@ struct RawBundle<'a> {
     resource_type: Option<String>,
     #[serde(default)]
     link: Vec<RawLink>,
+    // Each entry is parsed on its own, so that one malformed entry (an `id` that is a number,
+    // a `resource` that is not an object) is skipped without losing the page.
     #[serde(default, borrow)]
-    entry: Vec<RawEntry<'a>>,
+    entry: Vec<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -290,7 +293,11 @@ pub fn parse_bundle(body: &[u8]) -> Result<Page, FhirError> {
     let next =
         raw.link.into_iter().find(|l| l.relation.as_deref() == Some("next")).and_then(|l| l.url);
     let mut page = Page { next, ..Page::default() };
-    for resource in raw.entry.into_iter().filter_map(|e| e.resource) {
+    for entry in raw.entry {
+        let Ok(RawEntry { resource: Some(resource) }) = serde_json::from_str(entry.get()) else {
+            page.skipped += 1;
+            continue;
+        };
         let id = resource.id.clone().filter(|id| crate::id::is_valid_id(id));
         match id {
             Some(id) if resource.is_binary() => {
