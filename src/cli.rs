@@ -219,6 +219,11 @@ pub struct Args {
     #[arg(long, value_name = "FILES", default_value_t = crate::fs::readahead::DEFAULT_AHEAD_FILES)]
     pub read_ahead: usize,
 
+    /// Ask for answers uncompressed (`Accept-Encoding: identity`) instead of gzip, deflate, br
+    /// or zstd. A compressed answer is decoded either way.
+    #[arg(long)]
+    pub no_compression: bool,
+
     /// Largest Binary served; larger ones fail with EFBIG.
     #[arg(long, value_name = "SIZE", default_value = "1GiB")]
     pub max_size: bytesize::ByteSize,

@@ -326,6 +326,7 @@ pub fn main(args: Args, mut readiness: Readiness) -> anyhow::Result<()> {
         http.ca_pem = ca_pem;
         http.fetch = args.fetch;
         http.max_requests = usize::from(args.max_requests);
+        http.compression = !args.no_compression;
         let stats = Arc::clone(&http.stats);
         let source = HttpSource::new(http).context("cannot set up the HTTP client")?;
         let fs = FhirFs::with_stats(source, args.fs_config(), stats);

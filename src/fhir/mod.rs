@@ -51,6 +51,9 @@ impl FhirError {
 /// The FHIR JSON media type; `application/json` is accepted as its alias.
 pub const FHIR_JSON: &str = "application/fhir+json";
 
+/// The FHIR XML media type: the resource, never the content (fhirfs reads FHIR JSON).
+pub const FHIR_XML: &str = "application/fhir+xml";
+
 /// The `meta.tag` code a server adds when it left elements (such as `data`) out.
 const SUBSETTED: &str = "SUBSETTED";
 

@@ -137,6 +137,17 @@ impl HttpSource {
         // Decide by what the server sent, not by what we asked for.
         let is_fhir = kind == FHIR_JSON
             || (kind == "application/json" && fhir::looks_like_binary(&answer.body));
+        // FHIR XML is the resource in the other format, not the native bytes: its `data` would
+        // have to be decoded. Only a Binary whose own type is FHIR XML is served as it came.
+        let own_type =
+            raw_accept.as_ref().filter(|(_, typed)| *typed).map(|(kind, _)| essence(kind));
+        if kind == FHIR_XML && own_type.as_deref() != Some(FHIR_XML) {
+            return Err(SourceError::BadBody(
+                "the server answered FHIR XML (the resource, not its content), which fhirfs \
+                 does not decode: it needs a server that answers FHIR JSON or the raw bytes"
+                    .into(),
+            ));
+        }
         if !is_fhir {
             let content_type = (!kind.is_empty()).then(|| kind.clone());
             let mut meta = Meta { content_type, ..from_headers };
@@ -349,6 +360,11 @@ impl HttpSource {
                     return Err(SourceError::BadBody(other.into()));
                 }
             }
+        }
+        let own_xml = meta.content_type.as_deref().is_some_and(|k| essence(k) == FHIR_XML);
+        if media_type(&answer.headers) == FHIR_XML && !own_xml {
+            let xml = "the raw read answered FHIR XML (the resource, not its content)";
+            return Err(SourceError::BadBody(xml.into()));
         }
         let from_headers = header_meta(&answer.headers);
         let merged = Meta {

@@ -31,7 +31,7 @@ use crate::buffer::body::{Body, Filler};
 use crate::buffer::pool;
 use crate::error::SourceError;
 use crate::fhir::json::JsonBinaryDecoder;
-use crate::fhir::{self, FHIR_JSON};
+use crate::fhir::{self, FHIR_JSON, FHIR_XML};
 use crate::source::{Ahead, Fetched, Listed, Meta, Reserve, Source, Streamed};
 use crate::stats::Stats;
 use limit::{Limiter, Permit};
@@ -85,6 +85,9 @@ pub struct HttpConfig {
     pub fetch: FetchMode,
     /// Requests in flight at once, at most (`--max-requests`).
     pub max_requests: usize,
+    /// Ask for compressed answers (`Accept-Encoding: gzip, deflate, br, zstd`); else
+    /// `identity`. Either way, a compressed answer is decoded.
+    pub compression: bool,
 }
 
 /// Which form of a Binary to ask for (`--fetch`).
@@ -119,6 +122,7 @@ impl HttpConfig {
             stats: Arc::default(),
             fetch: FetchMode::Auto,
             max_requests: crate::http::limit::DEFAULT_MAX_REQUESTS,
+            compression: true,
         }
     }
 }

@@ -20,6 +20,10 @@ impl HttpSource {
         if let Some(version) = get.if_none_match {
             request = request.header(header::IF_NONE_MATCH, format!("W/\"{version}\""));
         }
+        // With compression on, reqwest says `gzip, deflate, br, zstd` itself.
+        if !self.config.compression {
+            request = request.header(header::ACCEPT_ENCODING, "identity");
+        }
         // Connection errors are worth a retry; so is a body cut short.
         let response = request.send().await.map_err(|e| {
             self.config.stats.count_status(0);
@@ -34,6 +38,15 @@ impl HttpSource {
         }
         if !status.is_success() && status != StatusCode::NOT_MODIFIED {
             return Err(Failure::fatal(SourceError::from_status(status.as_u16())));
+        }
+        // reqwest decodes gzip, deflate, br and zstd, and then drops `Content-Encoding` and
+        // `Content-Length` (the encoded length). A coding still named here is one it cannot
+        // decode: its bytes are not the content.
+        if let Some(coding) = header_text(&headers, header::CONTENT_ENCODING)
+            .filter(|c| !c.trim().eq_ignore_ascii_case("identity"))
+        {
+            let error = format!("the answer is in an unsupported content coding {coding:?}");
+            return Err(Failure::fatal(SourceError::BadBody(error)));
         }
         // A fetch ahead of the reader gives way before reading a body that would not fit.
         if let (Some(ahead), Some(len)) = (Ahead::current(), response.content_length())
