@@ -40,6 +40,7 @@ fn help_lists_every_option_with_its_default() {
         "--max-size",
         "--max-requests",
         "--read-ahead",
+        "--no-compression",
         "--uid",
         "--gid",
         "--ca-file",
