@@ -491,7 +491,7 @@ fn a_connection_reset_mid_body_is_eio_and_logged_once() {
     bad_body_is_eio_and_logged_once(Fault::Reset, None);
 }
 
-/// A large FHIR JSON body cut short, on every try until the deadline: each try's decoder is
+/// A large FHIR JSON body cut short, on every try: each try's decoder is
 /// dropped halfway (12 MiB decoded), while a helper thread waits to fault the rest of its new
 /// 24 MiB buffer in. The read is EIO, not a hang or a crash, and once the server mends, the
 /// next read has the right bytes.
@@ -501,8 +501,11 @@ fn a_large_json_body_cut_short_is_eio_and_the_next_read_is_right() {
     let content = noise(24 << 20, 11);
     server.server.put("big", "application/dicom", content.clone());
     server.server.set_fault("big", Some(Fault::Truncated));
+    // The deadline leaves room for a 32 MiB JSON decode in a debug build on a loaded machine
+    // (scripts/repeat-tests saw 5 s run out for the read after the fault); the cut reads end
+    // when their retries do, well before it.
     let mount =
-        Mount::builder().args(&["--fetch", "json", "--timeout", "5"]).mount(&server.base_url());
+        Mount::builder().args(&["--fetch", "json", "--timeout", "15"]).mount(&server.base_url());
     let (tx, rx) = mpsc::channel();
     let path = mount.path("big");
     thread::spawn(move || tx.send(read(path).map(|b| b.len())));
@@ -510,7 +513,8 @@ fn a_large_json_body_cut_short_is_eio_and_the_next_read_is_right() {
     assert_eq!(cut, Err(libc::EIO), "{}", mount.log());
     server.server.set_fault("big", None);
     let again = read(mount.path("big"));
-    assert!(again.as_deref() == Ok(&content[..]), "wrong bytes: {:?}", again.map(|b| b.len()));
+    let again_len = again.as_ref().map(Vec::len);
+    assert!(again.as_deref() == Ok(&content[..]), "wrong bytes: {again_len:?}\n{}", mount.log());
 }
 
 // --- Bad listings ----------------------------------------------------------------------------
