@@ -2,7 +2,8 @@
 //! that compresses answers, asked or not, in gzip, deflate, br or zstd, with or without a
 //! Content-Length, raw and FHIR JSON, listed and by id: every file has its own bytes and its
 //! decoded size before any read. An unknown coding and an XML-only server give EIO with a log
-//! line, never the encoded bytes or the XML document as the content.
+//! line, never the encoded bytes or the XML document as the content. The server's listing
+//! mixes entries a listing cannot use among the good ones: they are skipped, never the folder.
 //!
 //! The server here is a few lines over a TcpListener, so that each answer's headers and body
 //! are exactly what the test says (the loopback server's framework would set its own).
@@ -168,8 +169,24 @@ fn route(path: &str, binaries: &[Binary]) -> Response {
                 serde_json::json!({"resource": resource})
             })
             .collect();
+        // Entries a listing cannot use, among the good ones: an id that is a number, a resource
+        // that is a string, an entry without one, an id outside the FHIR pattern, a Patient.
+        let bad = [
+            serde_json::json!({"resource": {"resourceType": "Binary", "id": 42}}),
+            serde_json::json!({"resource": "Binary/7"}),
+            serde_json::json!({"search": {"mode": "outcome"}}),
+            serde_json::json!({"resource": {"resourceType": "Binary", "id": "a b"}}),
+            serde_json::json!({"resource": {"resourceType": "Patient", "id": "p1"}}),
+        ];
+        let mut mixed = Vec::new();
+        for (i, entry) in entries.into_iter().enumerate() {
+            if let Some(bad) = bad.get(i) {
+                mixed.push(bad.clone());
+            }
+            mixed.push(entry);
+        }
         return json(serde_json::json!({"resourceType": "Bundle", "type": "searchset",
-            "entry": entries}));
+            "entry": mixed}));
     }
     let id = path.strip_prefix("/fhir/Binary/").unwrap_or("").split('?').next().unwrap_or("");
     let Some(binary) = binaries.iter().find(|b| b.id == id) else {
@@ -262,7 +279,7 @@ fn every_file_reads_right(extra: &[&str], listed: bool) {
         names.sort();
         let mut ids: Vec<String> = expected.iter().map(|(id, _)| id.clone()).collect();
         ids.sort();
-        assert_eq!(names, ids);
+        assert_eq!(names, ids, "every good entry, and only those, among bad ones");
     }
     for (id, bytes) in &expected {
         let size = std::fs::metadata(mount.path(id)).map(|m| m.len()).map_err(errno);
