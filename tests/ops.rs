@@ -59,7 +59,7 @@ fn help_lists_every_option_with_its_default() {
         "[default: 30]",
         "[default: 1000]",
         "[default: 1GiB]",
-        "[default: 16]",
+        "[default: 32]",
         "[default: 32]",
         "[default: info]",
         "[default: system/Binary.read]",
