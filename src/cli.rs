@@ -21,6 +21,10 @@ pub const CREDENTIALS_ENV: &str = "CREDENTIALS_DIRECTORY";
 /// The credential holding the token.
 pub const CREDENTIAL_NAME: &str = "token";
 
+/// What `--version` says: the version and the git commit the binary was built from
+/// (`build.rs`), e.g. `0.1.0 (commit 1a2b3c4d5e6f)`, or `0.1.0 (unknown commit)`.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FHIRFS_COMMIT"), ")");
+
 /// Generic mount options that mount(8) and mount.fuse3 pass along and fhirfs has no use for:
 /// the mount is always `ro,nosuid,nodev,noexec`, whatever they say.
 const IGNORED_MOUNT_OPTIONS: &[&str] = &[
@@ -120,7 +124,7 @@ Stop: umount MOUNTPOINT, or SIGTERM/SIGINT (unmounts, exit 0). SIGUSR1 logs stat
 /// The bearer token comes from the environment variable FHIRFS_TOKEN or from --token-file,
 /// never from the command line.
 #[derive(Debug, Parser)]
-#[command(name = "fhirfs", version, about, long_about = None, after_help = AFTER_HELP)]
+#[command(name = "fhirfs", version = VERSION, about, long_about = None, after_help = AFTER_HELP)]
 #[command(
     override_usage = "fhirfs [OPTIONS] <BASE_URL> <MOUNTPOINT>\n       fhirfs --demo <MOUNTPOINT>"
 )]
