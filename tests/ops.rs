@@ -308,4 +308,22 @@ fn mount_t_fuse_fhirfs_goes_to_the_background_and_umount_ends_it() {
         .unwrap();
     assert!(!status.success());
     assert!(!is_mounted(&mountpoint));
+
+    // The demo: mount(8) always passes a source, so the demo takes the source "demo".
+    let status = Command::new("mount")
+        .args(["-t", "fuse.fhirfs", "demo"])
+        .arg(&mountpoint)
+        .args(["-o", "demo"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let notes = std::fs::read(mountpoint.join("notes-txt")).unwrap();
+    assert_eq!(notes, include_bytes!("../assets/demo/notes.txt"));
+    let status = Command::new("umount").arg(&mountpoint).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + PATIENCE;
+    while daemon_running_for(&mountpoint) {
+        assert!(Instant::now() < deadline, "the demo daemon outlived its mount");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
