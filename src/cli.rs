@@ -21,6 +21,14 @@ pub const CREDENTIALS_ENV: &str = "CREDENTIALS_DIRECTORY";
 /// The credential holding the token.
 pub const CREDENTIAL_NAME: &str = "token";
 
+/// What `--version` says: the version and the git commit the binary was built from
+/// (`build.rs`), e.g. `0.1.0 (commit 1a2b3c4d5e6f)`, or `0.1.0 (unknown commit)`.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FHIRFS_COMMIT"), ")");
+
+/// The source to give mount(8) for the demo, which always passes one:
+/// `mount -t fuse.fhirfs demo DIR -o demo` runs `fhirfs demo DIR -o demo`.
+pub const DEMO_SOURCE: &str = "demo";
+
 /// Generic mount options that mount(8) and mount.fuse3 pass along and fhirfs has no use for:
 /// the mount is always `ro,nosuid,nodev,noexec`, whatever they say.
 const IGNORED_MOUNT_OPTIONS: &[&str] = &[
@@ -131,7 +139,8 @@ Mount options: `-o key=value,flag,...` (as mount(8) and fstab pass them) accepts
 option above with `_` or `-` (token_file=/etc/fhirfs/token, allow_other, dir_ttl=5); generic
 options such as ro, nodev, nosuid, _netdev, noauto are accepted and ignored (the mount is
 always ro,nosuid,nodev,noexec). Started by mount(8), fhirfs goes to the background once the
-mount is up and reports a failure through its exit status.
+mount is up and reports a failure through its exit status. The demo through mount(8):
+mount -t fuse.fhirfs demo DIR -o demo.
 
 Stop: umount MOUNTPOINT, or SIGTERM/SIGINT (unmounts, exit 0). SIGUSR1 logs statistics.";
 
@@ -140,7 +149,7 @@ Stop: umount MOUNTPOINT, or SIGTERM/SIGINT (unmounts, exit 0). SIGUSR1 logs stat
 /// The bearer token comes from the environment variable FHIRFS_TOKEN or from --token-file,
 /// never from the command line.
 #[derive(Debug, Parser)]
-#[command(name = "fhirfs", version, about, long_about = None, after_help = AFTER_HELP)]
+#[command(name = "fhirfs", version = VERSION, about, long_about = None, after_help = AFTER_HELP)]
 #[command(
     override_usage = "fhirfs [OPTIONS] <BASE_URL> <MOUNTPOINT>\n       fhirfs --demo <MOUNTPOINT>"
 )]
@@ -271,10 +280,16 @@ impl Args {
     /// The server (or demo) and the mountpoint, checked.
     pub fn target(&self) -> anyhow::Result<(Target, PathBuf)> {
         if self.demo {
-            if self.mountpoint.is_some() {
-                bail!("--demo takes only a mountpoint, not a base URL");
-            }
-            return Ok((Target::Demo, PathBuf::from(&self.base_url)));
+            return match &self.mountpoint {
+                None => Ok((Target::Demo, PathBuf::from(&self.base_url))),
+                Some(mountpoint) if self.base_url == DEMO_SOURCE => {
+                    Ok((Target::Demo, mountpoint.clone()))
+                }
+                Some(_) => bail!(
+                    "--demo takes only a mountpoint (or, as mount(8) passes it, the source \
+                     {DEMO_SOURCE:?} and a mountpoint), not a base URL"
+                ),
+            };
         }
         let Some(mountpoint) = self.mountpoint.clone() else {
             bail!("missing MOUNTPOINT (usage: fhirfs [OPTIONS] <BASE_URL> <MOUNTPOINT>)");
@@ -391,6 +406,16 @@ mod tests {
         let (target, mnt) = parse(&["--demo", "/mnt"]).target().unwrap();
         assert_eq!((target, mnt), (Target::Demo, PathBuf::from("/mnt")));
         assert!(parse(&["--demo", "http://h", "/mnt"]).target().is_err());
+    }
+
+    #[test]
+    fn demo_through_mount_8_takes_the_source_demo() {
+        // mount -t fuse.fhirfs demo /mnt -o demo → mount.fuse3 → fhirfs demo /mnt -o demo
+        let argv = expand(&["fhirfs", "demo", "/mnt", "-o", "rw,nodev,nosuid,demo"]).unwrap();
+        let (target, mnt) = Args::try_parse_from(argv).unwrap().target().unwrap();
+        assert_eq!((target, mnt), (Target::Demo, PathBuf::from("/mnt")));
+        let err = parse(&["--demo", "fhir", "/mnt"]).target().unwrap_err();
+        assert!(format!("{err:#}").contains("the source \"demo\""), "{err:#}");
     }
 
     #[test]

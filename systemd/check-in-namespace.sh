@@ -3,7 +3,7 @@
 # unit file can: that the hardened service's mount is seen outside the service.
 #
 # systemd is booted as PID 1 of new pid, mount, network, UTS and cgroup namespaces, so the
-# machine itself is not touched: /run, /etc and /usr/local/bin are private (tmpfs or
+# machine itself is not touched: /run, /etc and /usr/bin are private (tmpfs or
 # overlays), /proc/sys and /sys are read-only, the network is a private loopback, and
 # systemd's cgroups live in one child cgroup that is removed at the end. A small FHIR server
 # (python3) answers inside that network.
@@ -117,7 +117,7 @@ mount --bind /sys /sys && mount -o remount,bind,ro /sys
 mount --bind /dev/null /dev/console
 mount -t overlay overlay -o lowerdir=/etc,upperdir=$work/etc-upper,workdir=$work/etc-work /etc
 mount -t overlay overlay \
-  -o lowerdir=/usr/local/bin,upperdir=$work/bin-upper,workdir=$work/bin-work /usr/local/bin
+  -o lowerdir=/usr/bin,upperdir=$work/bin-upper,workdir=$work/bin-work /usr/bin
 ip link set lo up 2>/dev/null || true
 # As on a booted host (systemd leaves this to the container manager in a container).
 mount --make-rshared /

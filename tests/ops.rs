@@ -67,11 +67,33 @@ fn help_lists_every_option_with_its_default() {
         assert!(help.contains(default), "{default} missing from --help:\n{help}");
     }
     assert!(!help.contains("--token "), "there is no --token argument");
-    let version = fhirfs(&["--version"]);
-    assert_eq!(
-        String::from_utf8(version.stdout).unwrap().trim(),
-        format!("fhirfs {}", env!("CARGO_PKG_VERSION"))
-    );
+    let version = String::from_utf8(fhirfs(&["--version"]).stdout).unwrap();
+    assert_eq!(version.trim(), format!("fhirfs {}", fhirfs::cli::VERSION));
+}
+
+/// `--version` names the commit the binary was built from (build.rs): in a git checkout, the
+/// checkout's HEAD (cargo runs build.rs again when HEAD moves); elsewhere "unknown commit".
+#[test]
+fn version_names_the_commit_it_was_built_from() {
+    let version = String::from_utf8(fhirfs(&["--version"]).stdout).unwrap();
+    let prefix = format!("fhirfs {} (", env!("CARGO_PKG_VERSION"));
+    let built_from = version.trim().strip_prefix(&prefix).and_then(|v| v.strip_suffix(')'));
+    let built_from = built_from.unwrap_or_else(|| panic!("not \"{prefix}...)\": {version}"));
+    let head = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8(output.stdout).unwrap().trim().to_owned());
+    let Some(head) = head else {
+        assert_eq!(built_from, "unknown commit", "not in a git checkout");
+        return;
+    };
+    let hash = built_from.strip_prefix("commit ").unwrap_or_else(|| panic!("{version}"));
+    let hash = hash.strip_suffix(", modified").unwrap_or(hash);
+    assert_eq!(hash.len(), 12, "{version}");
+    assert!(head.starts_with(hash), "built from {hash}, but HEAD is {head}");
 }
 
 #[test]
@@ -287,4 +309,22 @@ fn mount_t_fuse_fhirfs_goes_to_the_background_and_umount_ends_it() {
         .unwrap();
     assert!(!status.success());
     assert!(!is_mounted(&mountpoint));
+
+    // The demo: mount(8) always passes a source, so the demo takes the source "demo".
+    let status = Command::new("mount")
+        .args(["-t", "fuse.fhirfs", "demo"])
+        .arg(&mountpoint)
+        .args(["-o", "demo"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let notes = std::fs::read(mountpoint.join("notes-txt")).unwrap();
+    assert_eq!(notes, include_bytes!("../assets/demo/notes.txt"));
+    let status = Command::new("umount").arg(&mountpoint).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + PATIENCE;
+    while daemon_running_for(&mountpoint) {
+        assert!(Instant::now() < deadline, "the demo daemon outlived its mount");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -13,8 +13,9 @@ use std::process::Command;
 const UNIT: &str = include_str!("../systemd/fhirfs@.service");
 const EXAMPLE_CONF: &str = include_str!("../systemd/example.conf");
 
-/// Where the unit expects the binary (`cargo install --path . --root /usr/local`).
-const INSTALLED_BINARY: &str = "/usr/local/bin/fhirfs";
+/// Where the unit expects the binary: where the Debian package installs it. (After `cargo
+/// install --root /usr/local` the README installs the unit with this path changed.)
+const INSTALLED_BINARY: &str = "/usr/bin/fhirfs";
 
 /// Settings that give a unit its own mount namespace (systemd.exec(5); systemd's
 /// `exec_needs_mount_namespace()`). In such a namespace every mount is made a slave first, so
