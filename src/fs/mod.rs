@@ -898,6 +898,10 @@ impl<S: Source> FhirFs<S> {
     pub async fn warm_up(self: Arc<Self>) {
         match self.source.probe().await {
             Ok(()) => debug!("the server answers"),
+            Err(e @ SourceError::Config(_)) => warn!(
+                error = %e,
+                "the configuration cannot work; mounted anyway: reads fail with EIO"
+            ),
             Err(e) => warn!(
                 error = %e,
                 "the server cannot be reached; mounted anyway: reads fail with EIO until it answers"
