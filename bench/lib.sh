@@ -10,7 +10,7 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH_DIR/.." && pwd)
 # FHIRFS may name another build of the daemon (e.g. to compare branches); it is not rebuilt.
 FHIRFS=${FHIRFS:-$REPO/target/release/fhirfs}
-SERVER=$REPO/target/release/examples/bench_server
+SERVER=$REPO/target/release/bench_server
 HELPER=$BENCH_DIR/helper.py
 # How long a server or a mount may take to come up, or a daemon to exit, in seconds.
 PATIENCE=${PATIENCE:-30}
@@ -65,8 +65,8 @@ require_root_and_fuse() {
 }
 
 build() {
-    say "building (cargo build --release, and the bench_server example)"
-    (cd "$REPO" && cargo build --release --quiet && cargo build --release --quiet --example bench_server)
+    say "building (cargo build --release, and the bench server, testserver/src/bin/bench_server.rs)"
+    (cd "$REPO" && cargo build --release --quiet && cargo build --release --quiet -p fhirfs-testserver --bin bench_server)
 }
 
 is_mounted() {

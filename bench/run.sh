@@ -5,7 +5,7 @@
 #   bench/run.sh            # about 1-2 minutes once built; prints a Markdown table at the end
 #   RUNS=9 bench/run.sh     # more repetitions per measurement (default 5)
 #
-# It builds `target/release/fhirfs` and the `bench_server` example (examples/bench_server.rs,
+# It builds `target/release/fhirfs` and the bench server (testserver/src/bin/bench_server.rs,
 # a FHIR server that encodes every body once, so the mount is what is measured), starts one
 # server on 127.0.0.1 and mounts it on a temp dir. Every figure is the median of RUNS runs and is
 # printed next to a baseline measured in the same run, with their ratio and the server requests

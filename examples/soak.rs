@@ -13,7 +13,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fhirfs::loopback::{LoopbackServer, RandomFaults, noise};
+use fhirfs_testserver::loopback::{LoopbackServer, RandomFaults};
+use fhirfs_testserver::noise;
 
 const FILES: usize = 200;
 

@@ -14,20 +14,34 @@
 //! - [`id`], [`error`], [`stats`]: FHIR ids, error types and the errno table, counters.
 //!
 //! Around them: [`run`] (the runtime, the mount, signals and readiness), [`cli`] (options),
-//! [`daemon`] (going to the background under mount(8)) and [`loopback`] (an in-process FHIR
-//! server for the demo and the tests).
+//! [`daemon`] (going to the background under mount(8)) and [`demo`] (the `--demo` server).
+//! The test servers live in the `fhirfs-testserver` crate.
 
-pub mod auth;
-pub mod buffer;
+mod auth;
+mod buffer;
 pub mod cli;
 pub mod daemon;
-pub mod error;
-pub mod fhir;
-pub mod fs;
-pub mod fuse;
-pub mod http;
-pub mod id;
-pub mod loopback;
+mod demo;
+mod error;
+mod fhir;
+mod fs;
+mod fuse;
+mod http;
+mod id;
 pub mod run;
-pub mod source;
-pub mod stats;
+mod source;
+mod stats;
+
+// What the binary, the tests and the benchmarks use; everything else stays inside the crate.
+pub use auth::smart::{SmartClient, SmartConfig};
+pub use auth::{Secret, TokenSource};
+pub use buffer::body::Body;
+pub use error::{FsError, SourceError};
+pub use fhir::json::JsonBinaryDecoder;
+pub use fhir::{Binary, FhirError, decode_binary, decoded_len, format_instant, parse_bundle};
+pub use fs::{FhirFs, FsConfig, Kind, ROOT_INO};
+pub use http::{FetchMode, HttpConfig, HttpSource, PROBE_ID};
+pub use id::{id_from_name, is_valid_id};
+#[cfg(feature = "test-util")]
+pub use source::MemorySource;
+pub use source::{Fetched, Listed, Reserve, Source, Streamed};

@@ -15,10 +15,10 @@ use tracing::{info, warn};
 use crate::auth::TokenSource;
 use crate::cli::{Args, Target};
 use crate::daemon::Readiness;
+use crate::demo::DemoServer;
 use crate::fs::FhirFs;
 use crate::fuse::FuseAdapter;
 use crate::http::{HttpConfig, HttpSource};
-use crate::loopback;
 use crate::source::Source;
 
 /// tokio worker threads: the work is I/O and base64 decoding; two per core is plenty.
@@ -312,7 +312,7 @@ pub fn main(args: Args, mut readiness: Readiness) -> anyhow::Result<()> {
         let (base, token, _demo) = match target {
             Target::Server(url) => (url, token, None),
             Target::Demo => {
-                let server = loopback::demo().await.context("cannot start the demo server")?;
+                let server = DemoServer::start().await.context("cannot start the demo server")?;
                 info!(base = %server.base_url(), "demo server started");
                 let url = url::Url::parse(&server.base_url())?;
                 (url, TokenSource::None, Some(server))

@@ -13,8 +13,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use common::{Mount, Server, errno};
-use fhirfs::http::PROBE_ID;
-use fhirfs::loopback::{Fault, LoopbackServer, Quirks};
+use fhirfs::PROBE_ID;
+
+use fhirfs_testserver::loopback::{Fault, LoopbackServer, Quirks};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 const CLIENT_ID: &str = "fhirfs-backend";
@@ -331,7 +332,7 @@ fn the_token_never_goes_to_another_origin() {
 
 #[test]
 fn the_token_endpoint_is_discovered_from_the_smart_configuration() {
-    use fhirfs::auth::smart::{SmartClient, SmartConfig};
+    use fhirfs::{SmartClient, SmartConfig};
     let server = Server::start();
     let endpoint = TokenEndpoint::start(&server, "smart-es384.pub.pem", Algorithm::ES384, 300);
     let base = url::Url::parse(&endpoint.url.replace("/token", "/fhir")).unwrap();
@@ -345,7 +346,7 @@ fn the_token_endpoint_is_discovered_from_the_smart_configuration() {
     .unwrap();
     let http = reqwest::Client::new();
     let issued = server.runtime.block_on(client.issue(&http, &base)).unwrap();
-    assert_eq!(issued.token, fhirfs::auth::Secret::new("smart-token-1").unwrap());
+    assert_eq!(issued.token, fhirfs::Secret::new("smart-token-1").unwrap());
     assert_eq!(issued.lifetime, Some(Duration::from_secs(300)));
     // The assertion's audience was the discovered endpoint (the endpoint checks `aud`).
     assert_eq!(endpoint.issued(), 1);

@@ -3,7 +3,7 @@
 
 mod common;
 
-use fhirfs::loopback::noise;
+use fhirfs_testserver::noise;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
@@ -106,7 +106,7 @@ fn xattrs_carry_the_fhir_metadata_and_are_read_only() {
     let get = |name: &str| xattr::get(&path, name).unwrap().map(|v| String::from_utf8(v).unwrap());
     assert_eq!(get("user.mime_type").as_deref(), Some("application/pdf"));
     assert_eq!(get("user.fhir.versionId").as_deref(), Some("1"));
-    let last_updated = fhirfs::fhir::format_instant(stored.last_updated);
+    let last_updated = fhirfs::format_instant(stored.last_updated);
     assert_eq!(get("user.fhir.lastUpdated"), Some(last_updated));
     assert_eq!(get("user.fhir.securityContext"), None, "absent when the Binary has none");
     let mut names: Vec<_> = xattr::list(&path).unwrap().map(|n| n.into_string().unwrap()).collect();

@@ -15,7 +15,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 
 use common::{Mount, errno};
-use fhirfs::loopback::noise;
+use fhirfs_testserver::noise;
 
 /// How one Binary is answered.
 #[derive(Clone, Copy, PartialEq)]

@@ -4,11 +4,11 @@ use std::ffi::OsStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fhirfs::buffer::body::Body;
-use fhirfs::error::{FsError, SourceError};
-use fhirfs::fs::{FhirFs, FsConfig, Kind, ROOT_INO};
-use fhirfs::source::Listed;
-use fhirfs::source::{Fetched, MemorySource, Reserve, Source, Streamed};
+use fhirfs::Body;
+use fhirfs::Listed;
+use fhirfs::{Fetched, MemorySource, Reserve, Source, Streamed};
+use fhirfs::{FhirFs, FsConfig, Kind, ROOT_INO};
+use fhirfs::{FsError, SourceError};
 
 fn core(source: MemorySource) -> Arc<FhirFs<MemorySource>> {
     FhirFs::new(source, FsConfig::default())

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use common::{Mount, PATIENCE, Server, errno, is_mounted};
-use fhirfs::loopback::{Fault, Quirks, RandomFaults, RawAnswer, SearchFault, noise};
+use fhirfs_testserver::loopback::{Fault, Quirks, RandomFaults, RawAnswer, SearchFault};
+use fhirfs_testserver::noise;
 
 /// Extra time allowed past a deadline for scheduling, the kernel and a loaded machine.
 const SLACK: Duration = Duration::from_millis(2500);

@@ -10,9 +10,9 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
-use fhirfs::fhir::json::JsonBinaryDecoder;
-use fhirfs::fhir::{FhirError, decode_binary, decoded_len, parse_bundle};
-use fhirfs::id::{id_from_name, is_valid_id};
+use fhirfs::JsonBinaryDecoder;
+use fhirfs::{FhirError, decode_binary, decoded_len, parse_bundle};
+use fhirfs::{id_from_name, is_valid_id};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -98,7 +98,7 @@ fn binary_decoder_round_trips_any_content() {
 }
 
 /// `body` fed to the streaming decoder in chunks cut at `cuts` (positions, any order).
-fn decode_streamed(body: &[u8], cuts: &[usize]) -> Result<fhirfs::fhir::Binary, FhirError> {
+fn decode_streamed(body: &[u8], cuts: &[usize]) -> Result<fhirfs::Binary, FhirError> {
     let mut at: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
     at.extend([0, body.len()]);
     at.sort_unstable();

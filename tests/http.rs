@@ -1,11 +1,11 @@
 //! The HTTP source against the in-process loopback FHIR server.
 
 use bytes::Bytes;
-use fhirfs::auth::{Secret, TokenSource};
-use fhirfs::error::SourceError;
-use fhirfs::http::{HttpConfig, HttpSource};
-use fhirfs::loopback::{Fault, LoopbackServer};
-use fhirfs::source::{Fetched, Source};
+use fhirfs::SourceError;
+use fhirfs::{Fetched, Source};
+use fhirfs::{HttpConfig, HttpSource};
+use fhirfs::{Secret, TokenSource};
+use fhirfs_testserver::loopback::{Fault, LoopbackServer};
 use url::Url;
 
 fn source(server: &LoopbackServer, token: Option<&str>) -> HttpSource {
@@ -27,6 +27,11 @@ fn json_fault(body: &'static str) -> Fault {
         content_type: "application/fhir+json; charset=utf-8".into(),
         body: Bytes::from_static(body.as_bytes()),
     }
+}
+
+#[test]
+fn the_test_server_knows_the_id_fhirfs_probes() {
+    assert_eq!(fhirfs_testserver::PROBE_ID, fhirfs::PROBE_ID);
 }
 
 #[tokio::test]
@@ -182,7 +187,7 @@ async fn list_then_fetch_all(source: &HttpSource, docs: &[Vec<u8>]) {
     }
 }
 
-fn source_with(server: &LoopbackServer, mode: fhirfs::http::FetchMode) -> HttpSource {
+fn source_with(server: &LoopbackServer, mode: fhirfs::FetchMode) -> HttpSource {
     let mut config = HttpConfig::new(Url::parse(&server.base_url()).unwrap());
     config.fetch = mode;
     HttpSource::new(config).unwrap()
@@ -200,7 +205,7 @@ async fn seed_pdfs(server: &LoopbackServer) -> Vec<Vec<u8>> {
 
 #[tokio::test]
 async fn auto_mode_switches_to_raw_once_the_server_serves_native_bytes() {
-    use fhirfs::http::FetchMode;
+    use fhirfs::FetchMode;
     let server = LoopbackServer::start().await.unwrap();
     let docs = seed_pdfs(&server).await;
     list_then_fetch_all(&source_with(&server, FetchMode::Auto), &docs).await;
@@ -210,8 +215,8 @@ async fn auto_mode_switches_to_raw_once_the_server_serves_native_bytes() {
 
 #[tokio::test]
 async fn auto_mode_stays_on_json_for_a_server_that_refuses_raw() {
-    use fhirfs::http::FetchMode;
-    use fhirfs::loopback::Quirks;
+    use fhirfs::FetchMode;
+    use fhirfs_testserver::loopback::Quirks;
     let server = LoopbackServer::start().await.unwrap();
     server.set_quirks(Quirks::Microsoft);
     server.set_throttle(None);
@@ -224,7 +229,7 @@ async fn auto_mode_stays_on_json_for_a_server_that_refuses_raw() {
 
 #[tokio::test]
 async fn json_and_raw_modes_ask_for_what_they_say() {
-    use fhirfs::http::FetchMode;
+    use fhirfs::FetchMode;
     for (mode, raw, json) in [(FetchMode::Json, 0, 4), (FetchMode::Raw, 4, 0)] {
         let server = LoopbackServer::start().await.unwrap();
         let docs = seed_pdfs(&server).await;

@@ -10,7 +10,7 @@ mod common;
 #[path = "common/interop.rs"]
 mod interop;
 
-use fhirfs::loopback::noise;
+use fhirfs_testserver::noise;
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::io::Read;

@@ -10,7 +10,8 @@ use std::thread;
 
 use bytes::Bytes;
 use common::{Mount, PATIENCE, Server, errno, is_mounted};
-use fhirfs::loopback::{Fault, noise};
+use fhirfs_testserver::loopback::Fault;
+use fhirfs_testserver::noise;
 
 #[test]
 fn every_file_has_the_servers_bytes_and_size_across_many_pages() {

@@ -8,7 +8,8 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 
 use common::{Mount, Server};
-use fhirfs::loopback::{Quirks, noise};
+use fhirfs_testserver::loopback::Quirks;
+use fhirfs_testserver::noise;
 
 /// One Binary to store and check.
 struct Sample {

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{Mount, Server, errno};
-use fhirfs::loopback::{Fault, noise};
+use fhirfs_testserver::loopback::Fault;
+use fhirfs_testserver::noise;
 
 /// Stores `n` Binaries `f00`, `f01`, ... of `len` bytes; the server lists them in an order of
 /// its own (not by name), so that listing order and name order differ.

@@ -13,7 +13,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Mount, PATIENCE, Server, errno};
-use fhirfs::loopback::{Fault, noise};
+use fhirfs_testserver::loopback::Fault;
+use fhirfs_testserver::noise;
 
 const MIB: usize = 1 << 20;
 /// The test file: four pieces of the daemon's 1 MiB streaming segments.
@@ -22,7 +23,7 @@ const LEN: usize = 4 * MIB;
 const HELD_AT: usize = 2 * MIB + MIB / 2;
 
 /// Starts a server with `big` (LEN bytes of noise) held at HELD_AT, and mounts it reading raw.
-fn held_mount(timeout: &str) -> (Server, Mount, Vec<u8>, fhirfs::loopback::BodyGate) {
+fn held_mount(timeout: &str) -> (Server, Mount, Vec<u8>, fhirfs_testserver::loopback::BodyGate) {
     let server = Server::start();
     let bytes = noise(LEN, 7);
     server.server.put("big", "application/pdf", bytes.clone());

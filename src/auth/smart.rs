@@ -112,7 +112,8 @@ impl SmartClient {
     }
 
     /// The signing algorithm chosen from the key.
-    pub fn algorithm(&self) -> Algorithm {
+    #[cfg(test)]
+    fn algorithm(&self) -> Algorithm {
         self.algorithm
     }
 

@@ -442,11 +442,6 @@ impl<S: Source> FhirFs<S> {
         &self.stats
     }
 
-    /// The settings.
-    pub fn config(&self) -> &FsConfig {
-        &self.config
-    }
-
     /// Sets the hook that tells the kernel to drop cached attributes and pages of an inode.
     pub fn set_invalidator(&self, invalidator: Invalidator) {
         let _ = self.invalidator.set(invalidator);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use fhirfs::loopback::LoopbackServer;
+use fhirfs_testserver::loopback::LoopbackServer;
 
 /// How long a mount may take to come up, or a process to end, before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);

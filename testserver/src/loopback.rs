@@ -1,4 +1,4 @@
-//! An in-memory FHIR server for `Binary` resources on 127.0.0.1, used by tests and the demo.
+//! An in-memory FHIR server for `Binary` resources on 127.0.0.1, used by tests.
 //!
 //! By default it answers like a well-behaved server. For the hardening tests it can also
 //! imitate the quirks of real servers ([`Quirks`], as FHIR-NOTES.md records them), and inject
@@ -24,9 +24,12 @@ use time::format_description::BorrowedFormatItem;
 use time::macros::format_description;
 use tokio::sync::watch;
 
-use crate::http::PROBE_ID;
+use crate::PROBE_ID;
+use crate::fhir::{
+    FHIR_JSON, INSTANT, accept_starts_with_fhir_json, accepts_json, if_none_match, leaves_data_out,
+    outcome_json, param, wants_json,
+};
 
-const FHIR_JSON: &str = "application/fhir+json";
 /// Page size when a search has no `_count` (HAPI's default).
 const DEFAULT_COUNT: usize = 20;
 /// Largest page by default, whatever `_count` asks (HAPI caps pages too).
@@ -41,8 +44,6 @@ const FLUSH_PAUSE: Duration = Duration::from_millis(20);
 /// Size of the made-up content sent by `Truncated`/`Reset` for an id that is not stored.
 const FILLER_BYTES: usize = 4096;
 const SUBSETTED_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
-const INSTANT: &[BorrowedFormatItem<'_>] =
-    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
 /// HAPI writes instants with an explicit offset.
 const HAPI_INSTANT: &[BorrowedFormatItem<'_>] = format_description!(
     "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3][offset_hour sign:mandatory]:[offset_minute]"
@@ -630,32 +631,6 @@ impl LoopbackServer {
         // The sender lives as long as `self`, so this only returns once the condition holds.
         let _ = counts.wait_for(condition).await;
     }
-}
-
-/// Deterministic pseudo-random bytes (xorshift) for test and benchmark data: the same `seed`
-/// always gives the same bytes, so failures can be reproduced.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// A server with the demo's sample Binaries already stored.
-pub async fn demo() -> std::io::Result<LoopbackServer> {
-    let server = LoopbackServer::start().await?;
-    let pdf: &'static [u8] = include_bytes!("../assets/demo/report.pdf");
-    let png: &'static [u8] = include_bytes!("../assets/demo/scan.png");
-    let txt: &'static [u8] = include_bytes!("../assets/demo/notes.txt");
-    server.put("report-pdf", "application/pdf", pdf);
-    server.put("scan-png", "image/png", png);
-    server.put("notes-txt", "text/plain", txt);
-    Ok(server)
 }
 
 impl Inner {
@@ -1357,66 +1332,6 @@ fn outcome_entry() -> Value {
     })
 }
 
-/// Whether the client asked for the FHIR JSON form, as HAPI decides it: the default when it
-/// names no type (`_format` or `Accept`); also used by `examples/bench_server.rs`.
-pub fn wants_json(headers: &HeaderMap, params: &[(String, String)]) -> bool {
-    accepts_json(headers, params, false)
-}
-
-/// Whether the request accepts the FHIR JSON form: `_format=json`, no or an empty Accept, or an
-/// Accept naming a JSON type (or `*/*` when `star` counts, as Microsoft's server has it).
-fn accepts_json(headers: &HeaderMap, params: &[(String, String)], star: bool) -> bool {
-    let json_type = |t: &str| matches!(t, "json" | FHIR_JSON | "application/json");
-    if param(params, "_format").is_some_and(json_type) {
-        return true;
-    }
-    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
-        return true;
-    };
-    accept.trim().is_empty()
-        || media_ranges(accept).any(|media| json_type(&media) || (star && media == "*/*"))
-}
-
-/// Medplum: FHIR JSON only when the Accept header starts with `application/fhir+json`.
-fn accept_starts_with_fhir_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|accept| accept.trim_start().starts_with(FHIR_JSON))
-}
-
-/// The media ranges of an Accept header, lowercased, without parameters.
-fn media_ranges(accept: &str) -> impl Iterator<Item = String> + '_ {
-    accept
-        .split(',')
-        .filter_map(|item| item.split(';').next())
-        .map(|media| media.trim().to_ascii_lowercase())
-}
-
-/// The first value of query parameter `name`.
-fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-}
-
-/// Whether `_elements` (without `data`) or `_summary=true|text` ask for the resource without
-/// its `data`.
-pub fn leaves_data_out(params: &[(String, String)]) -> bool {
-    let no_data_element =
-        param(params, "_elements").is_some_and(|v| !v.split(',').any(|e| e.trim() == "data"));
-    no_data_element || param(params, "_summary").is_some_and(|v| matches!(v, "true" | "text"))
-}
-
-/// Whether `If-None-Match` names `etag` (weak comparison) or `*`.
-fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
-    let bare = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
-    headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|tag| tag.trim() == "*" || bare(tag) == bare(etag))
-}
-
 /// A UUID-shaped versionId (8-4-4-4-12 hex, version 4 and variant bits set), the same for the
 /// same id and version number: Medplum names versions by UUID.
 fn uuid_of(id: &str, version: u64) -> String {
@@ -1450,19 +1365,7 @@ fn with_retry_after(mut response: Response, value: &str) -> Response {
 /// A FHIR error answer: `status` with a one-issue OperationOutcome.
 fn outcome(status: u16, diagnostics: &str) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let code = match status.as_u16() {
-        400 => "invalid",
-        401 => "login",
-        403 => "forbidden",
-        404 => "not-found",
-        406 => "not-supported",
-        410 => "deleted",
-        429 => "throttled",
-        _ => "exception",
-    };
-    let issue = json!({"severity": "error", "code": code, "diagnostics": diagnostics});
-    let body = json!({"resourceType": "OperationOutcome", "issue": [issue]});
-    fhir_json(status, body.to_string())
+    fhir_json(status, outcome_json(status.as_u16(), diagnostics).to_string())
 }
 
 fn fhir_json(status: StatusCode, body: String) -> Response {
@@ -1640,6 +1543,19 @@ mod tests {
         gate.release();
         assert_eq!(first.await.unwrap(), 200);
         assert_eq!(second.await.unwrap(), 200);
+    }
+
+    /// A server with fhirfs's demo Binaries.
+    async fn demo() -> std::io::Result<LoopbackServer> {
+        let server = LoopbackServer::start().await?;
+        server.put(
+            "report-pdf",
+            "application/pdf",
+            &include_bytes!("../../assets/demo/report.pdf")[..],
+        );
+        server.put("scan-png", "image/png", &include_bytes!("../../assets/demo/scan.png")[..]);
+        server.put("notes-txt", "text/plain", &include_bytes!("../../assets/demo/notes.txt")[..]);
+        Ok(server)
     }
 
     #[tokio::test]

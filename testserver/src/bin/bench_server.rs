@@ -2,7 +2,7 @@
 //! as `Bytes` clones, so that a benchmark measures the mount, not the server.
 //!
 //! ```text
-//! cargo run --release --example bench_server -- [OPTIONS]
+//! cargo run --release -p fhirfs-testserver --bin bench_server -- [OPTIONS]
 //!   --port P             listen on 127.0.0.1:P (default 0: any free port)
 //!   --files N            N Binaries named f00000, f00001, ... of --size bytes each
 //!   --size SIZE          size of the --files Binaries (default 1KiB); 1KiB = 1024, 1KB = 1000
@@ -45,12 +45,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use bytes::{Bytes, BytesMut};
+use fhirfs_testserver::fhir::{
+    FHIR_JSON, if_none_match, instant, leaves_data_out, outcome_json, param, wants_json,
+};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use time::OffsetDateTime;
-use time::macros::format_description;
 
-const FHIR_JSON: &str = "application/fhir+json";
 /// Content type of every Binary.
 const CONTENT_TYPE: &str = "application/octet-stream";
 /// Content repeats every this many bytes; a multiple of 3, so the base64 of each block is
@@ -348,13 +348,6 @@ fn pseudo_random(id: &str, len: usize) -> Vec<u8> {
     out
 }
 
-/// A FHIR instant with milliseconds, e.g. `2024-05-06T07:08:09.123Z`.
-fn instant(t: SystemTime) -> String {
-    let format =
-        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
-    OffsetDateTime::from(t).format(format).unwrap_or_default()
-}
-
 impl Binary {
     fn encode(base: &str, id: &str, size: usize, last_updated: &str) -> Binary {
         let block = Bytes::from(pseudo_random(id, size.min(BLOCK_BYTES)));
@@ -456,18 +449,12 @@ impl Server {
         response
     }
 
-    fn outcome(&self, status: StatusCode, code: &str, diagnostics: &str) -> Response {
-        let issue = json!({"severity": "error", "code": code, "diagnostics": diagnostics});
-        let body = json!({"resourceType": "OperationOutcome", "issue": [issue]});
+    fn outcome(&self, status: StatusCode, diagnostics: &str) -> Response {
+        let body = outcome_json(status.as_u16(), diagnostics);
         let mut segments = Segments::default();
         segments.push_str(&body.to_string());
         self.answer(status, FHIR_JSON, &segments)
     }
-}
-
-/// The first value of query parameter `name`.
-fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 /// A cursor names (offset, count, with data); opaque to clients.
@@ -507,7 +494,7 @@ async fn search(
             Some(page) => page,
             None => {
                 Stats::add(&server.stats.bad_requests, 1);
-                return server.outcome(StatusCode::BAD_REQUEST, "invalid", "unknown cursor");
+                return server.outcome(StatusCode::BAD_REQUEST, "unknown cursor");
             }
         },
         None => {
@@ -516,10 +503,10 @@ async fn search(
                 Some(Ok(n)) => n,
                 Some(Err(_)) => {
                     Stats::add(&server.stats.bad_requests, 1);
-                    return server.outcome(StatusCode::BAD_REQUEST, "invalid", "invalid _count");
+                    return server.outcome(StatusCode::BAD_REQUEST, "invalid _count");
                 }
             };
-            (0, count, server.listing_data || !fhirfs::loopback::leaves_data_out(&params))
+            (0, count, server.listing_data || !leaves_data_out(&params))
         }
     };
     let size = count.min(server.page_cap);
@@ -556,17 +543,6 @@ async fn search(
     server.answer(StatusCode::OK, FHIR_JSON, &body)
 }
 
-/// Whether `If-None-Match` names version 1 (weak comparison) or `*`.
-fn not_modified(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|tag| tag.trim().trim_start_matches("W/"))
-        .any(|tag| tag == "*" || tag == "\"1\"")
-}
-
 async fn read(
     State(server): State<Arc<Server>>,
     Path(id): Path<String>,
@@ -581,18 +557,18 @@ async fn read(
     let Some(binary) = server.index.get(&id).map(|&i| &server.binaries[i]) else {
         Stats::add(&stats.not_found, 1);
         let text = format!("Binary/{id} is not known");
-        return server.outcome(StatusCode::NOT_FOUND, "not-found", &text);
+        return server.outcome(StatusCode::NOT_FOUND, &text);
     };
     let validators = [
         (header::ETAG, HeaderValue::from_static("W/\"1\"")),
         (header::LAST_MODIFIED, server.last_modified.clone()),
     ];
-    if not_modified(&headers) {
+    if if_none_match(&headers, "W/\"1\"") {
         Stats::add(&stats.not_modified, 1);
         return (StatusCode::NOT_MODIFIED, validators).into_response();
     }
-    let json = fhirfs::loopback::wants_json(&headers, &params);
-    let summary = json && fhirfs::loopback::leaves_data_out(&params);
+    let json = wants_json(&headers, &params);
+    let summary = json && leaves_data_out(&params);
     if method == Method::HEAD {
         Stats::add(&stats.heads, 1);
     } else if summary {
