@@ -371,11 +371,21 @@ impl Args {
     }
 }
 
+/// A value that is not a number of seconds.
+#[derive(Debug, thiserror::Error)]
+pub enum SecondsError {
+    /// Not a number at all.
+    #[error("{0:?} is not a number of seconds")]
+    NotANumber(String),
+    /// A number no duration can be: negative, too large, not finite.
+    #[error("{0:?} is not a duration in seconds")]
+    OutOfRange(String),
+}
+
 /// Parses a number of seconds, fractions allowed ("0.5", "60").
-fn seconds(text: &str) -> Result<Duration, String> {
-    let secs: f64 =
-        text.trim().parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("{text:?} is not a duration in seconds"))
+fn seconds(text: &str) -> Result<Duration, SecondsError> {
+    let secs: f64 = text.trim().parse().map_err(|_| SecondsError::NotANumber(text.to_owned()))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| SecondsError::OutOfRange(text.to_owned()))
 }
 
 #[cfg(test)]

@@ -90,10 +90,29 @@ impl fmt::Debug for Auth {
     }
 }
 
-fn read_token_file(path: &std::path::Path) -> Result<Secret, String> {
+/// Why a token file gave no token.
+#[derive(Debug, thiserror::Error)]
+enum TokenFileError {
+    /// The file could not be read.
+    #[error("cannot read the token file {}: {source}", path.display())]
+    Unreadable {
+        /// The token file.
+        path: std::path::PathBuf,
+        /// What reading it said.
+        source: std::io::Error,
+    },
+    /// The file holds nothing but whitespace.
+    #[error("the token file {} is empty", path.display())]
+    Empty {
+        /// The token file.
+        path: std::path::PathBuf,
+    },
+}
+
+fn read_token_file(path: &std::path::Path) -> Result<Secret, TokenFileError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
-    Secret::new(&text).ok_or_else(|| format!("the token file {} is empty", path.display()))
+        .map_err(|source| TokenFileError::Unreadable { path: path.to_owned(), source })?;
+    Secret::new(&text).ok_or_else(|| TokenFileError::Empty { path: path.to_owned() })
 }
 
 impl Auth {

@@ -21,6 +21,15 @@ pub fn instant(t: SystemTime) -> String {
     OffsetDateTime::from(t).format(INSTANT).unwrap_or_default()
 }
 
+/// A searchset Bundle of `total` matches with its `self` and `next` links and no entries yet.
+pub fn searchset(total: usize, self_url: &str, next: Option<&str>) -> Value {
+    let mut links = vec![json!({"relation": "self", "url": self_url})];
+    if let Some(next) = next {
+        links.push(json!({"relation": "next", "url": next}));
+    }
+    json!({"resourceType": "Bundle", "type": "searchset", "total": total, "link": links})
+}
+
 /// A one-issue OperationOutcome for an answer of `status`.
 pub fn outcome_json(status: u16, diagnostics: &str) -> Value {
     let code = match status {

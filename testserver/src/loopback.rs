@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use crate::PROBE_ID;
 use crate::fhir::{
     FHIR_JSON, INSTANT, accept_starts_with_fhir_json, accepts_json, if_none_match, leaves_data_out,
-    outcome_json, param, wants_json,
+    outcome_json, param, searchset, wants_json,
 };
 
 /// Page size when a search has no `_count` (HAPI's default).
@@ -936,17 +936,8 @@ impl Inner {
             entries.insert(0, patient_entry(&base));
             entries.push(outcome_entry());
         }
-        let mut links = vec![json!({"relation": "self", "url": url})];
-        if let Some(next) = next {
-            links.push(json!({"relation": "next", "url": next}));
-        }
-        let bundle = json!({
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "total": total,
-            "link": links,
-            "entry": entries,
-        });
+        let mut bundle = searchset(total, &url, next.as_deref());
+        bundle["entry"] = entries.into();
         let pretty = param(params, "_pretty") == Some("true");
         fhir_json(StatusCode::OK, state.render(&bundle, pretty))
     }

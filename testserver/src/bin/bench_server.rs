@@ -46,7 +46,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use bytes::{Bytes, BytesMut};
 use fhirfs_testserver::fhir::{
-    FHIR_JSON, if_none_match, instant, leaves_data_out, outcome_json, param, wants_json,
+    FHIR_JSON, if_none_match, instant, leaves_data_out, outcome_json, param, searchset, wants_json,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -513,19 +513,10 @@ async fn search(
     let total = server.binaries.len();
     let start = offset.min(total);
     let end = start.saturating_add(size).min(total);
-    let mut links = vec![json!({"relation": "self", "url": format!("{}/Binary?_cursor={}",
-        server.base, cursor(offset, count, with_data))})];
-    if size > 0 && end < total {
-        let next = format!("{}/Binary?_cursor={}", server.base, cursor(end, count, with_data));
-        links.push(json!({"relation": "next", "url": next}));
-    }
-    let head = json!({
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": total,
-        "link": links,
-    })
-    .to_string();
+    let self_url = format!("{}/Binary?_cursor={}", server.base, cursor(offset, count, with_data));
+    let next = (size > 0 && end < total)
+        .then(|| format!("{}/Binary?_cursor={}", server.base, cursor(end, count, with_data)));
+    let head = searchset(total, &self_url, next.as_deref()).to_string();
     let mut body = Segments::default();
     body.push_str(head.strip_suffix('}').unwrap_or(&head));
     body.push_str(",\"entry\":[");
