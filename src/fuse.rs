@@ -237,16 +237,11 @@ impl<S: Source> Filesystem for FuseAdapter<S> {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir(fh.0, offset) {
-            Ok(entries) => {
-                for entry in entries {
-                    let ino = INodeNo(entry.ino);
-                    if reply.add(ino, entry.next_offset, file_type(entry.kind), &entry.name) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
+        let added = self.fs.readdir(fh.0, offset, |entry| {
+            reply.add(INodeNo(entry.ino), entry.next_offset, file_type(entry.kind), entry.name)
+        });
+        match added {
+            Ok(_) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -140,9 +140,9 @@ pub struct Opened {
     pub keep_cache: bool,
 }
 
-/// One entry of `readdir`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirEntry {
+/// One entry of `readdir`, borrowed from the folder's snapshot: giving one costs no copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirEntry<'a> {
     /// Its inode.
     pub ino: u64,
     /// The offset to resume after this entry.
@@ -150,7 +150,7 @@ pub struct DirEntry {
     /// File or folder.
     pub kind: Kind,
     /// Its name.
-    pub name: String,
+    pub name: &'a str,
 }
 
 /// Fetched bytes of one version of a Binary.
@@ -847,23 +847,39 @@ impl<S: Source> FhirFs<S> {
         Ok(fh)
     }
 
-    /// Entries of an open folder from `offset` on (`.` and `..` first).
-    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<DirEntry>, FsError> {
-        let handles = lock(&self.handles);
-        let Some(Handle::Dir(entries)) = handles.get(&fh) else {
-            return Err(FsError::BadHandle);
+    /// Gives the entries of an open folder from `offset` on (`.` and `..` first) to `add`, one
+    /// at a time, until `add` says the reply is full (returns true) or the folder ends; returns
+    /// how many it gave. The work is in proportion to the entries given, wherever `offset` is:
+    /// the kernel reads a large folder in many calls of a few dozen entries each, so work in
+    /// proportion to the folder would make a walk of it quadratic.
+    pub fn readdir(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(DirEntry<'_>) -> bool,
+    ) -> Result<usize, FsError> {
+        let entries = match lock(&self.handles).get(&fh) {
+            Some(Handle::Dir(entries)) => Arc::clone(entries),
+            _ => return Err(FsError::BadHandle),
         };
-        let dots = [(ROOT_INO, "."), (ROOT_INO, "..")];
-        let dots = dots.into_iter().map(|(ino, name)| (ino, Kind::Dir, name));
-        let files = entries.iter().map(|(ino, id)| (*ino, Kind::File, id.as_str()));
-        let all = dots.chain(files).enumerate().skip(usize::try_from(offset).unwrap_or(usize::MAX));
-        let entries = all.map(|(i, (ino, kind, name))| DirEntry {
-            ino,
-            next_offset: i as u64 + 1,
-            kind,
-            name: name.to_owned(),
-        });
-        Ok(entries.collect())
+        const DOTS: [&str; 2] = [".", ".."];
+        let end = entries.len() + DOTS.len();
+        let offset = usize::try_from(offset).unwrap_or(usize::MAX).min(end);
+        let mut given = 0;
+        for index in offset..end {
+            let (ino, kind, name) = match index.checked_sub(DOTS.len()) {
+                None => (ROOT_INO, Kind::Dir, DOTS[index]),
+                Some(file) => match entries.get(file) {
+                    Some((ino, name)) => (*ino, Kind::File, name.as_str()),
+                    None => break,
+                },
+            };
+            given += 1;
+            if add(DirEntry { ino, next_offset: index as u64 + 1, kind, name }) {
+                break;
+            }
+        }
+        Ok(given)
     }
 
     /// Extended attributes of an inode: `user.mime_type` (the freedesktop name for the
