@@ -866,16 +866,19 @@ impl<S: Source> FhirFs<S> {
         let end = entries.len() + DOTS.len();
         let offset = usize::try_from(offset).unwrap_or(usize::MAX).min(end);
         let mut given = 0;
-        for index in offset..end {
+        // Indexing, not an iterator: skipping to `offset` must not step through what is before.
+        let mut index = offset;
+        while index < end {
             let (ino, kind, name) = match index.checked_sub(DOTS.len()) {
                 None => (ROOT_INO, Kind::Dir, DOTS[index]),
-                Some(file) => match entries.get(file) {
-                    Some((ino, name)) => (*ino, Kind::File, name.as_str()),
-                    None => break,
-                },
+                Some(file) => {
+                    let (ino, name) = &entries[file];
+                    (*ino, Kind::File, name.as_str())
+                }
             };
             given += 1;
-            if add(DirEntry { ino, next_offset: index as u64 + 1, kind, name }) {
+            index += 1;
+            if add(DirEntry { ino, next_offset: index as u64, kind, name }) {
                 break;
             }
         }
