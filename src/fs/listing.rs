@@ -59,9 +59,10 @@ impl<S: Source> FhirFs<S> {
                 }
                 _ => id,
             };
-            if let Some(node) = nodes.by_ino.get_mut(&ino) {
-                node.index = Some(index);
-            }
+            let Some(node) = nodes.by_ino.get_mut(&ino) else { continue };
+            node.index = Some(index);
+            // The bare id: the node's copy, not a new one.
+            let name = if *node.id == *name { Arc::clone(&node.id) } else { Arc::from(name) };
             snapshot.push((ino, name));
         }
         // Byte order of the names, as rsync sorts them.

@@ -167,22 +167,23 @@ pub struct Content {
 }
 
 struct Node {
-    id: String,
+    /// The id, shared with `Nodes::by_id` and the listing snapshots (one copy per Binary).
+    id: Arc<str>,
     meta: Meta,
     /// When the server last confirmed `meta` (by a listing or a fetch).
     checked: Option<Instant>,
     /// When a listing last confirmed `meta`.
     listed: Option<Instant>,
-    /// What the kernel's page cache holds, from the last open.
-    kernel: Option<KernelPages>,
+    /// What the kernel's page cache holds, from the last open (boxed, as `pin`).
+    kernel: Option<Box<KernelPages>>,
     /// Position in the latest listing.
     index: Option<usize>,
     /// Position in the latest listing sorted by name.
     name_index: Option<usize>,
     /// A size read-ahead fetch is queued or running.
     prefetching: bool,
-    /// The version held by open files, if any.
-    pin: Option<Pin>,
+    /// The version held by open files, if any (boxed: few files are open, every node has one).
+    pin: Option<Box<Pin>>,
     /// The server's version changed while pinned: tell the kernel when the pin goes.
     changed_while_pinned: bool,
 }
@@ -197,10 +198,48 @@ struct Pin {
     handles: u32,
 }
 
+/// The nodes, indexed by inode number. Inodes are handed out densely from 2 and never
+/// reused within a mount, so a vector holds them: a hash map of a million nodes would keep
+/// about twice as many slots as nodes.
+#[derive(Default)]
+struct NodeTable(Vec<Node>);
+
+impl NodeTable {
+    fn slot(ino: u64) -> Option<usize> {
+        usize::try_from(ino.checked_sub(ROOT_INO + 1)?).ok()
+    }
+
+    fn get(&self, ino: &u64) -> Option<&Node> {
+        self.0.get(Self::slot(*ino)?)
+    }
+
+    fn get_mut(&mut self, ino: &u64) -> Option<&mut Node> {
+        self.0.get_mut(Self::slot(*ino)?)
+    }
+
+    /// The next inode number.
+    fn next_ino(&self) -> u64 {
+        self.0.len() as u64 + ROOT_INO + 1
+    }
+
+    /// Adds the node of [`next_ino`](Self::next_ino).
+    fn push(&mut self, node: Node) {
+        self.0.push(node);
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Node> {
+        self.0.iter()
+    }
+}
+
 #[derive(Default)]
 struct Nodes {
-    by_ino: HashMap<u64, Node>,
-    by_id: HashMap<String, u64>,
+    by_ino: NodeTable,
+    by_id: HashMap<Arc<str>, u64>,
     /// Listed names that are not bare ids (`<id>.<ext>` with --extensions).
     by_name: HashMap<String, u64>,
     /// Listing position of the last lookup that needed a size, and how many such lookups in
@@ -232,7 +271,7 @@ impl Node {
     fn keeps_kernel_pages(&mut self, content: &Content) -> bool {
         let keep = self.kernel.as_ref().is_some_and(|k| k.generation == content.generation);
         let version = content.version_id.clone();
-        self.kernel = Some(KernelPages { generation: content.generation, version });
+        self.kernel = Some(Box::new(KernelPages { generation: content.generation, version }));
         keep
     }
 }
@@ -243,9 +282,10 @@ impl Nodes {
             return ino;
         }
         // Inodes count up from 2 and are never reused within a mount.
-        let ino = self.by_ino.len() as u64 + ROOT_INO + 1;
+        let ino = self.by_ino.next_ino();
+        let id: Arc<str> = Arc::from(id);
         let node = Node {
-            id: id.to_owned(),
+            id: Arc::clone(&id),
             meta: Meta::default(),
             checked: None,
             listed: None,
@@ -256,13 +296,15 @@ impl Nodes {
             pin: None,
             changed_while_pinned: false,
         };
-        self.by_ino.insert(ino, node);
-        self.by_id.insert(id.to_owned(), ino);
+        self.by_ino.push(node);
+        self.by_id.insert(id, ino);
         ino
     }
 }
 
-type Snapshot = Arc<Vec<(u64, String)>>;
+/// A listing as readdir gives it: inode and name, in the server's order. A name that is the
+/// bare id shares the node's copy of it.
+type Snapshot = Arc<Vec<(u64, Arc<str>)>>;
 
 /// A content cache entry: the bytes, which eviction takes out at once.
 #[derive(Clone)]
@@ -620,7 +662,7 @@ impl<S: Source> FhirFs<S> {
 
     fn id_of(&self, ino: u64) -> Result<String, FsError> {
         let nodes = lock(&self.nodes);
-        nodes.by_ino.get(&ino).map(|n| n.id.clone()).ok_or(FsError::NoEntry)
+        nodes.by_ino.get(&ino).map(|n| n.id.to_string()).ok_or(FsError::NoEntry)
     }
 
     /// Looks up `name` in the folder `parent`. Any valid FHIR id can be looked up, listed or not;
@@ -706,7 +748,8 @@ impl<S: Source> FhirFs<S> {
                 // failed one keep it, and their release does not count against this pin.
                 let content = node.join_pin(Some(&fetched)).unwrap_or_else(|| {
                     let meta = node.meta.clone();
-                    node.pin = Some(Pin { content: Arc::clone(&fetched), meta, handles: 1 });
+                    node.pin =
+                        Some(Box::new(Pin { content: Arc::clone(&fetched), meta, handles: 1 }));
                     fetched
                 });
                 let keep_cache = node.keeps_kernel_pages(&content);
@@ -757,7 +800,7 @@ impl<S: Source> FhirFs<S> {
             Content { body, version_id: Some(version), generation, validated: Instant::now() };
         let content = Arc::new(content);
         let meta = node.meta.clone();
-        node.pin = Some(Pin { content: Arc::clone(&content), meta, handles: 1 });
+        node.pin = Some(Box::new(Pin { content: Arc::clone(&content), meta, handles: 1 }));
         Some((content, true))
     }
 
@@ -873,7 +916,7 @@ impl<S: Source> FhirFs<S> {
                 None => (ROOT_INO, Kind::Dir, DOTS[index]),
                 Some(file) => {
                     let (ino, name) = &entries[file];
-                    (*ino, Kind::File, name.as_str())
+                    (*ino, Kind::File, &**name)
                 }
             };
             given += 1;

@@ -225,7 +225,7 @@ impl<S: Source> FhirFs<S> {
     }
 
     /// The next files of `walk`: inode, id and size (when known), within `--read-ahead`.
-    pub(super) fn window(&self, walk: Walk) -> Vec<(u64, String, Option<u64>)> {
+    pub(super) fn window(&self, walk: Walk) -> Vec<(u64, Arc<str>, Option<u64>)> {
         let inos: Vec<u64> = match walk.order {
             Order::Listing => {
                 let order = Arc::clone(&lock(&self.order));
@@ -251,8 +251,7 @@ impl<S: Source> FhirFs<S> {
         }
         let windows: Vec<_> = walks.iter().map(|walk| self.window(*walk)).collect();
         {
-            let held: HashSet<&str> =
-                windows.iter().flatten().map(|(_, id, _)| id.as_str()).collect();
+            let held: HashSet<&str> = windows.iter().flatten().map(|(_, id, _)| &**id).collect();
             lock(&self.ahead_budget).retain(|id| held.contains(id));
         }
         for (walk, window) in walks.iter().zip(windows) {
@@ -265,14 +264,14 @@ impl<S: Source> FhirFs<S> {
     pub(super) fn read_ahead_files(
         self: &Arc<Self>,
         order: Order,
-        window: Vec<(u64, String, Option<u64>)>,
+        window: Vec<(u64, Arc<str>, Option<u64>)>,
     ) {
         let wanted: Vec<_> = window
             .into_iter()
             .filter(|(_, id, _)| {
                 !self.known_missing(id)
                     && self.fresh_content(id).is_none()
-                    && !lock(&self.inflight).contains_key(id)
+                    && !lock(&self.inflight).contains_key(&**id)
             })
             .collect();
         let mut picked = Vec::new();
@@ -304,7 +303,7 @@ impl<S: Source> FhirFs<S> {
             debug!(files = picked.len(), ?order, "fetching ahead of a walk");
         }
         for id in picked {
-            self.fetch_ahead(id);
+            self.fetch_ahead(id.to_string());
         }
     }
 }
