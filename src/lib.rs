@@ -28,6 +28,7 @@ pub mod fuse;
 pub mod http;
 pub mod id;
 pub mod loopback;
+pub mod manpage;
 pub mod run;
 pub mod source;
 pub mod stats;
