@@ -28,6 +28,7 @@ mod fs;
 mod fuse;
 mod http;
 mod id;
+pub mod manpage;
 pub mod run;
 mod source;
 mod stats;
