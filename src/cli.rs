@@ -195,6 +195,11 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value = "60", value_parser = seconds)]
     pub dir_ttl: Duration,
 
+    /// Seconds between full listings; refreshes in between ask only for what changed, where
+    /// the server can tell (0: every refresh lists everything).
+    #[arg(long, value_name = "SECS", default_value = "3600", value_parser = seconds)]
+    pub full_relist: Duration,
+
     /// Seconds fetched content is served before the server is asked again (fractions allowed).
     #[arg(long, value_name = "SECS", default_value = "300", value_parser = seconds)]
     pub cache_ttl: Duration,
@@ -367,6 +372,7 @@ impl Args {
             gid: self.gid.unwrap_or(gid),
             extensions: self.extensions,
             read_ahead: self.read_ahead,
+            full_relist: self.full_relist,
         }
     }
 }

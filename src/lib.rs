@@ -40,9 +40,9 @@ pub use buffer::body::Body;
 pub use error::{FsError, SourceError};
 pub use fhir::json::JsonBinaryDecoder;
 pub use fhir::{Binary, FhirError, decode_binary, decoded_len, format_instant, parse_bundle};
-pub use fs::{FhirFs, FsConfig, Kind, ROOT_INO};
+pub use fs::{DEFAULT_FULL_RELIST, FhirFs, FsConfig, Kind, ROOT_INO};
 pub use http::{FetchMode, HttpConfig, HttpSource, PROBE_ID};
 pub use id::{id_from_name, is_valid_id};
 #[cfg(feature = "test-util")]
 pub use source::MemorySource;
-pub use source::{Fetched, Listed, Reserve, Source, Streamed};
+pub use source::{Changes, Fetched, Listed, Reserve, Source, Streamed};

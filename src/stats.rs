@@ -19,6 +19,10 @@ pub struct Stats {
     pub errors: AtomicU64,
     /// Files fetched ahead of a program walking the folder.
     pub read_ahead: AtomicU64,
+    /// Listings in full.
+    pub listings: AtomicU64,
+    /// Refreshes of the listing by what changed.
+    pub refreshes: AtomicU64,
     /// HTTP answers by status (every try, retries included; 0 = no answer).
     statuses: Mutex<BTreeMap<u16, u64>>,
 }
@@ -47,12 +51,14 @@ impl fmt::Display for Stats {
         write!(
             f,
             "cache_hits={} cache_misses={} bytes_served={} errors={} read_ahead={} \
-             gets_by_status={{",
+             listings={} refreshes={} gets_by_status={{",
             get(&self.cache_hits),
             get(&self.cache_misses),
             get(&self.bytes_served),
             get(&self.errors),
-            get(&self.read_ahead)
+            get(&self.read_ahead),
+            get(&self.listings),
+            get(&self.refreshes)
         )?;
         for (i, (status, n)) in self.statuses().iter().enumerate() {
             let sep = if i == 0 { "" } else { "," };
@@ -77,7 +83,7 @@ mod tests {
         assert_eq!(
             stats.to_string(),
             "cache_hits=2 cache_misses=0 bytes_served=10 errors=0 read_ahead=0 \
-             gets_by_status={200:2,404:1}"
+             listings=0 refreshes=0 gets_by_status={200:2,404:1}"
         );
     }
 }

@@ -502,6 +502,45 @@ fn rsync(src: &Path, dest: &Path) -> String {
 }
 
 #[test]
+fn a_refresh_by_history_shows_a_create_an_update_and_a_delete() {
+    let suite = suite();
+    let server = &suite.server;
+    let _writer = suite.writer();
+    let kept = server.create(OCTETS, b"kept");
+    let updated = server.create(OCTETS, b"before the update");
+    let deleted = server.create(OCTETS, b"deleted soon");
+    let proxy = server.proxy();
+    // `--dir-ttl 0`: every listing is a refresh, with no waiting for a TTL.
+    let mount = suite.mount_at(&proxy.base, server.token.as_deref(), &["--dir-ttl", "0"]);
+    let names = listed(&mount);
+    for id in [&kept.id, &updated.id, &deleted.id] {
+        assert!(names.contains(id), "{id} is not listed");
+    }
+    let full = proxy.counts();
+
+    let created = server.create(TEXT, b"created after the listing");
+    server.update(&updated.id, OCTETS, b"after the update, and longer");
+    server.delete(&deleted.id);
+    let names = listed(&mount);
+    let after = proxy.counts();
+    assert!(names.contains(&created.id), "the new Binary is not listed");
+    assert!(names.contains(&kept.id) && names.contains(&updated.id));
+    assert!(!names.contains(&deleted.id), "the deleted Binary is still listed");
+    assert_eq!(after.searches, full.searches, "the refresh listed in full: {after:?}");
+    // A page or more: everything the suite created in the last minutes is within the margin.
+    assert!(after.histories > full.histories, "no history request: {after:?}");
+    let path = mount.path(&updated.id);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 28);
+    assert_eq!(std::fs::read(&path).unwrap(), b"after the update, and longer");
+    assert_eq!(std::fs::read(mount.path(&created.id)).unwrap(), b"created after the listing");
+    let gone = std::fs::metadata(mount.path(&deleted.id)).unwrap_err();
+    assert_eq!(errno(gone), libc::ENOENT);
+    server.delete(&created.id);
+    server.delete(&kept.id);
+    server.delete(&updated.id);
+}
+
+#[test]
 fn rsync_twice_changes_nothing_and_fetches_no_content_the_second_time() {
     let suite = suite();
     let server = &suite.server;
@@ -538,6 +577,9 @@ fn rsync_twice_changes_nothing_and_fetches_no_content_the_second_time() {
         before.content_read_total(),
         "the second run fetched content: before {before:?}, after {after:?}"
     );
+    // Its listings were refreshes by what changed (nothing), not the folder's pages again.
+    assert_eq!(after.searches, before.searches, "the second run listed in full: {after:?}");
+    assert!(after.histories > before.histories, "the second run refreshed nothing: {after:?}");
 
     // rsync gave the copy the mount's read-only modes; let the temp dir be removed.
     let _ = Command::new("chmod").arg("-R").arg("u+w").arg(&copy).status();

@@ -133,6 +133,11 @@ struct RawReference {
 struct RawBundle<'a> {
     #[serde(rename = "resourceType")]
     resource_type: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    // Read leniently: a `total` of the wrong JSON type is no total, not a broken page.
+    #[serde(borrow)]
+    total: Option<&'a serde_json::value::RawValue>,
     #[serde(default)]
     link: Vec<RawLink>,
     // Each entry is parsed on its own, so that one malformed entry (an `id` that is a number,
@@ -151,6 +156,24 @@ struct RawLink {
 struct RawEntry<'a> {
     #[serde(borrow)]
     resource: Option<RawResource<'a>>,
+    request: Option<RawRequest>,
+}
+
+/// `Bundle.entry.request`: in a history Bundle, how the version came to be.
+#[derive(Deserialize)]
+struct RawRequest {
+    method: Option<String>,
+    url: Option<String>,
+}
+
+/// The Binary id a history entry's `request.url` names (`Binary/123`, maybe absolute, maybe
+/// with `/_history/2` or a query after it).
+fn binary_id_of_url(url: &str) -> Option<String> {
+    let path = url.split(['?', '#']).next()?;
+    let mut segments = path.split('/');
+    segments.by_ref().find(|s| *s == "Binary")?;
+    let id = segments.next()?;
+    crate::id::is_valid_id(id).then(|| id.to_owned())
 }
 
 impl RawResource<'_> {
@@ -285,6 +308,13 @@ pub struct Page {
     pub next: Option<String>,
     /// Entries that were skipped (not Binary, or with an id outside the FHIR pattern).
     pub skipped: usize,
+    /// `Bundle.total`: how many match the search, when the server says.
+    pub total: Option<u64>,
+    /// `Bundle.type` is `history`: entries are versions, newest first.
+    pub history: bool,
+    /// Binaries a history Bundle reports deleted (a DELETE entry), each with how many of
+    /// `entries` came before it in the Bundle.
+    pub deleted: Vec<(usize, String)>,
 }
 
 /// Parses one searchset Bundle page.
@@ -295,9 +325,20 @@ pub fn parse_bundle(body: &[u8]) -> Result<Page, FhirError> {
     }
     let next =
         raw.link.into_iter().find(|l| l.relation.as_deref() == Some("next")).and_then(|l| l.url);
-    let mut page = Page { next, ..Page::default() };
+    let total = raw.total.and_then(|t| serde_json::from_str::<u64>(t.get()).ok());
+    let history = raw.kind.as_deref() == Some("history");
+    let mut page = Page { next, total, history, ..Page::default() };
     for entry in raw.entry {
-        let Ok(RawEntry { resource: Some(resource) }) = serde_json::from_str(entry.get()) else {
+        let entry: Option<RawEntry<'_>> = serde_json::from_str(entry.get()).ok();
+        let deleted = entry.as_ref().and_then(|e| {
+            let request = e.request.as_ref().filter(|r| r.method.as_deref() == Some("DELETE"))?;
+            request.url.as_deref().and_then(binary_id_of_url)
+        });
+        if let Some(id) = deleted.filter(|_| history) {
+            page.deleted.push((page.entries.len(), id));
+            continue;
+        }
+        let Some(RawEntry { resource: Some(resource), .. }) = entry else {
             page.skipped += 1;
             continue;
         };
@@ -464,6 +505,33 @@ mod tests {
         assert_eq!(page.entries[1].meta.size, None);
         assert_eq!(page.entries[1].meta.version_id.as_deref(), Some("2"));
         assert_eq!(page.skipped, 2);
+    }
+
+    #[test]
+    fn history_page_gives_versions_deletions_and_total() {
+        let body = r#"{"resourceType":"Bundle","type":"history","total":"three",
+            "entry":[
+              {"request":{"method":"DELETE","url":"Binary/gone"},"response":{"status":"204"}},
+              {"fullUrl":"http://x/fhir/Binary/a","resource":{"resourceType":"Binary","id":"a",
+                "meta":{"versionId":"2"}},"request":{"method":"PUT","url":"Binary/a"}},
+              {"request":{"method":"DELETE","url":"http://x/fhir/Binary/old/_history/3"}},
+              {"request":{"method":"DELETE","url":"Patient/p"}},
+              {"request":{"method":"DELETE","url":"Binary/bad%20id"}}
+            ]}"#;
+        let page = parse_bundle(body.as_bytes()).unwrap();
+        assert!(page.history);
+        assert_eq!(page.deleted, [(0, "gone".to_owned()), (1, "old".to_owned())]);
+        assert_eq!(page.entries.len(), 1);
+        assert_eq!(page.entries[0].id, "a");
+        // A total of the wrong JSON type is no total; the entries that name no Binary skipped.
+        assert_eq!(page.total, None);
+        assert_eq!(page.skipped, 2);
+        let searchset = br#"{"resourceType":"Bundle","type":"searchset","total":12,"entry":[
+            {"request":{"method":"DELETE","url":"Binary/x"}}]}"#;
+        let page = parse_bundle(searchset).unwrap();
+        // Only a history Bundle reports deletions.
+        assert!(!page.history && page.deleted.is_empty());
+        assert_eq!((page.total, page.skipped), (Some(12), 1));
     }
 
     #[test]

@@ -5,11 +5,30 @@ use super::*;
 
 impl<S: Source> FhirFs<S> {
     /// The listing, from the cache or the source (one search however many callers ask).
+    /// After `--dir-ttl`, a refresh asks the source only for what changed, where it can
+    /// tell; in full at least every `--full-relist`.
     pub(super) async fn listing(&self) -> Result<Snapshot, FsError> {
         let mut cached = self.listing.lock().await;
         if let Some(listing) = cached.as_ref().filter(|l| l.at.elapsed() < self.config.dir_ttl) {
             return Ok(Arc::clone(&listing.entries));
         }
+        if let Some(old) = cached.as_mut().filter(|l| l.full_at.elapsed() < self.config.full_relist)
+        {
+            let started = Instant::now();
+            match self.source.changes().await {
+                Ok(Some(changes)) => {
+                    if let Some(entries) = self.apply_changes(&old.entries, changes) {
+                        old.at = started;
+                        old.entries = Arc::clone(&entries);
+                        Stats::add(&self.stats.refreshes, 1);
+                        return Ok(entries);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => debug!(error = %e, "asking what changed failed; listing everything"),
+            }
+        }
+        let started = Instant::now();
         let listed = match self.source.list().await {
             Ok(listed) => listed,
             // Binary is not searchable by the spec, and many servers refuse: lookups by id
@@ -29,40 +48,130 @@ impl<S: Source> FhirFs<S> {
             }
         };
         let entries = self.apply_listing(listed);
-        *cached = Some(Listing { at: Instant::now(), entries: Arc::clone(&entries) });
+        Stats::add(&self.stats.listings, 1);
+        *cached = Some(Listing { at: started, full_at: started, entries: Arc::clone(&entries) });
         Ok(entries)
     }
 
     pub(super) fn apply_listing(&self, listed: Vec<Listed>) -> Snapshot {
         let mut seen = HashSet::with_capacity(listed.len());
-        let mut entries = Vec::with_capacity(listed.len());
+        let mut inos = Vec::with_capacity(listed.len());
         for Listed { id, meta } in listed {
             // A server whose pages shift under us may repeat an id; a folder must not.
-            if seen.insert(id.clone()) {
+            let ino = self.apply_meta(&id, meta, Origin::Listing);
+            if seen.insert(ino) {
                 lock(&self.missing).remove(&id);
-                let name = self.listed_name(&id, meta.content_type.as_deref());
-                let ino = self.apply_meta(&id, meta, Origin::Listing);
-                entries.push((ino, id, name));
+                inos.push(ino);
             }
         }
+        self.publish(inos)
+    }
+
+    /// Applies what changed since the last listing (`old`) and publishes the result: `old`
+    /// without what was deleted, each changed file updated in place, new files at the end.
+    /// `None` when the changes do not add up (a total that shows deletions not reported):
+    /// list everything.
+    fn apply_changes(&self, old: &Snapshot, changes: Changes) -> Option<Snapshot> {
+        let Changes { changed, deleted, total } = changes;
+        let reported = deleted.is_some();
+        let deleted: HashSet<String> = deleted.unwrap_or_default().into_iter().collect();
+        let mut added = Vec::new();
+        let mut seen = HashSet::new();
+        let count = changed.len();
+        for Listed { id, meta } in changed {
+            if deleted.contains(&id) {
+                continue;
+            }
+            let listed = {
+                let nodes = lock(&self.nodes);
+                nodes.by_id.get(id.as_str()).and_then(|i| nodes.by_ino.get(i)?.index).is_some()
+            };
+            let ino = self.apply_meta(&id, meta, Origin::Listing);
+            lock(&self.missing).remove(&id);
+            if !listed && seen.insert(ino) {
+                added.push(ino);
+            }
+        }
+        let mut gone = Vec::new();
+        {
+            let mut nodes = lock(&self.nodes);
+            for id in &deleted {
+                let Some(&ino) = nodes.by_id.get(id.as_str()) else { continue };
+                let Some(node) = nodes.by_ino.get_mut(&ino) else { continue };
+                if node.index.is_some() {
+                    node.listed = None;
+                    node.checked = None;
+                    node.index = None;
+                    gone.push(ino);
+                }
+            }
+        }
+        let kept = old.len() - gone.len();
+        if !reported && total.is_some_and(|total| total != (kept + added.len()) as u64) {
+            debug!(?total, listed = kept + added.len(), "the server's total shows deletions");
+            return None;
+        }
+        debug!(changed = count, added = added.len(), deleted = gone.len(), "refreshed the listing");
+        let now = Instant::now();
+        let mut inos = Vec::with_capacity(kept + added.len());
+        {
+            let mut nodes = lock(&self.nodes);
+            for (ino, _) in old.iter() {
+                let Some(node) = nodes.by_ino.get_mut(ino) else { continue };
+                if node.index.is_some() {
+                    // The refresh confirms what it did not report changed.
+                    node.listed = Some(now);
+                    node.checked = Some(now);
+                    inos.push(*ino);
+                }
+            }
+        }
+        inos.extend(added);
+        let now = Instant::now();
+        for id in &deleted {
+            self.content.invalidate(id.as_str());
+            lock(&self.missing).insert(id.clone(), now);
+        }
+        for ino in gone {
+            self.invalidate_kernel(ino);
+        }
+        Some(self.publish(inos))
+    }
+
+    /// Makes `inos` the listing, in this order: their names (`--extensions`), positions and
+    /// the order by name.
+    fn publish(&self, inos: Vec<u64>) -> Snapshot {
         let mut nodes = lock(&self.nodes);
+        // Positions of the last listing go: a file no longer listed has none.
+        for (ino, _) in lock(&self.order).iter() {
+            if let Some(node) = nodes.by_ino.get_mut(ino) {
+                node.index = None;
+                node.name_index = None;
+            }
+        }
         nodes.by_name.clear();
-        let mut used = HashSet::with_capacity(entries.len());
-        let mut snapshot = Vec::with_capacity(entries.len());
-        for (index, (ino, id, name)) in entries.into_iter().enumerate() {
-            // `a` named `a.pdf` must not hide a Binary whose id is `a.pdf`, nor two files share
-            // a name: on a clash the bare id (unique by itself) is the name.
-            let name = match name {
-                Some(name) if !seen.contains(&name) && used.insert(name.clone()) => {
+        // With --extensions, `a` named `a.pdf` must not hide a Binary whose id is `a.pdf`,
+        // nor two files share a name: on a clash the bare id (unique by itself) is the name.
+        let ids: HashSet<Arc<str>> = if self.config.extensions {
+            inos.iter().filter_map(|ino| Some(Arc::clone(&nodes.by_ino.get(ino)?.id))).collect()
+        } else {
+            HashSet::new()
+        };
+        let mut used = HashSet::new();
+        let mut snapshot = Vec::with_capacity(inos.len());
+        for ino in inos {
+            let Some(node) = nodes.by_ino.get(&ino) else { continue };
+            let id = Arc::clone(&node.id);
+            let name = match self.listed_name(&id, node.meta.content_type.as_deref()) {
+                Some(name) if !ids.contains(name.as_str()) && used.insert(name.clone()) => {
                     nodes.by_name.insert(name.clone(), ino);
-                    name
+                    Arc::from(name)
                 }
                 _ => id,
             };
-            let Some(node) = nodes.by_ino.get_mut(&ino) else { continue };
-            node.index = Some(index);
-            // The bare id: the node's copy, not a new one.
-            let name = if *node.id == *name { Arc::clone(&node.id) } else { Arc::from(name) };
+            if let Some(node) = nodes.by_ino.get_mut(&ino) {
+                node.index = Some(snapshot.len());
+            }
             snapshot.push((ino, name));
         }
         // Byte order of the names, as rsync sorts them.

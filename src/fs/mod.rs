@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 use crate::buffer::body::Body;
 use crate::error::{FsError, SourceError};
 use crate::id::id_from_name;
-use crate::source::{Ahead, Listed, Meta, Source, Streamed, refines};
+use crate::source::{Ahead, Changes, Listed, Meta, Source, Streamed, refines};
 use crate::stats::Stats;
 use readahead::{Budget, Order, Walk, Walker};
 
@@ -64,6 +64,10 @@ pub const NEGATIVE_TTL: Duration = Duration::from_secs(2);
 /// Remembered 404s beyond which expired ones are swept out.
 const MAX_NEGATIVE: usize = 10_000;
 
+/// How long refreshes ask only for what changed before a full listing (`--full-relist`):
+/// a server that cannot report deletions shows them after this at the latest.
+pub const DEFAULT_FULL_RELIST: Duration = Duration::from_secs(3600);
+
 /// Settings of the core.
 #[derive(Debug, Clone)]
 pub struct FsConfig {
@@ -81,6 +85,9 @@ pub struct FsConfig {
     pub extensions: bool,
     /// Files fetched ahead of a program that walks the folder (0: none).
     pub read_ahead: usize,
+    /// How long refreshes may ask only for what changed before listing everything again
+    /// (zero: every refresh lists everything).
+    pub full_relist: Duration,
 }
 
 impl Default for FsConfig {
@@ -93,6 +100,7 @@ impl Default for FsConfig {
             gid: 0,
             extensions: false,
             read_ahead: readahead::DEFAULT_AHEAD_FILES,
+            full_relist: DEFAULT_FULL_RELIST,
         }
     }
 }
@@ -345,7 +353,10 @@ enum Origin {
 }
 
 struct Listing {
+    /// When the server last confirmed it (a full listing or a refresh).
     at: Instant,
+    /// When it was last listed in full.
+    full_at: Instant,
     entries: Snapshot,
 }
 

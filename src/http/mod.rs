@@ -32,7 +32,7 @@ use crate::buffer::pool;
 use crate::error::SourceError;
 use crate::fhir::json::JsonBinaryDecoder;
 use crate::fhir::{self, FHIR_JSON, FHIR_XML};
-use crate::source::{Ahead, Fetched, Listed, Meta, Reserve, Source, Streamed};
+use crate::source::{Ahead, Changes, Fetched, Listed, Meta, Reserve, Source, Streamed};
 use crate::stats::Stats;
 use limit::{Limiter, Permit};
 
@@ -144,6 +144,8 @@ pub struct HttpSource {
     summary_useless: std::sync::atomic::AtomicBool,
     /// Requests in flight, readers first.
     limit: Limiter,
+    /// How the server tells what changed, and since when to ask.
+    feed: std::sync::Mutex<paging::FeedState>,
 }
 
 /// One GET to make: where, what to accept, the version held, and the most body to read.
@@ -357,6 +359,7 @@ impl HttpSource {
             head_useless: std::sync::atomic::AtomicBool::new(false),
             summary_useless: std::sync::atomic::AtomicBool::new(false),
             limit: Limiter::new(config.max_requests),
+            feed: std::sync::Mutex::default(),
             config,
         })
     }
@@ -370,6 +373,10 @@ impl HttpSource {
 impl Source for HttpSource {
     async fn list(&self) -> Result<Vec<Listed>, SourceError> {
         self.list_inner().await
+    }
+
+    async fn changes(&self) -> Result<Option<Changes>, SourceError> {
+        self.changes_inner().await
     }
 
     /// HEAD, on a server that has shown it serves native bytes: their `Content-Length` is the

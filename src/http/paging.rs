@@ -1,25 +1,68 @@
 //! Paging through a search: `Binary?_count=N&_elements=...`, following `next` links as
-//! given, refusing one that loops back.
+//! given, refusing one that loops back; and asking what changed since the last listing.
 
 use super::*;
 
+/// How far before the last listing a refresh asks for changes: for a server whose `Date`
+/// and `meta.lastUpdated` come from different clocks, and for changes committed late (a
+/// transaction that began before the listing and ended after its first page).
+pub const CHANGE_MARGIN: Duration = Duration::from_secs(120);
+
+/// Where a server tells what changed, as found out by asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Feed {
+    /// Not tried yet: history first.
+    #[default]
+    Unknown,
+    /// `Binary/_history?_since=`: creates, updates and deletes.
+    History,
+    /// `Binary?_lastUpdated=gt`: creates and updates; a total counts the deletes.
+    LastUpdated,
+    /// Neither works: every refresh lists everything.
+    Neither,
+}
+
+/// What a refresh needs to know: how to ask, and since when (the server's clock).
+#[derive(Debug, Default)]
+pub(super) struct FeedState {
+    pub(super) feed: Feed,
+    /// When the last listing or refresh began, by the server's `Date`.
+    pub(super) since: Option<SystemTime>,
+}
+
+/// A page, with the server's `Date` for it.
+pub(super) struct Dated {
+    page: fhir::Page,
+    date: Option<SystemTime>,
+}
+
 impl HttpSource {
-    pub(super) async fn list_inner(&self) -> Result<Vec<Listed>, SourceError> {
-        let mut url = Url::parse(&format!("{}/Binary", self.base))
-            .map_err(|e| SourceError::Config(format!("bad base URL: {e}")))?;
-        url.query_pairs_mut()
-            .append_pair("_count", &self.config.page_size.to_string())
-            .append_pair("_elements", "id,meta,contentType");
+    fn search_url(&self, path: &str) -> Result<Url, SourceError> {
+        Url::parse(&format!("{}/{path}", self.base))
+            .map_err(|e| SourceError::Config(format!("bad base URL: {e}")))
+    }
+
+    /// Every page of the search at `url`, each given to `each` as it arrives (which may stop
+    /// the paging by returning false); the server's `Date` of the first page.
+    async fn pages(
+        &self,
+        mut url: Url,
+        mut each: impl FnMut(fhir::Page) -> bool,
+    ) -> Result<Option<SystemTime>, SourceError> {
         let mut seen = HashSet::new();
-        let mut listed = Vec::new();
+        let mut first_date = None;
         loop {
             if !seen.insert(url.to_string()) {
                 return Err(SourceError::BadBody(format!("the next link loops back to {url}")));
             }
             let deadline = Instant::now() + self.config.timeout;
-            let page = tokio::time::timeout(self.config.timeout, self.page(&url, deadline))
-                .await
-                .map_err(|_| SourceError::Timeout(self.config.timeout))??;
+            let Dated { page, date } =
+                tokio::time::timeout(self.config.timeout, self.page(&url, deadline))
+                    .await
+                    .map_err(|_| SourceError::Timeout(self.config.timeout))??;
+            if seen.len() == 1 {
+                first_date = date;
+            }
             if page.skipped > 0 {
                 debug!(
                     skipped = page.skipped,
@@ -29,24 +72,199 @@ impl HttpSource {
             for entry in &page.entries {
                 self.learn_content_type(&entry.id, entry.meta.content_type.as_deref());
             }
-            listed.extend(page.entries);
-            let Some(next) = page.next else { break };
+            let next = page.next.clone();
+            if !each(page) {
+                break;
+            }
+            let Some(next) = next else { break };
             // The link is opaque: used as given, only resolved when relative.
             url = url
                 .join(&next)
                 .map_err(|e| SourceError::BadBody(format!("bad next link {next:?}: {e}")))?;
         }
+        Ok(first_date)
+    }
+
+    pub(super) async fn list_inner(&self) -> Result<Vec<Listed>, SourceError> {
+        let mut url = self.search_url("Binary")?;
+        url.query_pairs_mut()
+            .append_pair("_count", &self.config.page_size.to_string())
+            .append_pair("_elements", "id,meta,contentType");
+        let asked = SystemTime::now();
+        let mut listed = Vec::new();
+        let date = self
+            .pages(url, |page| {
+                listed.extend(page.entries);
+                true
+            })
+            .await?;
+        self.feed_state().since = Some(date.unwrap_or(asked));
         Ok(listed)
     }
 
-    pub(super) async fn page(
+    fn feed_state(&self) -> std::sync::MutexGuard<'_, FeedState> {
+        self.feed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What changed since the last listing or refresh, by the first way that works on this
+    /// server (history, then `_lastUpdated`); `None` when neither does.
+    pub(super) async fn changes_inner(&self) -> Result<Option<Changes>, SourceError> {
+        let (mut feed, since) = {
+            let state = self.feed_state();
+            (state.feed, state.since)
+        };
+        let Some(since) = since else { return Ok(None) };
+        let from = since.checked_sub(CHANGE_MARGIN).unwrap_or(since);
+        let asked = SystemTime::now();
+        loop {
+            let found = match feed {
+                Feed::Unknown | Feed::History => self.history_since(from).await?,
+                Feed::LastUpdated => self.updated_since(from).await?,
+                Feed::Neither => return Ok(None),
+            };
+            match found {
+                Some((changes, date)) => {
+                    let mut state = self.feed_state();
+                    if state.feed != feed {
+                        debug!(?feed, "the server tells what changed");
+                    }
+                    state.feed = if feed == Feed::Unknown { Feed::History } else { feed };
+                    state.since = Some(date.unwrap_or(asked));
+                    return Ok(Some(changes));
+                }
+                None => {
+                    feed = match feed {
+                        Feed::Unknown | Feed::History => Feed::LastUpdated,
+                        _ => Feed::Neither,
+                    };
+                    self.feed_state().feed = feed;
+                    if feed == Feed::Neither {
+                        debug!("the server cannot tell what changed: refreshes list everything");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `Binary/_history?_since=`: each Binary's newest state, deletions included. `None`
+    /// when the server refuses, or answers something that is not the history asked for.
+    async fn history_since(
         &self,
-        url: &Url,
-        deadline: Instant,
-    ) -> Result<fhir::Page, SourceError> {
+        from: SystemTime,
+    ) -> Result<Option<(Changes, Option<SystemTime>)>, SourceError> {
+        let mut url = self.search_url("Binary/_history")?;
+        url.query_pairs_mut()
+            .append_pair("_since", &fhir::format_instant(from))
+            .append_pair("_count", &self.config.page_size.to_string())
+            .append_pair("_elements", "id,meta,contentType");
+        let mut newest: HashSet<String> = HashSet::new();
+        let mut changes = Changes { deleted: Some(Vec::new()), ..Changes::default() };
+        let mut usable = true;
+        let answered = self
+            .pages(url, |page| {
+                // A searchset, or versions from before `_since`: the server ignored it.
+                usable = page.history && page.entries.iter().all(|e| !before(&e.meta, from));
+                if !usable {
+                    return false;
+                }
+                // Newest first: the first entry of an id is its state now.
+                let mut deleted = page.deleted.into_iter().peekable();
+                let mut entries = page.entries.into_iter().peekable();
+                for position in 0.. {
+                    match (deleted.peek(), entries.peek()) {
+                        (None, None) => break,
+                        (Some((at, _)), _) if *at <= position => {
+                            let (_, id) = deleted.next().unwrap_or_default();
+                            if newest.insert(id.clone()) {
+                                changes.deleted.get_or_insert_with(Vec::new).push(id);
+                            }
+                        }
+                        _ => {
+                            if let Some(listed) = entries.next()
+                                && newest.insert(listed.id.clone())
+                            {
+                                changes.changed.push(listed);
+                            }
+                        }
+                    }
+                }
+                true
+            })
+            .await;
+        match answered {
+            Ok(date) if usable => Ok(Some((changes, date))),
+            Ok(_) => Ok(None),
+            Err(e) if refused(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `Binary?_lastUpdated=gt`, and the total from `Binary?_summary=count`. `None` when the
+    /// server refuses the search or ignores the parameter.
+    async fn updated_since(
+        &self,
+        from: SystemTime,
+    ) -> Result<Option<(Changes, Option<SystemTime>)>, SourceError> {
+        let mut url = self.search_url("Binary")?;
+        url.query_pairs_mut()
+            .append_pair("_lastUpdated", &format!("gt{}", fhir::format_instant(from)))
+            .append_pair("_count", &self.config.page_size.to_string())
+            .append_pair("_elements", "id,meta,contentType");
+        let mut changes = Changes::default();
+        let mut usable = true;
+        let answered = self
+            .pages(url, |page| {
+                usable = page.entries.iter().all(|e| !before(&e.meta, from));
+                changes.changed.extend(page.entries);
+                usable
+            })
+            .await;
+        let date = match answered {
+            Ok(date) if usable => date,
+            Ok(_) => return Ok(None),
+            Err(e) if refused(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut url = self.search_url("Binary")?;
+        url.query_pairs_mut().append_pair("_summary", "count");
+        let deadline = Instant::now() + self.config.timeout;
+        changes.total = match self.page(&url, deadline).await {
+            Ok(Dated { page, .. }) => page.total,
+            Err(e) if refused(&e) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Some((changes, date)))
+    }
+
+    pub(super) async fn page(&self, url: &Url, deadline: Instant) -> Result<Dated, SourceError> {
         let limit = self.json_limit();
         let get = Get::json(url, limit);
         let answer = self.get(&get, deadline).await?;
-        fhir::parse_bundle(&answer.body).map_err(SourceError::from)
+        let date = answer
+            .headers
+            .get(header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| httpdate::parse_http_date(d).ok());
+        let page = fhir::parse_bundle(&answer.body).map_err(SourceError::from)?;
+        Ok(Dated { page, date })
+    }
+}
+
+/// Last updated before `from` (with a second's slack for whole-second clocks): a version a
+/// search for changes since `from` should not have given.
+fn before(meta: &Meta, from: SystemTime) -> bool {
+    let slack = from.checked_sub(Duration::from_secs(1)).unwrap_or(from);
+    meta.last_updated.is_some_and(|t| t < slack)
+}
+
+/// A refusal of the request itself (4xx, or a body that is not a Bundle): ask another way.
+fn refused(e: &SourceError) -> bool {
+    match e {
+        SourceError::Status(status) => (400..500).contains(status),
+        SourceError::Forbidden
+        | SourceError::NotFound
+        | SourceError::Gone
+        | SourceError::BadBody(_) => true,
+        _ => false,
     }
 }

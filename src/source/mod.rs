@@ -48,6 +48,19 @@ pub(crate) fn refines(old: SystemTime, new: SystemTime) -> bool {
     o.subsec_nanos() == 0 && n.subsec_nanos() != 0 && o.as_secs() == n.as_secs()
 }
 
+/// What changed in a source since it last listed or reported changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Binaries created or updated (each once, newest state), maybe some that did not change
+    /// (a margin covers clock skew and late commits).
+    pub changed: Vec<Listed>,
+    /// Binaries deleted, when the source reports deletions (a history); `None` when it cannot.
+    pub deleted: Option<Vec<String>>,
+    /// How many Binaries there are now, when the source says: with `deleted` unknown, a
+    /// total that does not add up shows that some were deleted.
+    pub total: Option<u64>,
+}
+
 /// The answer to a fetch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fetched {
@@ -185,6 +198,13 @@ pub trait Source: Send + Sync + 'static {
     /// sending the content (None: it cannot; fetch instead).
     fn stat(&self, id: &str) -> impl Future<Output = Result<Option<Meta>, SourceError>> + Send {
         let _ = id;
+        async { Ok(None) }
+    }
+
+    /// What changed since the last successful [`list`](Self::list) or `changes` (the source
+    /// keeps track of when that was, by its own clock). `None`: the source cannot say, or
+    /// has not listed yet: list everything.
+    fn changes(&self) -> impl Future<Output = Result<Option<Changes>, SourceError>> + Send {
         async { Ok(None) }
     }
 

@@ -610,6 +610,8 @@ fn mint_jwt(key: &Path, issuer: &str, audience: &str, scope: &str) -> Result<Str
 pub struct ProxyCounts {
     /// `GET Binary?...` (cursor pages included).
     pub searches: u64,
+    /// `GET Binary/_history?...` (the refreshes by what changed).
+    pub histories: u64,
     /// Reads of a Binary answered with content (2xx), per id.
     pub content_reads: BTreeMap<String, u64>,
     /// Reads of a Binary answered 304 Not Modified.
@@ -701,6 +703,7 @@ async fn forward(State(state): State<Arc<ProxyState>>, request: Request) -> Resp
         let relative = path.strip_prefix(&state.base_path).unwrap_or(&path).trim_start_matches('/');
         match relative.strip_prefix("Binary") {
             Some("") => counts.searches += 1,
+            Some("/_history") => counts.histories += 1,
             Some(rest) if rest.starts_with('/') => {
                 let id = rest.trim_start_matches('/').split('/').next().unwrap_or("");
                 if status == StatusCode::NOT_MODIFIED {

@@ -299,6 +299,10 @@ struct ServerState {
     search_fault: Option<SearchFault>,
     page_cap: usize,
     listing_data: bool,
+    /// Searches honour `_lastUpdated` (gt, ge, lt, le) and `_summary=count`.
+    last_updated_search: bool,
+    /// `Binary/_history?_since=` answers (else 404).
+    history: bool,
     /// Searches list the Binaries in an order of their own, not by id.
     shuffled_listing: bool,
     cursors: HashMap<String, Page>,
@@ -320,6 +324,8 @@ struct ServerState {
 struct Entry {
     version: u64,
     live: Option<Item>,
+    /// When it was deleted, while it is.
+    deleted_at: Option<SystemTime>,
 }
 
 /// The live content of one id.
@@ -467,6 +473,7 @@ impl LoopbackServer {
         let mut state = self.inner.lock();
         let entry = state.binaries.entry(id.to_owned()).or_default();
         entry.version += 1;
+        entry.deleted_at = None;
         entry.live = Some(Item {
             content_type: content_type.to_owned(),
             bytes,
@@ -475,10 +482,27 @@ impl LoopbackServer {
         });
     }
 
+    /// Moves every stored time (`meta.lastUpdated`, deletions) `by` into the past, as if it
+    /// all had happened that long ago: changes made after it are then the only recent ones.
+    pub fn age(&self, by: Duration) {
+        let mut state = self.inner.lock();
+        for entry in state.binaries.values_mut() {
+            if let Some(item) = entry.live.as_mut() {
+                item.last_updated -= by;
+            }
+            if let Some(at) = entry.deleted_at.as_mut() {
+                *at -= by;
+            }
+        }
+    }
+
     /// Deletes: later reads answer 410, searches omit it.
     pub fn delete(&self, id: &str) {
         let mut state = self.inner.lock();
-        state.binaries.entry(id.to_owned()).or_default().live = None;
+        let entry = state.binaries.entry(id.to_owned()).or_default();
+        if entry.live.take().is_some() {
+            entry.deleted_at = Some(now_millis());
+        }
     }
 
     /// The stored state of one Binary.
@@ -580,6 +604,16 @@ impl LoopbackServer {
     /// never exceeds 10).
     pub fn set_page_cap(&self, cap: usize) {
         self.inner.lock().page_cap = cap;
+    }
+
+    /// What the server offers to tell changes (default: neither, as servers that ignore
+    /// `_lastUpdated` and have no type history): searches that honour `_lastUpdated` and
+    /// `_summary=count`, and `Binary/_history?_since=` (one page, newest first, with DELETE
+    /// entries; every match, whatever `_count` asks).
+    pub fn set_change_feeds(&self, last_updated: bool, history: bool) {
+        let mut state = self.inner.lock();
+        state.last_updated_search = last_updated;
+        state.history = history;
     }
 
     /// When true, searches and reads include `data` even if `_elements`/`_summary` ask to drop
@@ -763,7 +797,7 @@ impl Inner {
     fn json_text(&self, id: &str) -> String {
         let state = self.lock();
         match state.binaries.get(id) {
-            Some(Entry { version, live: Some(item) }) => {
+            Some(Entry { version, live: Some(item), .. }) => {
                 state.render(&state.binary_json(id, *version, item, Form::Full), false)
             }
             _ => {
@@ -792,7 +826,7 @@ impl Inner {
         let state = self.lock();
         let quirks = state.quirks;
         let (version, item) = match state.binaries.get(id) {
-            Some(Entry { version, live: Some(item) }) => (*version, item),
+            Some(Entry { version, live: Some(item), .. }) => (*version, item),
             Some(_) => return outcome(410, &format!("Binary/{id} was deleted")),
             None => return outcome(404, &format!("Binary/{id} is not known")),
         };
@@ -909,6 +943,18 @@ impl Inner {
                 })
             };
             matches.sort_by_key(|(id, _, _)| key(id));
+        }
+        if state.last_updated_search {
+            let filter = param(&page.query, "_lastUpdated").map(last_updated_filter);
+            match filter {
+                Some(Ok(keep)) => matches.retain(|(_, _, item)| keep(item.last_updated)),
+                Some(Err(msg)) => return outcome(400, &msg),
+                None => {}
+            }
+            if param(&page.query, "_summary") == Some("count") {
+                let bundle = searchset(matches.len(), &url, None);
+                return fhir_json(StatusCode::OK, state.render(&bundle, false));
+            }
         }
         let total = matches.len();
         let mut entries: Vec<Value> = matches
@@ -1115,13 +1161,90 @@ async fn system(
     inner.answered(response)
 }
 
-/// `GET /fhir/Binary/_history`: type history is not offered (Medplum answers 404 too).
-async fn type_history(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
+/// `GET /fhir/Binary/_history`: unless [`LoopbackServer::set_change_feeds`] offers it, type
+/// history is not offered (Medplum answers 404 too).
+async fn type_history(
+    State(inner): State<Arc<Inner>>,
+    Query(params): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
     let throttled = inner.arrive(Arrival::Search).await;
-    let response = inner
-        .gatekeep(throttled, &headers)
-        .unwrap_or_else(|| outcome(404, "Binary/_history is not supported"));
+    let response = match inner.gatekeep(throttled, &headers) {
+        Some(refused) => refused,
+        None => inner.history_page(&params, &uri),
+    };
     inner.answered(response)
+}
+
+/// The `_lastUpdated` search parameter as a test of a time: `gt`, `ge`, `lt`, `le` or `eq`
+/// (the default) and an instant.
+fn last_updated_filter(value: &str) -> Result<Box<dyn Fn(SystemTime) -> bool>, String> {
+    let (prefix, text) = match value.get(..2) {
+        Some(p @ ("gt" | "ge" | "lt" | "le" | "eq")) => (p, &value[2..]),
+        _ => ("eq", value),
+    };
+    let at = parse_instant(text).ok_or_else(|| format!("invalid _lastUpdated {value}"))?;
+    Ok(match prefix {
+        "gt" => Box::new(move |t| t > at),
+        "ge" => Box::new(move |t| t >= at),
+        "lt" => Box::new(move |t| t < at),
+        "le" => Box::new(move |t| t <= at),
+        _ => Box::new(move |t| t == at),
+    })
+}
+
+fn parse_instant(text: &str) -> Option<SystemTime> {
+    let format = &time::format_description::well_known::Rfc3339;
+    OffsetDateTime::parse(text, format).ok().map(SystemTime::from)
+}
+
+impl Inner {
+    /// `Binary/_history?_since=`: the newest version of every Binary changed at or after
+    /// `_since`, and a DELETE entry for every one deleted since, newest first, in one page.
+    fn history_page(&self, params: &[(String, String)], uri: &Uri) -> Response {
+        let base = self.base_url();
+        let state = self.lock();
+        if !state.history {
+            return outcome(404, "Binary/_history is not supported");
+        }
+        let since = match param(params, "_since").map(parse_instant) {
+            Some(Some(since)) => since,
+            Some(None) => return outcome(400, "invalid _since"),
+            None => UNIX_EPOCH,
+        };
+        let form = if leaves_data_out(params) && !state.listing_data {
+            Form::Subsetted
+        } else {
+            Form::Full
+        };
+        let mut changes: Vec<(SystemTime, Value)> = Vec::new();
+        for (id, entry) in &state.binaries {
+            let request = |method: &str| json!({"method": method, "url": format!("Binary/{id}")});
+            match (&entry.live, entry.deleted_at) {
+                (Some(item), _) if item.last_updated >= since => changes.push((
+                    item.last_updated,
+                    json!({
+                        "fullUrl": format!("{base}/Binary/{id}"),
+                        "resource": state.binary_json(id, entry.version, item, form),
+                        "request": request(if entry.version == 1 { "POST" } else { "PUT" }),
+                        "response": {"status": "200"},
+                    }),
+                )),
+                (None, Some(at)) if at >= since => changes.push((
+                    at,
+                    json!({"request": request("DELETE"), "response": {"status": "204"}}),
+                )),
+                _ => {}
+            }
+        }
+        changes.sort_by_key(|c| std::cmp::Reverse(c.0));
+        let url = format!("http://{}{uri}", self.addr);
+        let mut bundle = searchset(changes.len(), &url, None);
+        bundle["type"] = "history".into();
+        bundle["entry"] = changes.into_iter().map(|(_, entry)| entry).collect::<Vec<_>>().into();
+        fhir_json(StatusCode::OK, state.render(&bundle, false))
+    }
 }
 
 /// `GET /fhir/Binary/{id}`: the JSON resource or the raw bytes, by Accept and quirk mode,
