@@ -9,7 +9,7 @@ impl<S: Source> FhirFs<S> {
         self.content.invalidate(id);
         let mut nodes = lock(&self.nodes);
         if let Some(node) = nodes.by_id.get(id).copied().and_then(|i| nodes.by_ino.get_mut(&i)) {
-            node.meta = Meta::default();
+            node.meta = NodeMeta::default();
             node.checked = None;
             node.listed = None;
         }
@@ -76,7 +76,7 @@ impl<S: Source> FhirFs<S> {
         let node = nodes.by_id.get(id).and_then(|ino| nodes.by_ino.get(ino))?;
         let confirmed = is_fresh(node.listed, self.config.dir_ttl)
             && content.version_id.is_some()
-            && node.meta.version_id == content.version_id;
+            && node.meta.is_version(content.version_id.as_deref());
         confirmed.then_some(content)
     }
 

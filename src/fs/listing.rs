@@ -170,7 +170,7 @@ impl<S: Source> FhirFs<S> {
                 _ => id,
             };
             if let Some(node) = nodes.by_ino.get_mut(&ino) {
-                node.index = Some(snapshot.len());
+                node.index = u32::try_from(snapshot.len()).ok();
             }
             snapshot.push((ino, name));
         }
@@ -180,7 +180,7 @@ impl<S: Source> FhirFs<S> {
         let by_name: Vec<u64> = by_name.into_iter().map(|i| snapshot[i].0).collect();
         for (name_index, ino) in by_name.iter().enumerate() {
             if let Some(node) = nodes.by_ino.get_mut(ino) {
-                node.name_index = Some(name_index);
+                node.name_index = u32::try_from(name_index).ok();
             }
         }
         drop(nodes);
@@ -207,7 +207,7 @@ impl<S: Source> FhirFs<S> {
     pub(super) fn walking(&self, id: &str) -> Option<(u64, usize, bool)> {
         let mut nodes = lock(&self.nodes);
         let ino = *nodes.by_id.get(id)?;
-        let index = nodes.by_ino.get(&ino)?.index?;
+        let index = nodes.by_ino.get(&ino)?.index? as usize;
         let streak = match nodes.walk {
             Some((last, streak)) if index > last && index - last <= WALK_GAP => streak + 1,
             _ => 1,
@@ -224,7 +224,8 @@ impl<S: Source> FhirFs<S> {
         let mut picked = Vec::new();
         {
             let mut nodes = lock(&self.nodes);
-            let Some(start) = nodes.by_ino.get(&ino).and_then(|n| n.index) else {
+            let Some(start) = nodes.by_ino.get(&ino).and_then(|n| n.index).map(|i| i as usize)
+            else {
                 return;
             };
             for (next, _) in order.iter().skip(start + 1).take(SIZE_READAHEAD) {

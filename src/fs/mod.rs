@@ -177,23 +177,111 @@ pub struct Content {
 struct Node {
     /// The id, shared with `Nodes::by_id` and the listing snapshots (one copy per Binary).
     id: Arc<str>,
-    meta: Meta,
+    meta: NodeMeta,
     /// When the server last confirmed `meta` (by a listing or a fetch).
     checked: Option<Instant>,
     /// When a listing last confirmed `meta`.
     listed: Option<Instant>,
     /// What the kernel's page cache holds, from the last open (boxed, as `pin`).
     kernel: Option<Box<KernelPages>>,
-    /// Position in the latest listing.
-    index: Option<usize>,
+    /// Position in the latest listing (u32: a folder of more than 4 billion files is not
+    /// listed, and a million nodes save 8 MB per field).
+    index: Option<u32>,
     /// Position in the latest listing sorted by name.
-    name_index: Option<usize>,
+    name_index: Option<u32>,
     /// A size read-ahead fetch is queued or running.
     prefetching: bool,
     /// The version held by open files, if any (boxed: few files are open, every node has one).
     pin: Option<Box<Pin>>,
     /// The server's version changed while pinned: tell the kernel when the pin goes.
     changed_while_pinned: bool,
+}
+
+/// [`Meta`] as a node keeps it, for a million of them: the content type and the security
+/// context (a handful of values across a server) held once for all nodes, and a version that
+/// is a number (as most servers count them) without an allocation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct NodeMeta {
+    version_id: Option<Version>,
+    last_updated: Option<SystemTime>,
+    content_type: Option<Arc<str>>,
+    security_context: Option<Arc<str>>,
+    size: Option<u64>,
+}
+
+/// A `meta.versionId`: a number in its plain decimal form, or any other text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Version {
+    Number(u64),
+    Text(Box<str>),
+}
+
+impl Version {
+    fn new(text: &str) -> Self {
+        match text.parse::<u64>() {
+            // Only the canonical form: "01" or "+1" must come back as written.
+            Ok(n) if n.to_string() == text => Self::Number(n),
+            _ => Self::Text(Box::from(text)),
+        }
+    }
+
+    fn is(&self, text: &str) -> bool {
+        match self {
+            Self::Number(n) => text.parse::<u64>().is_ok_and(|t| t == *n && t.to_string() == text),
+            Self::Text(own) => **own == *text,
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Number(n) => write!(f, "{n}"),
+            Self::Text(text) => f.write_str(text),
+        }
+    }
+}
+
+impl NodeMeta {
+    fn pack(meta: Meta, strings: &mut Strings) -> Self {
+        Self {
+            version_id: meta.version_id.as_deref().map(Version::new),
+            last_updated: meta.last_updated,
+            content_type: meta.content_type.as_deref().map(|t| strings.get(t)),
+            security_context: meta.security_context.as_deref().map(|c| strings.get(c)),
+            size: meta.size,
+        }
+    }
+
+    fn unpack(&self) -> Meta {
+        Meta {
+            version_id: self.version_id.as_ref().map(Version::to_string),
+            last_updated: self.last_updated,
+            content_type: self.content_type.as_deref().map(str::to_owned),
+            security_context: self.security_context.as_deref().map(str::to_owned),
+            size: self.size,
+        }
+    }
+
+    /// Whether this is `version` (both unknown counts as not the same).
+    fn is_version(&self, version: Option<&str>) -> bool {
+        matches!((&self.version_id, version), (Some(own), Some(v)) if own.is(v))
+    }
+}
+
+/// Strings many nodes share, each held once.
+#[derive(Default)]
+struct Strings(HashSet<Arc<str>>);
+
+impl Strings {
+    fn get(&mut self, text: &str) -> Arc<str> {
+        if let Some(held) = self.0.get(text) {
+            return Arc::clone(held);
+        }
+        let held: Arc<str> = Arc::from(text);
+        self.0.insert(Arc::clone(&held));
+        held
+    }
 }
 
 /// While a file is open anywhere, every program sees the version it was opened at: the kernel
@@ -250,6 +338,8 @@ struct Nodes {
     by_id: HashMap<Arc<str>, u64>,
     /// Listed names that are not bare ids (`<id>.<ext>` with --extensions).
     by_name: HashMap<String, u64>,
+    /// Content types and security contexts of the nodes.
+    strings: Strings,
     /// Listing position of the last lookup that needed a size, and how many such lookups in
     /// a row walked forward through the listing.
     walk: Option<(usize, u32)>,
@@ -294,7 +384,7 @@ impl Nodes {
         let id: Arc<str> = Arc::from(id);
         let node = Node {
             id: Arc::clone(&id),
-            meta: Meta::default(),
+            meta: NodeMeta::default(),
             checked: None,
             listed: None,
             kernel: None,
@@ -526,14 +616,14 @@ impl<S: Source> FhirFs<S> {
         }
     }
 
-    fn file_attr(&self, ino: u64, meta: &Meta, size: u64) -> Attr {
+    fn file_attr(&self, ino: u64, last_updated: Option<SystemTime>, size: u64) -> Attr {
         Attr {
             ino,
             kind: Kind::File,
             size,
             blocks: size.div_ceil(512),
             // Without lastUpdated or Last-Modified, the epoch at least stays stable.
-            mtime: meta.last_updated.unwrap_or(UNIX_EPOCH),
+            mtime: last_updated.unwrap_or(UNIX_EPOCH),
             perm: 0o444,
             nlink: 1,
             uid: self.config.uid,
@@ -550,11 +640,12 @@ impl<S: Source> FhirFs<S> {
         if let Some(pin) = &node.pin {
             // Not cached by the kernel: the pin may go any moment (the kernel closes files
             // without waiting for us), and then a newer version may show.
-            let attr = self.file_attr(ino, &pin.meta, pin.content.body.len());
+            let attr = self.file_attr(ino, pin.meta.last_updated, pin.content.body.len());
             return Some(Attr { ttl: Duration::ZERO, ..attr });
         }
         let size = node.meta.size?;
-        is_fresh(node.checked, self.config.dir_ttl).then(|| self.file_attr(ino, &node.meta, size))
+        is_fresh(node.checked, self.config.dir_ttl)
+            .then(|| self.file_attr(ino, node.meta.last_updated, size))
     }
 
     /// Records what the server said about `id`; returns its inode. A new version drops the
@@ -563,10 +654,11 @@ impl<S: Source> FhirFs<S> {
         let now = Instant::now();
         let mut nodes = lock(&self.nodes);
         let ino = nodes.ino_of(id);
-        let Some(node) = nodes.by_ino.get_mut(&ino) else {
+        let Nodes { by_ino, strings, .. } = &mut *nodes;
+        let Some(node) = by_ino.get_mut(&ino) else {
             return ino;
         };
-        let old = &node.meta;
+        let old = &node.meta.unpack();
         let version_changed = match (&old.version_id, &meta.version_id) {
             (Some(a), Some(b)) => a != b,
             _ => false,
@@ -580,7 +672,7 @@ impl<S: Source> FhirFs<S> {
                 if a.duration_since(b).unwrap_or_else(|e| e.duration()) >= Duration::from_secs(1));
         let was_known = old.size.is_some() || old.version_id.is_some();
         if version_changed || size_changed || time_changed {
-            node.meta = meta;
+            node.meta = NodeMeta::pack(meta, strings);
             node.kernel = None;
         } else {
             let size = meta.size.or(old.size);
@@ -592,7 +684,8 @@ impl<S: Source> FhirFs<S> {
                 (Some(o), Some(n)) if refines(o, n) => Some(n),
                 (o, n) => o.or(n),
             };
-            node.meta = Meta { size, security_context, last_updated, ..meta };
+            node.meta =
+                NodeMeta::pack(Meta { size, security_context, last_updated, ..meta }, strings);
         }
         node.checked = Some(now);
         if origin == Origin::Listing {
@@ -658,7 +751,7 @@ impl<S: Source> FhirFs<S> {
             nodes.by_id.get(id).and_then(|&ino| {
                 let node = nodes.by_ino.get(&ino)?;
                 let (_, _, len) = self.kernel_holds(node)?;
-                Some(self.file_attr(ino, &node.meta, len))
+                Some(self.file_attr(ino, node.meta.last_updated, len))
             })
         };
         if let Some(attr) = held {
@@ -668,7 +761,7 @@ impl<S: Source> FhirFs<S> {
         let nodes = lock(&self.nodes);
         let ino = *nodes.by_id.get(id).ok_or(FsError::NoEntry)?;
         let node = nodes.by_ino.get(&ino).ok_or(FsError::NoEntry)?;
-        Ok(self.file_attr(ino, &node.meta, content.body.len()))
+        Ok(self.file_attr(ino, node.meta.last_updated, content.body.len()))
     }
 
     fn id_of(&self, ino: u64) -> Result<String, FsError> {
@@ -713,7 +806,7 @@ impl<S: Source> FhirFs<S> {
     }
 
     fn node_meta(&self, ino: u64) -> Option<Meta> {
-        lock(&self.nodes).by_ino.get(&ino).map(|n| n.meta.clone())
+        lock(&self.nodes).by_ino.get(&ino).map(|n| n.meta.unpack())
     }
 
     /// Attributes of an inode.
@@ -758,7 +851,7 @@ impl<S: Source> FhirFs<S> {
                 // or one whose body failed) this version replaces it: the handles of the
                 // failed one keep it, and their release does not count against this pin.
                 let content = node.join_pin(Some(&fetched)).unwrap_or_else(|| {
-                    let meta = node.meta.clone();
+                    let meta = node.meta.unpack();
                     node.pin =
                         Some(Box::new(Pin { content: Arc::clone(&fetched), meta, handles: 1 }));
                     fetched
@@ -810,7 +903,7 @@ impl<S: Source> FhirFs<S> {
         let content =
             Content { body, version_id: Some(version), generation, validated: Instant::now() };
         let content = Arc::new(content);
-        let meta = node.meta.clone();
+        let meta = node.meta.unpack();
         node.pin = Some(Box::new(Pin { content: Arc::clone(&content), meta, handles: 1 }));
         Some((content, true))
     }
@@ -824,7 +917,7 @@ impl<S: Source> FhirFs<S> {
         }
         let kernel = node.kernel.as_ref()?;
         let version = kernel.version.clone()?;
-        let confirmed = node.meta.version_id.as_ref() == Some(&version)
+        let confirmed = node.meta.is_version(Some(&version))
             && (is_fresh(node.checked, self.config.cache_ttl)
                 || is_fresh(node.listed, self.config.dir_ttl));
         let len = node.meta.size.filter(|&len| len > 0 && confirmed)?;
@@ -1006,5 +1099,40 @@ impl Content {
             generation: other.generation,
             validated: other.validated,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_come_back_as_written() {
+        for text in ["1", "42", "0", "01", "+1", "-1", "18446744073709551616", "W/\"3\"", "a-b"] {
+            let version = Version::new(text);
+            assert_eq!(version.to_string(), text);
+            assert!(version.is(text), "{text}");
+        }
+        assert_eq!(Version::new("7"), Version::Number(7));
+        assert!(!Version::new("1").is("01"));
+        assert!(!Version::new("01").is("1"));
+    }
+
+    #[test]
+    fn node_meta_round_trips_and_shares_strings() {
+        let mut strings = Strings::default();
+        let meta = Meta {
+            version_id: Some("3".into()),
+            last_updated: Some(UNIX_EPOCH + Duration::from_millis(1234)),
+            content_type: Some("application/pdf".into()),
+            security_context: Some("Patient/p".into()),
+            size: Some(9),
+        };
+        let a = NodeMeta::pack(meta.clone(), &mut strings);
+        let b = NodeMeta::pack(meta.clone(), &mut strings);
+        assert_eq!(a.unpack(), meta);
+        let (ta, tb) = (a.content_type.unwrap(), b.content_type.unwrap());
+        assert!(Arc::ptr_eq(&ta, &tb), "one copy of the content type");
+        assert!(a.version_id.is_some() && NodeMeta::default().unpack() == Meta::default());
     }
 }

@@ -201,7 +201,7 @@ impl<S: Source> FhirFs<S> {
         let (listing, name) = {
             let mut nodes = lock(&self.nodes);
             let Some(node) = nodes.by_ino.get(&ino) else { return };
-            let positions = (node.index, node.name_index);
+            let positions = (node.index.map(|i| i as usize), node.name_index.map(|i| i as usize));
             if let Some(size) = node.meta.size {
                 lock(&self.ahead_budget).saw(size);
             }

@@ -31,7 +31,7 @@ impl HttpSource {
     /// whether the file's type is known (from a listing or an earlier read).
     pub(super) fn raw_accept(&self, id: &str) -> Option<(String, bool)> {
         use std::sync::atomic::Ordering;
-        let known = self.content_types.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned();
+        let known = self.known_type(id);
         // A Binary that is itself JSON is read as FHIR JSON: its raw form could not be told
         // apart from the resource.
         if known.as_deref().is_some_and(|k| k.contains("json")) {
@@ -44,14 +44,17 @@ impl HttpSource {
             FetchMode::Auto => self.raw.load(Ordering::Relaxed) != RAW_REFUSED,
         };
         let typed = known.is_some();
-        raw.then(|| (known.unwrap_or_else(|| "*/*".to_owned()), typed))
+        raw.then(|| (known.map_or_else(|| "*/*".to_owned(), |k| k.to_string()), typed))
     }
 
     pub(super) fn learn_content_type(&self, id: &str, content_type: Option<&str>) {
         if let Some(kind) = content_type {
-            let mut known = self.content_types.lock().unwrap_or_else(|e| e.into_inner());
-            known.insert(id.to_owned(), kind.to_owned());
+            self.content_types.lock().unwrap_or_else(|e| e.into_inner()).learn(id, kind);
         }
+    }
+
+    pub(super) fn known_type(&self, id: &str) -> Option<Arc<str>> {
+        self.content_types.lock().unwrap_or_else(|e| e.into_inner()).get(id)
     }
 
     pub(super) async fn fetch_inner(

@@ -135,7 +135,7 @@ pub struct HttpSource {
     /// The base URL without a trailing slash.
     base: String,
     /// Content types learned from listings and JSON reads: the Accept of a raw request.
-    content_types: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    content_types: std::sync::Mutex<KnownTypes>,
     /// RAW_UNKNOWN, RAW_PROVEN or RAW_REFUSED.
     raw: std::sync::atomic::AtomicU8,
     /// The server answered HEAD with 405 or 501.
@@ -146,6 +146,44 @@ pub struct HttpSource {
     limit: Limiter,
     /// How the server tells what changed, and since when to ask.
     feed: std::sync::Mutex<paging::FeedState>,
+}
+
+/// The content type of each Binary seen, for the Accept of its raw requests. A million
+/// Binaries share a handful of types, each held once; ids are held as a 64-bit hash (keyed
+/// per process), not a copy of every id. Two ids with one hash (about one chance in 10^7 in
+/// a million) would only share an Accept, which is a preference: the answer's Content-Type
+/// still decides how its body is read.
+#[derive(Default)]
+struct KnownTypes {
+    by_id: std::collections::HashMap<u64, Arc<str>>,
+    kinds: HashSet<Arc<str>>,
+    hasher: std::hash::RandomState,
+}
+
+impl KnownTypes {
+    fn key(&self, id: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, id)
+    }
+
+    fn learn(&mut self, id: &str, kind: &str) {
+        let key = self.key(id);
+        if self.by_id.get(&key).is_some_and(|k| &**k == kind) {
+            return;
+        }
+        let kind = match self.kinds.get(kind) {
+            Some(kind) => Arc::clone(kind),
+            None => {
+                let kind: Arc<str> = Arc::from(kind);
+                self.kinds.insert(Arc::clone(&kind));
+                kind
+            }
+        };
+        self.by_id.insert(key, kind);
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<str>> {
+        self.by_id.get(&self.key(id)).cloned()
+    }
 }
 
 /// One GET to make: where, what to accept, the version held, and the most body to read.
@@ -385,13 +423,13 @@ impl Source for HttpSource {
         use std::sync::atomic::Ordering;
         let raw =
             self.raw.load(Ordering::Relaxed) == RAW_PROVEN || self.config.fetch == FetchMode::Raw;
-        let known = self.content_types.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned();
+        let known = self.known_type(id);
         let Some(kind) = known.filter(|k| raw && !k.contains("json")) else { return Ok(None) };
         if self.head_useless.load(Ordering::Relaxed) {
             return Ok(None);
         }
         let url = self.binary_url(id)?;
-        let mut request = self.client.head(url.clone()).header(header::ACCEPT, &kind);
+        let mut request = self.client.head(url.clone()).header(header::ACCEPT, &*kind);
         if let Some(token) = self.auth.token().await? {
             request = request.header(header::AUTHORIZATION, token.bearer()?);
         }
@@ -411,7 +449,11 @@ impl Source for HttpSource {
             return Ok(None);
         }
         let Some(size) = length else { return Ok(None) };
-        Ok(Some(Meta { size: Some(size), content_type: Some(kind), ..header_meta(headers) }))
+        Ok(Some(Meta {
+            size: Some(size),
+            content_type: Some(kind.to_string()),
+            ..header_meta(headers)
+        }))
     }
 
     /// Reads [`PROBE_ID`] with the token: any answer shows that the server is up, and a 401 or
