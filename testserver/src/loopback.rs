@@ -237,6 +237,14 @@ pub enum SearchFault {
     /// Every page also carries a Patient entry and an OperationOutcome entry (search mode
     /// `outcome`) among the Binaries.
     NonBinaryEntries,
+    /// The first `pages` search pages (counted from when this is set) as usual, then this
+    /// status with an OperationOutcome: a listing that fails part-way.
+    StatusAfter {
+        /// Pages answered before the failures.
+        pages: usize,
+        /// The status of every page after them.
+        status: u16,
+    },
 }
 
 /// Faults drawn at random on reads (not searches, not HEAD), reproducible from the seed for a
@@ -294,6 +302,10 @@ struct ServerState {
     token: Option<String>,
     faults: HashMap<String, Armed>,
     holds: HashMap<String, watch::Receiver<bool>>,
+    /// Search pages to answer before the rest wait on the gate ([`LoopbackServer::hold_searches_after`]).
+    search_hold: Option<(usize, watch::Receiver<bool>)>,
+    /// Search pages answered since the search fault was set.
+    pages_served: usize,
     /// Ids whose next read stops after this many body bytes until its gate says how to go on.
     body_holds: HashMap<String, (usize, watch::Receiver<BodyGateState>)>,
     search_fault: Option<SearchFault>,
@@ -561,7 +573,9 @@ impl LoopbackServer {
 
     /// A fault on every search and search page (None: normal).
     pub fn set_search_fault(&self, fault: Option<SearchFault>) {
-        self.inner.lock().search_fault = fault;
+        let mut state = self.inner.lock();
+        state.pages_served = 0;
+        state.search_fault = fault;
     }
 
     /// Random faults on reads (None: off). Replaces the generator, so setting the same seed
@@ -628,6 +642,14 @@ impl LoopbackServer {
         self.inner.lock().shuffled_listing = shuffled;
     }
 
+    /// After the next `pages` search requests, every search request waits (after being
+    /// counted) until the returned gate is released: a listing whose later pages are slow.
+    pub fn hold_searches_after(&self, pages: usize) -> Gate {
+        let (open, closed) = watch::channel(false);
+        self.inner.lock().search_hold = Some((pages, closed));
+        Gate { open }
+    }
+
     /// Reads of `id` wait (after being counted) until the returned gate is released.
     pub fn hold(&self, id: &str) -> Gate {
         let (open, closed) = watch::channel(false);
@@ -674,6 +696,25 @@ impl Inner {
 
     fn base_url(&self) -> String {
         format!("http://{}/fhir", self.addr)
+    }
+
+    /// Waits at the gate of [`LoopbackServer::hold_searches_after`], once its pages are used up.
+    async fn search_gate(&self) {
+        let gate = {
+            let mut state = self.lock();
+            match &mut state.search_hold {
+                Some((0, gate)) => Some(gate.clone()),
+                Some((pages, _)) => {
+                    *pages -= 1;
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some(mut gate) = gate {
+            // The sender is the test's Gate, which opens when dropped.
+            let _ = gate.wait_for(|&open| open).await;
+        }
     }
 
     /// Counts a request, waits the configured latency, and tells whether throttling answers it.
@@ -912,6 +953,13 @@ impl Inner {
                 });
                 return fhir_json(StatusCode::OK, resource.to_string());
             }
+            Some(SearchFault::StatusAfter { pages, status }) => {
+                let (pages, status) = (*pages, *status);
+                state.pages_served += 1;
+                if state.pages_served > pages {
+                    return outcome(status, "the search failed part-way");
+                }
+            }
             Some(SearchFault::Html) => {
                 let page = "<!DOCTYPE html><html><head><title>Sign in</title></head>\
                             <body><form action=\"/login\">Sign in to continue</form></body></html>";
@@ -1137,6 +1185,7 @@ async fn search(
     uri: Uri,
 ) -> Response {
     let throttled = inner.arrive(Arrival::Search).await;
+    inner.search_gate().await;
     let response = match inner.gatekeep(throttled, &headers) {
         Some(refused) => refused,
         None => inner.search_page(&params, &uri),
@@ -1153,6 +1202,7 @@ async fn system(
     uri: Uri,
 ) -> Response {
     let throttled = inner.arrive(Arrival::Search).await;
+    inner.search_gate().await;
     let response = match inner.gatekeep(throttled, &headers) {
         Some(refused) => refused,
         None if param(&params, "_getpages").is_some() => inner.search_page(&params, &uri),
