@@ -85,6 +85,17 @@ fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
     }
 }
 
+/// Replies to a readdir with the entries in from `offset` on.
+fn fill_dir<S: Source>(fs: &FhirFs<S>, fh: u64, offset: u64, mut reply: ReplyDirectory) {
+    let added = fs.readdir(fh, offset, |entry| {
+        reply.add(INodeNo(entry.ino), entry.next_offset, file_type(entry.kind), entry.name)
+    });
+    match added {
+        Ok(_) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
 fn log_error(op: &str, ino: u64, e: &FsError) {
     // Misses are normal (shells probe for names); real failures are logged by the core.
     debug!(op, ino, error = %e, "failed");
@@ -235,15 +246,22 @@ impl<S: Source> Filesystem for FuseAdapter<S> {
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        let added = self.fs.readdir(fh.0, offset, |entry| {
-            reply.add(INodeNo(entry.ino), entry.next_offset, file_type(entry.kind), entry.name)
-        });
-        match added {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+        if !self.fs.readdir_pending(fh.0, offset) {
+            return fill_dir(&self.fs, fh.0, offset, reply);
         }
+        // The listing is still on its way there: wait for its page in a task.
+        let fs = Arc::clone(&self.fs);
+        self.runtime.spawn(async move {
+            match fs.readdir_ready(fh.0, offset).await {
+                Ok(()) => fill_dir(&fs, fh.0, offset, reply),
+                Err(e) => {
+                    log_error("readdir", fh.0, &e);
+                    reply.error(errno(&e));
+                }
+            }
+        });
     }
 
     fn releasedir(

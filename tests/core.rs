@@ -45,19 +45,28 @@ async fn read_all(fs: &Arc<FhirFs<MemorySource>>, ino: u64) -> Vec<u8> {
     out
 }
 
-fn names(fs: &Arc<FhirFs<MemorySource>>, fh: u64) -> Vec<String> {
-    entries(fs, fh, 0).into_iter().map(|(name, _)| name).collect()
+async fn names(fs: &Arc<FhirFs<MemorySource>>, fh: u64) -> Vec<String> {
+    entries(fs, fh, 0).await.into_iter().map(|(name, _)| name).collect()
 }
 
-/// Every entry from `offset` on: name and kind.
-fn entries(fs: &Arc<FhirFs<MemorySource>>, fh: u64, offset: u64) -> Vec<(String, Kind)> {
+/// Every entry from `offset` on: name and kind. As the kernel reads a folder: until a readdir
+/// gives nothing, each waiting for its page.
+async fn entries(fs: &Arc<FhirFs<MemorySource>>, fh: u64, offset: u64) -> Vec<(String, Kind)> {
     let mut out = Vec::new();
-    fs.readdir(fh, offset, |e| {
-        out.push((e.name.to_owned(), e.kind));
-        false
-    })
-    .unwrap();
-    out
+    let mut offset = offset;
+    loop {
+        fs.readdir_ready(fh, offset).await.unwrap();
+        let given = fs
+            .readdir(fh, offset, |e| {
+                out.push((e.name.to_owned(), e.kind));
+                offset = e.next_offset;
+                false
+            })
+            .unwrap();
+        if given == 0 {
+            return out;
+        }
+    }
 }
 
 #[tokio::test]
@@ -67,9 +76,9 @@ async fn listing_shows_every_binary_with_dots_first() {
     source.put("a", "text/plain", "a");
     let fs = core(source);
     let fh = fs.opendir(ROOT_INO).await.unwrap();
-    assert_eq!(names(&fs, fh), [".", "..", "a", "b"]);
+    assert_eq!(names(&fs, fh).await, [".", "..", "a", "b"]);
     // Resuming from an offset skips what was returned.
-    assert_eq!(entries(&fs, fh, 3), [("b".to_owned(), Kind::File)]);
+    assert_eq!(entries(&fs, fh, 3).await, [("b".to_owned(), Kind::File)]);
 }
 
 #[tokio::test]
@@ -107,7 +116,7 @@ async fn unlisted_ids_are_looked_up_with_their_exact_size() {
     source.set_list_error(Some(SourceError::Status(400)));
     let fs = core(source);
     let fh = fs.opendir(ROOT_INO).await.unwrap();
-    assert_eq!(names(&fs, fh), [".", ".."], "a refused search is an empty folder");
+    assert_eq!(names(&fs, fh).await, [".", ".."], "a refused search is an empty folder");
     let attr = fs.lookup(ROOT_INO, OsStr::new("hidden")).await.unwrap();
     assert_eq!(attr.size, 1234);
     assert_eq!(read_all(&fs, attr.ino).await, vec![7u8; 1234]);

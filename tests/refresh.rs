@@ -29,11 +29,21 @@ fn core_refreshing(server: &LoopbackServer) -> Arc<FhirFs<HttpSource>> {
 async fn ls(fs: &Arc<FhirFs<HttpSource>>) -> Vec<String> {
     let fh = fs.opendir(ROOT_INO).await.unwrap();
     let mut names = Vec::new();
-    fs.readdir(fh, 2, |e| {
-        names.push(e.name.to_owned());
-        false
-    })
-    .unwrap();
+    // As the kernel reads a folder: until a readdir gives nothing, each waiting for its page.
+    let mut offset = 2;
+    loop {
+        fs.readdir_ready(fh, offset).await.unwrap();
+        let given = fs
+            .readdir(fh, offset, |e| {
+                names.push(e.name.to_owned());
+                offset = e.next_offset;
+                false
+            })
+            .unwrap();
+        if given == 0 {
+            break;
+        }
+    }
     fs.release(fh);
     names
 }

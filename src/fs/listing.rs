@@ -4,15 +4,26 @@
 use super::*;
 
 impl<S: Source> FhirFs<S> {
-    /// The listing, from the cache or the source (one search however many callers ask).
-    /// After `--dir-ttl`, a refresh asks the source only for what changed, where it can
-    /// tell; in full at least every `--full-relist`.
-    pub(super) async fn listing(&self) -> Result<Snapshot, FsError> {
+    /// The listing, from the cache or the source (one search however many callers ask). A
+    /// full listing streams: its entries show as their pages arrive, and a caller that needs
+    /// all of them waits with [`Entries::ready`]. After `--dir-ttl`, a refresh asks the source
+    /// only for what changed, where it can tell; in full at least every `--full-relist`.
+    pub(super) async fn listing(self: &Arc<Self>) -> Result<Snapshot, FsError> {
         let mut cached = self.listing.lock().await;
-        if let Some(listing) = cached.as_ref().filter(|l| l.at.elapsed() < self.config.dir_ttl) {
-            return Ok(Arc::clone(&listing.entries));
+        if let Some(listing) = cached.as_ref() {
+            match listing.entries.fill() {
+                // A search under way is as fresh as a listing gets.
+                Fill::Filling => return Ok(Arc::clone(&listing.entries)),
+                Fill::Done if listing.at.elapsed() < self.config.dir_ttl => {
+                    return Ok(Arc::clone(&listing.entries));
+                }
+                // Stale, or failed part-way: list again.
+                _ => {}
+            }
         }
-        if let Some(old) = cached.as_mut().filter(|l| l.full_at.elapsed() < self.config.full_relist)
+        if let Some(old) = cached
+            .as_mut()
+            .filter(|l| l.entries.is_done() && l.full_at.elapsed() < self.config.full_relist)
         {
             let started = Instant::now();
             match self.source.changes().await {
@@ -29,42 +40,77 @@ impl<S: Source> FhirFs<S> {
             }
         }
         let started = Instant::now();
-        let listed = match self.source.list().await {
-            Ok(listed) => listed,
-            // Binary is not searchable by the spec, and many servers refuse: lookups by id
-            // still work, so the folder is just empty.
-            Err(SourceError::Status(status)) if (400..500).contains(&status) => {
-                debug!(status, "the server refuses to list Binary; the folder stays empty");
-                Vec::new()
-            }
-            Err(e @ (SourceError::NotFound | SourceError::Gone)) => {
-                debug!(error = %e, "the server cannot list Binary; the folder stays empty");
-                Vec::new()
-            }
-            Err(e) => {
-                warn!(error = %e, "listing failed");
-                Stats::add(&self.stats.errors, 1);
-                return Err(FsError::source("Binary?", e));
-            }
-        };
-        let entries = self.apply_listing(listed);
-        Stats::add(&self.stats.listings, 1);
+        let entries = Entries::filling();
         *cached = Some(Listing { at: started, full_at: started, entries: Arc::clone(&entries) });
+        drop(cached);
+        // In a task of its own: the listing goes on for the next caller when this one gives up.
+        tokio::spawn(Arc::clone(self).fill_listing(Arc::clone(&entries)));
         Ok(entries)
     }
 
-    pub(super) fn apply_listing(&self, listed: Vec<Listed>) -> Snapshot {
-        let mut seen = HashSet::with_capacity(listed.len());
-        let mut inos = Vec::with_capacity(listed.len());
-        for Listed { id, meta } in listed {
-            // A server whose pages shift under us may repeat an id; a folder must not.
-            let ino = self.apply_meta(&id, meta, Origin::Listing);
-            if seen.insert(ino) {
-                lock(&self.missing).remove(&id);
-                inos.push(ino);
+    /// Lists everything into `entries`, a page at a time.
+    async fn fill_listing(self: Arc<Self>, entries: Snapshot) {
+        // With --extensions a name depends on every id listed (`a` may be named `a.pdf` only
+        // if no Binary's id is `a.pdf`), so such a listing shows whole, at its end.
+        let streams = !self.config.extensions;
+        let mut seen = HashSet::new();
+        let mut inos = Vec::new();
+        let result = self
+            .source
+            .list_pages(|page| {
+                let first = inos.len();
+                for Listed { id, meta } in page {
+                    // A server whose pages shift under us may repeat an id; a folder must not.
+                    let ino = self.apply_meta(&id, meta, Origin::Listing);
+                    if seen.insert(ino) {
+                        lock(&self.missing).remove(&id);
+                        inos.push(ino);
+                    }
+                }
+                if streams {
+                    self.append(&entries, &inos[first..]);
+                }
+            })
+            .await;
+        drop(seen);
+        let refused = match result {
+            Ok(()) => None,
+            // Binary is not searchable by the spec, and many servers refuse: lookups by id
+            // still work, so the folder is just empty. (Refused after some pages, it failed.)
+            Err(SourceError::Status(status)) if (400..500).contains(&status) && inos.is_empty() => {
+                Some(format!("status {status}"))
             }
+            Err(e @ (SourceError::NotFound | SourceError::Gone)) if inos.is_empty() => {
+                Some(e.to_string())
+            }
+            Err(e) => {
+                warn!(error = %e, listed = inos.len(), "listing failed");
+                Stats::add(&self.stats.errors, 1);
+                entries.end(Err(FsError::source("Binary?", e)));
+                return;
+            }
+        };
+        if let Some(why) = refused {
+            debug!(why, "the server refuses to list Binary; the folder stays empty");
         }
-        self.publish(inos)
+        self.publish(&inos, Some(&entries), streams);
+        Stats::add(&self.stats.listings, 1);
+        entries.end(Ok(()));
+    }
+
+    /// Appends the new files of a page to a listing that streams, named by their ids.
+    fn append(&self, entries: &Entries, inos: &[u64]) {
+        let mut nodes = lock(&self.nodes);
+        // Only this listing's search appends to it: its length is where the page goes.
+        let first = entries.len();
+        let mut page = Vec::with_capacity(inos.len());
+        for &ino in inos {
+            let Some(node) = nodes.by_ino.get_mut(&ino) else { continue };
+            node.index = u32::try_from(first + page.len()).ok();
+            page.push((ino, Arc::clone(&node.id)));
+        }
+        drop(nodes);
+        entries.push(page);
     }
 
     /// Applies what changed since the last listing (`old`) and publishes the result: `old`
@@ -106,7 +152,7 @@ impl<S: Source> FhirFs<S> {
                 }
             }
         }
-        let kept = old.len() - gone.len();
+        let kept = old.len().saturating_sub(gone.len());
         if !reported && total.is_some_and(|total| total != (kept + added.len()) as u64) {
             debug!(?total, listed = kept + added.len(), "the server's total shows deletions");
             return None;
@@ -116,7 +162,7 @@ impl<S: Source> FhirFs<S> {
         let mut inos = Vec::with_capacity(kept + added.len());
         {
             let mut nodes = lock(&self.nodes);
-            for (ino, _) in old.iter() {
+            for (ino, _) in lock(&old.list).iter() {
                 let Some(node) = nodes.by_ino.get_mut(ino) else { continue };
                 if node.index.is_some() {
                     // The refresh confirms what it did not report changed.
@@ -135,21 +181,65 @@ impl<S: Source> FhirFs<S> {
         for ino in gone {
             self.invalidate_kernel(ino);
         }
-        Some(self.publish(inos))
+        Some(self.publish(&inos, None, false))
     }
 
     /// Makes `inos` the listing, in this order: their names (`--extensions`), positions and
-    /// the order by name.
-    fn publish(&self, inos: Vec<u64>) -> Snapshot {
+    /// the order by name. `entries` holds them already when they were `streamed` (named by
+    /// their ids, positions set as they came); else they are put in `entries` here, or in new
+    /// entries when there are none.
+    fn publish(&self, inos: &[u64], entries: Option<&Snapshot>, streamed: bool) -> Snapshot {
+        let old = Arc::clone(&lock(&self.order));
         let mut nodes = lock(&self.nodes);
+        let kept: HashSet<u64> =
+            if streamed { inos.iter().copied().collect() } else { HashSet::new() };
         // Positions of the last listing go: a file no longer listed has none.
-        for (ino, _) in lock(&self.order).iter() {
+        for (ino, _) in lock(&old.list).iter() {
+            if kept.contains(ino) {
+                continue;
+            }
             if let Some(node) = nodes.by_ino.get_mut(ino) {
                 node.index = None;
                 node.name_index = None;
             }
         }
+        drop(kept);
         nodes.by_name.clear();
+        let entries = match entries {
+            Some(entries) if streamed => Arc::clone(entries),
+            _ => {
+                let snapshot = self.name_entries(&mut nodes, inos);
+                match entries {
+                    Some(entries) => {
+                        entries.push(snapshot);
+                        Arc::clone(entries)
+                    }
+                    None => Entries::done(snapshot),
+                }
+            }
+        };
+        // Byte order of the names, as rsync sorts them.
+        let by_name: Vec<u64> = {
+            let list = lock(&entries.list);
+            let mut by_name: Vec<u32> = (0..list.len() as u32).collect();
+            by_name.sort_unstable_by(|&a, &b| {
+                list[a as usize].1.as_bytes().cmp(list[b as usize].1.as_bytes())
+            });
+            by_name.into_iter().map(|i| list[i as usize].0).collect()
+        };
+        for (name_index, ino) in by_name.iter().enumerate() {
+            if let Some(node) = nodes.by_ino.get_mut(ino) {
+                node.name_index = u32::try_from(name_index).ok();
+            }
+        }
+        drop(nodes);
+        *lock(&self.order) = Arc::clone(&entries);
+        *lock(&self.by_name_order) = Arc::new(by_name);
+        entries
+    }
+
+    /// The entries of `inos`, named (`--extensions`) and with their positions set.
+    fn name_entries(&self, nodes: &mut Nodes, inos: &[u64]) -> Vec<(u64, Arc<str>)> {
         // With --extensions, `a` named `a.pdf` must not hide a Binary whose id is `a.pdf`,
         // nor two files share a name: on a clash the bare id (unique by itself) is the name.
         let ids: HashSet<Arc<str>> = if self.config.extensions {
@@ -159,7 +249,7 @@ impl<S: Source> FhirFs<S> {
         };
         let mut used = HashSet::new();
         let mut snapshot = Vec::with_capacity(inos.len());
-        for ino in inos {
+        for &ino in inos {
             let Some(node) = nodes.by_ino.get(&ino) else { continue };
             let id = Arc::clone(&node.id);
             let name = match self.listed_name(&id, node.meta.content_type.as_deref()) {
@@ -174,19 +264,6 @@ impl<S: Source> FhirFs<S> {
             }
             snapshot.push((ino, name));
         }
-        // Byte order of the names, as rsync sorts them.
-        let mut by_name: Vec<usize> = (0..snapshot.len()).collect();
-        by_name.sort_unstable_by(|&a, &b| snapshot[a].1.as_bytes().cmp(snapshot[b].1.as_bytes()));
-        let by_name: Vec<u64> = by_name.into_iter().map(|i| snapshot[i].0).collect();
-        for (name_index, ino) in by_name.iter().enumerate() {
-            if let Some(node) = nodes.by_ino.get_mut(ino) {
-                node.name_index = u32::try_from(name_index).ok();
-            }
-        }
-        drop(nodes);
-        let snapshot = Arc::new(snapshot);
-        *lock(&self.order) = Arc::clone(&snapshot);
-        *lock(&self.by_name_order) = Arc::new(by_name);
         snapshot
     }
 
@@ -228,7 +305,7 @@ impl<S: Source> FhirFs<S> {
             else {
                 return;
             };
-            for (next, _) in order.iter().skip(start + 1).take(SIZE_READAHEAD) {
+            for (next, _) in lock(&order.list).iter().skip(start + 1).take(SIZE_READAHEAD) {
                 if let Some(node) = nodes.by_ino.get_mut(next)
                     && node.meta.size.is_none()
                     && !node.prefetching

@@ -400,9 +400,99 @@ impl Nodes {
     }
 }
 
-/// A listing as readdir gives it: inode and name, in the server's order. A name that is the
-/// bare id shares the node's copy of it.
-type Snapshot = Arc<Vec<(u64, Arc<str>)>>;
+/// A listing as readdir gives it: inode and name, in the server's order, growing while the
+/// pages of its search arrive. A name that is the bare id shares the node's copy of it.
+type Snapshot = Arc<Entries>;
+
+/// The entries of one listing, and how far its search has come.
+struct Entries {
+    /// Inode and name of each entry (a leaf lock: readdir holds it while filling a reply).
+    list: Mutex<Vec<(u64, Arc<str>)>>,
+    /// Changes with every page, and when the search ends.
+    fill: tokio::sync::watch::Sender<Fill>,
+}
+
+/// How far the search behind a listing has come.
+#[derive(Debug, Clone)]
+enum Fill {
+    /// More pages may come.
+    Filling,
+    /// Every page is in.
+    Done,
+    /// The search failed after the entries in: reading past them fails.
+    Failed(FsError),
+}
+
+impl Entries {
+    fn filling() -> Arc<Self> {
+        Arc::new(Self {
+            list: Mutex::default(),
+            fill: tokio::sync::watch::Sender::new(Fill::Filling),
+        })
+    }
+
+    fn done(list: Vec<(u64, Arc<str>)>) -> Arc<Self> {
+        Arc::new(Self { list: Mutex::new(list), fill: tokio::sync::watch::Sender::new(Fill::Done) })
+    }
+
+    fn len(&self) -> usize {
+        lock(&self.list).len()
+    }
+
+    fn fill(&self) -> Fill {
+        self.fill.borrow().clone()
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(*self.fill.borrow(), Fill::Done)
+    }
+
+    fn ino_at(&self, index: usize) -> Option<u64> {
+        lock(&self.list).get(index).map(|(ino, _)| *ino)
+    }
+
+    /// Appends the entries of a page, and wakes those waiting for them.
+    fn push(&self, entries: impl IntoIterator<Item = (u64, Arc<str>)>) {
+        lock(&self.list).extend(entries);
+        self.fill.send_modify(|_| {});
+    }
+
+    /// The search ended: every entry is in, or (`Err`) no more will come.
+    fn end(&self, result: Result<(), FsError>) {
+        lock(&self.list).shrink_to_fit();
+        self.fill.send_replace(match result {
+            Ok(()) => Fill::Done,
+            Err(e) => Fill::Failed(e),
+        });
+    }
+
+    /// Whether the entry at `index` is still on its way.
+    fn pending(&self, index: usize) -> bool {
+        matches!(*self.fill.borrow(), Fill::Filling) && self.len() <= index
+    }
+
+    /// Waits until the entry at `index` is in, or the search has ended (`Err`: it failed
+    /// before reaching it). With `usize::MAX`, until the search has ended.
+    async fn ready(&self, index: usize) -> Result<(), FsError> {
+        let mut fill = self.fill.subscribe();
+        loop {
+            // Checked after subscribing, so a page that arrives in between is not missed.
+            let state = fill.borrow_and_update().clone();
+            if self.len() > index {
+                return Ok(());
+            }
+            match state {
+                Fill::Filling => {}
+                Fill::Done => return Ok(()),
+                Fill::Failed(e) => return Err(e),
+            }
+            // The sender lives in `self`, so the channel cannot close while we wait.
+            if fill.changed().await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
 
 /// A content cache entry: the bytes, which eviction takes out at once.
 #[derive(Clone)]
@@ -482,20 +572,22 @@ pub type Invalidator = Box<dyn Fn(u64) + Send + Sync>;
 /// Every lock is held briefly and never across an `.await`, except `listing`. When two are held
 /// at once they are taken in this order, and never the other way round:
 ///
-/// 1. `listing` (async; held across the search, so concurrent listings wait for one request);
+/// 1. `listing` (async; held while a refresh asks what changed, so concurrent callers wait for
+///    one request; a full listing fills its `Entries` from a task of its own, without it);
 /// 2. `inflight` (the fetch map: checked and filled under one lock, for single-flight);
 /// 3. `handles`;
 /// 4. `ahead`, then `ahead_budget`;
 /// 5. `nodes`;
 /// 6. the leaves, which take no other lock while held: `ahead_budget` (also taken under
-///    `nodes`), `oversize`, `missing`, `order`, `by_name_order`.
+///    `nodes`), `oversize`, `missing`, `order`, `by_name_order`, and the entries of a listing
+///    (`Entries::list`, taken under `nodes`, or alone by readdir while it fills a reply).
 ///
 /// The moka cache (`content`) has its own locking; its eviction listener only empties a slot.
 pub struct FhirFs<S: Source> {
     source: Arc<S>,
     config: FsConfig,
     nodes: Mutex<Nodes>,
-    // A tokio mutex, held across the search: concurrent listings wait for one request.
+    // A tokio mutex, held across a refresh: concurrent callers wait for one request.
     listing: tokio::sync::Mutex<Option<Listing>>,
     content: moka::sync::Cache<String, Slot>,
     inflight: Mutex<HashMap<String, Inflight>>,
@@ -566,7 +658,7 @@ impl<S: Source> FhirFs<S> {
             missing: Mutex::default(),
             oversize: Mutex::default(),
             handles: Mutex::default(),
-            order: Mutex::default(),
+            order: Mutex::new(Entries::done(Vec::new())),
             prefetch_permits: Arc::new(tokio::sync::Semaphore::new(PREFETCH_PARALLELISM)),
             next_fh: AtomicU64::new(1),
             next_generation: AtomicU64::new(1),
@@ -719,18 +811,23 @@ impl<S: Source> FhirFs<S> {
         if self.known_missing(id) {
             return Err(FsError::source(id, SourceError::NotFound));
         }
-        let listed_before = {
+        let listed = {
             let nodes = lock(&self.nodes);
-            nodes
-                .by_id
-                .get(id)
-                .and_then(|i| nodes.by_ino.get(i))
-                .is_some_and(|n| n.listed.is_some())
+            nodes.by_id.get(id).and_then(|i| nodes.by_ino.get(i)).and_then(|n| n.listed)
         };
-        // One search revalidates every listed file; cheaper than a fetch per file.
-        if listed_before && !self.config.dir_ttl.is_zero() {
-            self.listing().await?;
-            if let Some(attr) = self.fresh_attr(id) {
+        let listed_before = listed.is_some();
+        // One search revalidates every listed file whose listing is stale; cheaper than a
+        // fetch per file. (A fresh listing without sizes has nothing more to tell; a search
+        // that fails leaves the file to a fetch of its own: a listed file keeps working.)
+        if listed_before && !is_fresh(listed, self.config.dir_ttl) && !self.config.dir_ttl.is_zero()
+        {
+            let listed = match self.listing().await {
+                Ok(entries) => entries.ready(usize::MAX).await,
+                Err(e) => Err(e),
+            };
+            if listed.is_ok()
+                && let Some(attr) = self.fresh_attr(id)
+            {
                 return Ok(attr);
             }
         }
@@ -989,29 +1086,61 @@ impl<S: Source> FhirFs<S> {
             return Err(FsError::NotDir);
         }
         let entries = self.listing().await?;
+        // The first page, or the end of an empty listing: a search that fails at once fails
+        // the opendir, as it did before listings streamed.
+        entries.ready(0).await?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.handles).insert(fh, Handle::Dir(entries));
         Ok(fh)
+    }
+
+    fn dir_entries(&self, fh: u64) -> Result<Snapshot, FsError> {
+        match lock(&self.handles).get(&fh) {
+            Some(Handle::Dir(entries)) => Ok(Arc::clone(entries)),
+            _ => Err(FsError::BadHandle),
+        }
+    }
+
+    /// Whether the entries of an open folder at `offset` are still on their way (their page
+    /// has not arrived): then wait with [`FhirFs::readdir_ready`] before [`FhirFs::readdir`],
+    /// which would take the folder to end there.
+    pub fn readdir_pending(&self, fh: u64, offset: u64) -> bool {
+        let file = usize::try_from(offset).unwrap_or(usize::MAX).saturating_sub(2);
+        self.dir_entries(fh).is_ok_and(|entries| offset >= 2 && entries.pending(file))
+    }
+
+    /// Waits until the entries of an open folder at `offset` have arrived, or the listing has
+    /// ended; fails when the listing failed before reaching them (the entries before stay).
+    pub async fn readdir_ready(&self, fh: u64, offset: u64) -> Result<(), FsError> {
+        let entries = self.dir_entries(fh)?;
+        let file = usize::try_from(offset).unwrap_or(usize::MAX).saturating_sub(2);
+        entries.ready(file).await
     }
 
     /// Gives the entries of an open folder from `offset` on (`.` and `..` first) to `add`, one
     /// at a time, until `add` says the reply is full (returns true) or the folder ends; returns
     /// how many it gave. The work is in proportion to the entries given, wherever `offset` is:
     /// the kernel reads a large folder in many calls of a few dozen entries each, so work in
-    /// proportion to the folder would make a walk of it quadratic.
+    /// proportion to the folder would make a walk of it quadratic. Entries whose page is still
+    /// on its way are not given ([`FhirFs::readdir_pending`]); past a listing that failed,
+    /// the error.
     pub fn readdir(
         &self,
         fh: u64,
         offset: u64,
         mut add: impl FnMut(DirEntry<'_>) -> bool,
     ) -> Result<usize, FsError> {
-        let entries = match lock(&self.handles).get(&fh) {
-            Some(Handle::Dir(entries)) => Arc::clone(entries),
-            _ => return Err(FsError::BadHandle),
-        };
+        let snapshot = self.dir_entries(fh)?;
+        let entries = lock(&snapshot.list);
         const DOTS: [&str; 2] = [".", ".."];
         let end = entries.len() + DOTS.len();
         let offset = usize::try_from(offset).unwrap_or(usize::MAX).min(end);
+        if offset == end && offset >= DOTS.len() {
+            // Past what arrived: the end of the folder only if no more will come.
+            if let Fill::Failed(e) = snapshot.fill() {
+                return Err(e);
+            }
+        }
         let mut given = 0;
         // Indexing, not an iterator: skipping to `offset` must not step through what is before.
         let mut index = offset;

@@ -230,7 +230,7 @@ impl<S: Source> FhirFs<S> {
             Order::Listing => {
                 let order = Arc::clone(&lock(&self.order));
                 let ahead = walk.ahead(self.config.read_ahead, order.len());
-                ahead.into_iter().map(|pos| order[pos].0).collect()
+                ahead.into_iter().filter_map(|pos| order.ino_at(pos)).collect()
             }
             Order::Name => {
                 let order = Arc::clone(&lock(&self.by_name_order));

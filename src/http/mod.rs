@@ -410,7 +410,13 @@ impl HttpSource {
 
 impl Source for HttpSource {
     async fn list(&self) -> Result<Vec<Listed>, SourceError> {
-        self.list_inner().await
+        let mut listed = Vec::new();
+        self.list_inner(|page| listed.extend(page)).await?;
+        Ok(listed)
+    }
+
+    async fn list_pages<F: FnMut(Vec<Listed>) + Send>(&self, page: F) -> Result<(), SourceError> {
+        self.list_inner(page).await
     }
 
     async fn changes(&self) -> Result<Option<Changes>, SourceError> {

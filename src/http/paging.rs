@@ -85,21 +85,24 @@ impl HttpSource {
         Ok(first_date)
     }
 
-    pub(super) async fn list_inner(&self) -> Result<Vec<Listed>, SourceError> {
+    /// Every Binary, a page at a time, each given to `each` as it arrives.
+    pub(super) async fn list_inner(
+        &self,
+        mut each: impl FnMut(Vec<Listed>) + Send,
+    ) -> Result<(), SourceError> {
         let mut url = self.search_url("Binary")?;
         url.query_pairs_mut()
             .append_pair("_count", &self.config.page_size.to_string())
             .append_pair("_elements", "id,meta,contentType");
         let asked = SystemTime::now();
-        let mut listed = Vec::new();
         let date = self
             .pages(url, |page| {
-                listed.extend(page.entries);
+                each(page.entries);
                 true
             })
             .await?;
         self.feed_state().since = Some(date.unwrap_or(asked));
-        Ok(listed)
+        Ok(())
     }
 
     fn feed_state(&self) -> std::sync::MutexGuard<'_, FeedState> {
