@@ -8,10 +8,10 @@ impl<S: Source> FhirFs<S> {
     pub(super) fn forget_content(&self, id: &str) {
         self.content.invalidate(id);
         let mut nodes = lock(&self.nodes);
-        if let Some(node) = nodes.by_id.get(id).copied().and_then(|i| nodes.by_ino.get_mut(&i)) {
+        if let Some(node) = nodes.ino(id).and_then(|i| nodes.by_ino.get_mut(&i)) {
             node.meta = NodeMeta::default();
-            node.checked = None;
-            node.listed = None;
+            node.checked = Stamp::NONE;
+            node.listed = Stamp::NONE;
         }
     }
 
@@ -73,8 +73,8 @@ impl<S: Source> FhirFs<S> {
         }
         // A listing within the TTL that still names the same version vouches for the bytes.
         let nodes = lock(&self.nodes);
-        let node = nodes.by_id.get(id).and_then(|ino| nodes.by_ino.get(ino))?;
-        let confirmed = is_fresh(node.listed, self.config.dir_ttl)
+        let node = nodes.node(id)?;
+        let confirmed = is_fresh(node.listed.instant(), self.config.dir_ttl)
             && content.version_id.is_some()
             && node.meta.is_version(content.version_id.as_deref());
         confirmed.then_some(content)
@@ -284,7 +284,7 @@ impl<S: Source> FhirFs<S> {
     pub(super) fn on_demand_generation(&self, id: &str, version: Option<&str>) -> Option<u64> {
         let version = version?;
         let nodes = lock(&self.nodes);
-        let pin = nodes.by_id.get(id).and_then(|ino| nodes.by_ino.get(ino))?.pin.as_ref()?;
+        let pin = nodes.node(id)?.pin.as_ref()?;
         let content = &pin.content;
         (content.body.is_on_demand() && content.version_id.as_deref() == Some(version))
             .then_some(content.generation)

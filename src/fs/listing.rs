@@ -130,7 +130,7 @@ impl<S: Source> FhirFs<S> {
             }
             let listed = {
                 let nodes = lock(&self.nodes);
-                nodes.by_id.get(id.as_str()).and_then(|i| nodes.by_ino.get(i)?.index).is_some()
+                nodes.node(&id).and_then(|n| n.index).is_some()
             };
             let ino = self.apply_meta(&id, meta, Origin::Listing);
             lock(&self.missing).remove(&id);
@@ -142,11 +142,11 @@ impl<S: Source> FhirFs<S> {
         {
             let mut nodes = lock(&self.nodes);
             for id in &deleted {
-                let Some(&ino) = nodes.by_id.get(id.as_str()) else { continue };
+                let Some(ino) = nodes.ino(id) else { continue };
                 let Some(node) = nodes.by_ino.get_mut(&ino) else { continue };
                 if node.index.is_some() {
-                    node.listed = None;
-                    node.checked = None;
+                    node.listed = Stamp::NONE;
+                    node.checked = Stamp::NONE;
                     node.index = None;
                     gone.push(ino);
                 }
@@ -158,7 +158,7 @@ impl<S: Source> FhirFs<S> {
             return None;
         }
         debug!(changed = count, added = added.len(), deleted = gone.len(), "refreshed the listing");
-        let now = Instant::now();
+        let now = Stamp::now();
         let mut inos = Vec::with_capacity(kept + added.len());
         {
             let mut nodes = lock(&self.nodes);
@@ -166,8 +166,8 @@ impl<S: Source> FhirFs<S> {
                 let Some(node) = nodes.by_ino.get_mut(ino) else { continue };
                 if node.index.is_some() {
                     // The refresh confirms what it did not report changed.
-                    node.listed = Some(now);
-                    node.checked = Some(now);
+                    node.listed = now;
+                    node.checked = now;
                     inos.push(*ino);
                 }
             }
@@ -252,7 +252,7 @@ impl<S: Source> FhirFs<S> {
         for &ino in inos {
             let Some(node) = nodes.by_ino.get(&ino) else { continue };
             let id = Arc::clone(&node.id);
-            let name = match self.listed_name(&id, node.meta.content_type.as_deref()) {
+            let name = match self.listed_name(&id, node.meta.content_type()) {
                 Some(name) if !ids.contains(name.as_str()) && used.insert(name.clone()) => {
                     nodes.by_name.insert(name.clone(), ino);
                     Arc::from(name)
@@ -283,7 +283,7 @@ impl<S: Source> FhirFs<S> {
     /// whether the walker opened the file it looked up before (it copies: read content ahead).
     pub(super) fn walking(&self, id: &str) -> Option<(u64, usize, bool)> {
         let mut nodes = lock(&self.nodes);
-        let ino = *nodes.by_id.get(id)?;
+        let ino = nodes.ino(id)?;
         let index = nodes.by_ino.get(&ino)?.index? as usize;
         let streak = match nodes.walk {
             Some((last, streak)) if index > last && index - last <= WALK_GAP => streak + 1,

@@ -175,13 +175,14 @@ pub struct Content {
 }
 
 struct Node {
-    /// The id, shared with `Nodes::by_id` and the listing snapshots (one copy per Binary).
+    /// The id, shared with the listing snapshots (one copy per Binary; `Nodes::by_id` finds
+    /// it by its hash).
     id: Arc<str>,
     meta: NodeMeta,
     /// When the server last confirmed `meta` (by a listing or a fetch).
-    checked: Option<Instant>,
+    checked: Stamp,
     /// When a listing last confirmed `meta`.
-    listed: Option<Instant>,
+    listed: Stamp,
     /// What the kernel's page cache holds, from the last open (boxed, as `pin`).
     kernel: Option<Box<KernelPages>>,
     /// Position in the latest listing (u32: a folder of more than 4 billion files is not
@@ -197,16 +198,46 @@ struct Node {
     changed_while_pinned: bool,
 }
 
+/// A moment as a node keeps it: nanoseconds since the first one this process took, or none
+/// (8 bytes, where an `Option<Instant>` takes 16: a million nodes have two).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Stamp(u64);
+
+impl Stamp {
+    const NONE: Stamp = Stamp(0);
+
+    fn base() -> Instant {
+        static BASE: OnceLock<Instant> = OnceLock::new();
+        *BASE.get_or_init(Instant::now)
+    }
+
+    fn now() -> Self {
+        let base = Self::base();
+        // 1 and up: 0 is none (584 years of nanoseconds fit).
+        Stamp(u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1))
+    }
+
+    fn instant(self) -> Option<Instant> {
+        (self.0 != 0).then(|| Self::base() + Duration::from_nanos(self.0))
+    }
+}
+
 /// [`Meta`] as a node keeps it, for a million of them: the content type and the security
-/// context (a handful of values across a server) held once for all nodes, and a version that
-/// is a number (as most servers count them) without an allocation.
+/// context (a handful of pairs across a server) held once for all nodes that share them, and
+/// a version that is a number (as most servers count them) without an allocation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct NodeMeta {
     version_id: Option<Version>,
     last_updated: Option<SystemTime>,
-    content_type: Option<Arc<str>>,
-    security_context: Option<Arc<str>>,
+    labels: Option<Arc<Labels>>,
     size: Option<u64>,
+}
+
+/// A content type and a security context, held once for every node that has both.
+#[derive(Debug, PartialEq, Eq)]
+struct Labels {
+    content_type: Option<Box<str>>,
+    security_context: Option<Box<str>>,
 }
 
 /// A `meta.versionId`: a number in its plain decimal form, or any other text.
@@ -243,12 +274,11 @@ impl std::fmt::Display for Version {
 }
 
 impl NodeMeta {
-    fn pack(meta: Meta, strings: &mut Strings) -> Self {
+    fn pack(meta: Meta, labels: &mut LabelSet) -> Self {
         Self {
             version_id: meta.version_id.as_deref().map(Version::new),
             last_updated: meta.last_updated,
-            content_type: meta.content_type.as_deref().map(|t| strings.get(t)),
-            security_context: meta.security_context.as_deref().map(|c| strings.get(c)),
+            labels: labels.get(meta.content_type.as_deref(), meta.security_context.as_deref()),
             size: meta.size,
         }
     }
@@ -257,10 +287,18 @@ impl NodeMeta {
         Meta {
             version_id: self.version_id.as_ref().map(Version::to_string),
             last_updated: self.last_updated,
-            content_type: self.content_type.as_deref().map(str::to_owned),
-            security_context: self.security_context.as_deref().map(str::to_owned),
+            content_type: self.content_type().map(str::to_owned),
+            security_context: self.security_context().map(str::to_owned),
             size: self.size,
         }
+    }
+
+    fn content_type(&self) -> Option<&str> {
+        self.labels.as_ref()?.content_type.as_deref()
+    }
+
+    fn security_context(&self) -> Option<&str> {
+        self.labels.as_ref()?.security_context.as_deref()
     }
 
     /// Whether this is `version` (both unknown counts as not the same).
@@ -269,18 +307,45 @@ impl NodeMeta {
     }
 }
 
-/// Strings many nodes share, each held once.
+/// The [`Labels`] of the nodes, each pair held once.
 #[derive(Default)]
-struct Strings(HashSet<Arc<str>>);
+struct LabelSet {
+    set: hashbrown::HashTable<Arc<Labels>>,
+    hasher: std::hash::RandomState,
+}
 
-impl Strings {
-    fn get(&mut self, text: &str) -> Arc<str> {
-        if let Some(held) = self.0.get(text) {
-            return Arc::clone(held);
+impl LabelSet {
+    fn hash(&self, content_type: Option<&str>, security_context: Option<&str>) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, (content_type, security_context))
+    }
+
+    /// The one copy of this pair (none for neither).
+    fn get(
+        &mut self,
+        content_type: Option<&str>,
+        security_context: Option<&str>,
+    ) -> Option<Arc<Labels>> {
+        if content_type.is_none() && security_context.is_none() {
+            return None;
         }
-        let held: Arc<str> = Arc::from(text);
-        self.0.insert(Arc::clone(&held));
-        held
+        let hash = self.hash(content_type, security_context);
+        let same = |held: &Arc<Labels>| {
+            held.content_type.as_deref() == content_type
+                && held.security_context.as_deref() == security_context
+        };
+        if let Some(held) = self.set.find(hash, same) {
+            return Some(Arc::clone(held));
+        }
+        let labels = Arc::new(Labels {
+            content_type: content_type.map(Box::from),
+            security_context: security_context.map(Box::from),
+        });
+        let hasher = &self.hasher;
+        self.set.insert_unique(hash, Arc::clone(&labels), |held| {
+            let pair = (held.content_type.as_deref(), held.security_context.as_deref());
+            std::hash::BuildHasher::hash_one(hasher, pair)
+        });
+        Some(labels)
     }
 }
 
@@ -332,14 +397,42 @@ impl NodeTable {
     }
 }
 
+/// The inode of each id: slots of [`NodeTable`], found by the hash of the node's own id, so
+/// that a million ids cost 4 bytes a slot here instead of another pointer and inode each.
+#[derive(Default)]
+struct IdIndex {
+    slots: hashbrown::HashTable<u32>,
+    hasher: std::hash::RandomState,
+}
+
+impl IdIndex {
+    fn hash(&self, id: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, id)
+    }
+
+    fn get(&self, table: &NodeTable, id: &str) -> Option<u64> {
+        let found = self.slots.find(self.hash(id), |&slot| *table.0[slot as usize].id == *id)?;
+        Some(u64::from(*found) + ROOT_INO + 1)
+    }
+
+    /// Adds the node in `slot` of `table` (its id not indexed yet).
+    fn insert(&mut self, table: &NodeTable, slot: u32) {
+        let hash = self.hash(&table.0[slot as usize].id);
+        let hasher = &self.hasher;
+        self.slots.insert_unique(hash, slot, |&s| {
+            std::hash::BuildHasher::hash_one(hasher, &*table.0[s as usize].id)
+        });
+    }
+}
+
 #[derive(Default)]
 struct Nodes {
     by_ino: NodeTable,
-    by_id: HashMap<Arc<str>, u64>,
+    by_id: IdIndex,
     /// Listed names that are not bare ids (`<id>.<ext>` with --extensions).
     by_name: HashMap<String, u64>,
     /// Content types and security contexts of the nodes.
-    strings: Strings,
+    labels: LabelSet,
     /// Listing position of the last lookup that needed a size, and how many such lookups in
     /// a row walked forward through the listing.
     walk: Option<(usize, u32)>,
@@ -375,18 +468,27 @@ impl Node {
 }
 
 impl Nodes {
+    /// The inode of `id`, if it has one.
+    fn ino(&self, id: &str) -> Option<u64> {
+        self.by_id.get(&self.by_ino, id)
+    }
+
+    /// The node of `id`, if it has one.
+    fn node(&self, id: &str) -> Option<&Node> {
+        self.by_ino.get(&self.ino(id)?)
+    }
+
     fn ino_of(&mut self, id: &str) -> u64 {
-        if let Some(&ino) = self.by_id.get(id) {
+        if let Some(ino) = self.ino(id) {
             return ino;
         }
         // Inodes count up from 2 and are never reused within a mount.
         let ino = self.by_ino.next_ino();
-        let id: Arc<str> = Arc::from(id);
         let node = Node {
-            id: Arc::clone(&id),
+            id: Arc::from(id),
             meta: NodeMeta::default(),
-            checked: None,
-            listed: None,
+            checked: Stamp::NONE,
+            listed: Stamp::NONE,
             kernel: None,
             index: None,
             name_index: None,
@@ -394,8 +496,9 @@ impl Nodes {
             pin: None,
             changed_while_pinned: false,
         };
+        let slot = u32::try_from(self.by_ino.len()).expect("fewer than 4 billion inodes");
         self.by_ino.push(node);
-        self.by_id.insert(id, ino);
+        self.by_id.insert(&self.by_ino, slot);
         ino
     }
 }
@@ -727,7 +830,7 @@ impl<S: Source> FhirFs<S> {
     /// Attributes of `id` when its size is known and its metadata is fresh.
     fn fresh_attr(&self, id: &str) -> Option<Attr> {
         let nodes = lock(&self.nodes);
-        let ino = *nodes.by_id.get(id)?;
+        let ino = nodes.ino(id)?;
         let node = nodes.by_ino.get(&ino)?;
         if let Some(pin) = &node.pin {
             // Not cached by the kernel: the pin may go any moment (the kernel closes files
@@ -736,17 +839,17 @@ impl<S: Source> FhirFs<S> {
             return Some(Attr { ttl: Duration::ZERO, ..attr });
         }
         let size = node.meta.size?;
-        is_fresh(node.checked, self.config.dir_ttl)
+        is_fresh(node.checked.instant(), self.config.dir_ttl)
             .then(|| self.file_attr(ino, node.meta.last_updated, size))
     }
 
     /// Records what the server said about `id`; returns its inode. A new version drops the
     /// cached bytes and tells the kernel to drop its caches.
     fn apply_meta(&self, id: &str, meta: Meta, origin: Origin) -> u64 {
-        let now = Instant::now();
+        let now = Stamp::now();
         let mut nodes = lock(&self.nodes);
         let ino = nodes.ino_of(id);
-        let Nodes { by_ino, strings, .. } = &mut *nodes;
+        let Nodes { by_ino, labels, .. } = &mut *nodes;
         let Some(node) = by_ino.get_mut(&ino) else {
             return ino;
         };
@@ -764,7 +867,7 @@ impl<S: Source> FhirFs<S> {
                 if a.duration_since(b).unwrap_or_else(|e| e.duration()) >= Duration::from_secs(1));
         let was_known = old.size.is_some() || old.version_id.is_some();
         if version_changed || size_changed || time_changed {
-            node.meta = NodeMeta::pack(meta, strings);
+            node.meta = NodeMeta::pack(meta, labels);
             node.kernel = None;
         } else {
             let size = meta.size.or(old.size);
@@ -777,11 +880,11 @@ impl<S: Source> FhirFs<S> {
                 (o, n) => o.or(n),
             };
             node.meta =
-                NodeMeta::pack(Meta { size, security_context, last_updated, ..meta }, strings);
+                NodeMeta::pack(Meta { size, security_context, last_updated, ..meta }, labels);
         }
-        node.checked = Some(now);
+        node.checked = now;
         if origin == Origin::Listing {
-            node.listed = Some(now);
+            node.listed = now;
         }
         let changed = was_known && (version_changed || size_changed || time_changed);
         let pinned = node.pin.is_some();
@@ -813,7 +916,7 @@ impl<S: Source> FhirFs<S> {
         }
         let listed = {
             let nodes = lock(&self.nodes);
-            nodes.by_id.get(id).and_then(|i| nodes.by_ino.get(i)).and_then(|n| n.listed)
+            nodes.node(id).and_then(|n| n.listed.instant())
         };
         let listed_before = listed.is_some();
         // One search revalidates every listed file whose listing is stale; cheaper than a
@@ -845,7 +948,7 @@ impl<S: Source> FhirFs<S> {
         // --dir-ttl).
         let held = {
             let nodes = lock(&self.nodes);
-            nodes.by_id.get(id).and_then(|&ino| {
+            nodes.ino(id).and_then(|ino| {
                 let node = nodes.by_ino.get(&ino)?;
                 let (_, _, len) = self.kernel_holds(node)?;
                 Some(self.file_attr(ino, node.meta.last_updated, len))
@@ -856,7 +959,7 @@ impl<S: Source> FhirFs<S> {
         }
         let content = self.content(id).await?;
         let nodes = lock(&self.nodes);
-        let ino = *nodes.by_id.get(id).ok_or(FsError::NoEntry)?;
+        let ino = nodes.ino(id).ok_or(FsError::NoEntry)?;
         let node = nodes.by_ino.get(&ino).ok_or(FsError::NoEntry)?;
         Ok(self.file_attr(ino, node.meta.last_updated, content.body.len()))
     }
@@ -1015,8 +1118,8 @@ impl<S: Source> FhirFs<S> {
         let kernel = node.kernel.as_ref()?;
         let version = kernel.version.clone()?;
         let confirmed = node.meta.is_version(Some(&version))
-            && (is_fresh(node.checked, self.config.cache_ttl)
-                || is_fresh(node.listed, self.config.dir_ttl));
+            && (is_fresh(node.checked.instant(), self.config.cache_ttl)
+                || is_fresh(node.listed.instant(), self.config.dir_ttl));
         let len = node.meta.size.filter(|&len| len > 0 && confirmed)?;
         Some((kernel.generation, version, len))
     }
@@ -1236,6 +1339,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_node_stays_small() {
+        // A million listed Binaries hold a million nodes: every byte here is a megabyte.
+        let size = std::mem::size_of::<Node>();
+        println!("Node: {size} bytes, NodeMeta: {}", std::mem::size_of::<NodeMeta>());
+        assert!(size <= 136, "Node grew to {size} bytes");
+    }
+
+    #[test]
     fn versions_come_back_as_written() {
         for text in ["1", "42", "0", "01", "+1", "-1", "18446744073709551616", "W/\"3\"", "a-b"] {
             let version = Version::new(text);
@@ -1248,8 +1359,8 @@ mod tests {
     }
 
     #[test]
-    fn node_meta_round_trips_and_shares_strings() {
-        let mut strings = Strings::default();
+    fn node_meta_round_trips_and_shares_labels() {
+        let mut labels = LabelSet::default();
         let meta = Meta {
             version_id: Some("3".into()),
             last_updated: Some(UNIX_EPOCH + Duration::from_millis(1234)),
@@ -1257,11 +1368,17 @@ mod tests {
             security_context: Some("Patient/p".into()),
             size: Some(9),
         };
-        let a = NodeMeta::pack(meta.clone(), &mut strings);
-        let b = NodeMeta::pack(meta.clone(), &mut strings);
+        let a = NodeMeta::pack(meta.clone(), &mut labels);
+        let b = NodeMeta::pack(meta.clone(), &mut labels);
         assert_eq!(a.unpack(), meta);
-        let (ta, tb) = (a.content_type.unwrap(), b.content_type.unwrap());
-        assert!(Arc::ptr_eq(&ta, &tb), "one copy of the content type");
+        let (la, lb) = (a.labels.clone().unwrap(), b.labels.clone().unwrap());
+        assert!(Arc::ptr_eq(&la, &lb), "one copy of the pair");
+        let other = Meta { security_context: None, ..meta.clone() };
+        let c = NodeMeta::pack(other.clone(), &mut labels);
+        assert_eq!(c.unpack(), other);
+        assert!(!Arc::ptr_eq(&la, c.labels.as_ref().unwrap()));
+        let bare = Meta { content_type: None, security_context: None, ..meta };
+        assert!(NodeMeta::pack(bare, &mut labels).labels.is_none());
         assert!(a.version_id.is_some() && NodeMeta::default().unpack() == Meta::default());
     }
 }

@@ -149,40 +149,44 @@ pub struct HttpSource {
 }
 
 /// The content type of each Binary seen, for the Accept of its raw requests. A million
-/// Binaries share a handful of types, each held once; ids are held as a 64-bit hash (keyed
-/// per process), not a copy of every id. Two ids with one hash (about one chance in 10^7 in
-/// a million) would only share an Accept, which is a preference: the answer's Content-Type
-/// still decides how its body is read.
+/// Binaries share a handful of types, each held once and named by its number; ids are held
+/// as a 32-bit hash (keyed per process), not a copy of every id: 8 bytes a Binary. Ids that
+/// share a hash (about a hundred pairs in a million) share an Accept, which is only a
+/// preference: the answer's Content-Type still decides how its body is read, and a raw
+/// answer in FHIR JSON that is not this Binary's resource is asked for again as JSON.
 #[derive(Default)]
 struct KnownTypes {
-    by_id: std::collections::HashMap<u64, Arc<str>>,
-    kinds: HashSet<Arc<str>>,
+    by_id: std::collections::HashMap<u32, u16>,
+    kinds: Vec<Arc<str>>,
+    numbers: std::collections::HashMap<Arc<str>, u16>,
     hasher: std::hash::RandomState,
 }
 
 impl KnownTypes {
-    fn key(&self, id: &str) -> u64 {
-        std::hash::BuildHasher::hash_one(&self.hasher, id)
+    fn key(&self, id: &str) -> u32 {
+        // The high half: the keyed hash's bits are all equally random.
+        (std::hash::BuildHasher::hash_one(&self.hasher, id) >> 32) as u32
     }
 
     fn learn(&mut self, id: &str, kind: &str) {
-        let key = self.key(id);
-        if self.by_id.get(&key).is_some_and(|k| &**k == kind) {
-            return;
-        }
-        let kind = match self.kinds.get(kind) {
-            Some(kind) => Arc::clone(kind),
+        let number = match self.numbers.get(kind) {
+            Some(&number) => number,
             None => {
+                // More distinct types than that is no real server: the rest go unremembered.
+                let Ok(number) = u16::try_from(self.kinds.len()) else { return };
                 let kind: Arc<str> = Arc::from(kind);
-                self.kinds.insert(Arc::clone(&kind));
-                kind
+                self.kinds.push(Arc::clone(&kind));
+                self.numbers.insert(kind, number);
+                number
             }
         };
-        self.by_id.insert(key, kind);
+        let key = self.key(id);
+        self.by_id.insert(key, number);
     }
 
     fn get(&self, id: &str) -> Option<Arc<str>> {
-        self.by_id.get(&self.key(id)).cloned()
+        let number = *self.by_id.get(&self.key(id))?;
+        self.kinds.get(usize::from(number)).cloned()
     }
 }
 
