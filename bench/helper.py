@@ -10,11 +10,15 @@
   stats URL                           the bench server's /stats as `key=value` words
   search-page FILE NEXTFILE           the ids of a searchset Bundle in FILE, one a line; writes
                                       its `next` link (or nothing) to NEXTFILE
+  walk-pages URL                      pages through a search on one connection: microseconds,
+                                      pages, Binary entries
+  first-entry DIR                     microseconds to DIR's first entry and to its end, entries
 """
 
 import http.client
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -127,6 +131,50 @@ def search_page(path, next_path):
     return 0
 
 
+def walk_pages(url):
+    """Pages through a search as a minimal client would: one kept-alive connection, each body
+    read whole, the next link found with a regular expression (no JSON parsing). Prints the
+    elapsed microseconds, the pages and the Binary entries."""
+    next_link = re.compile(rb'"relation"\s*:\s*"next"\s*,\s*"url"\s*:\s*"([^"]+)"')
+    start = time.perf_counter()
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    pages = entries = 0
+    target = parts.path + ("?" + parts.query if parts.query else "")
+    while target:
+        connection.request("GET", target, headers={"Accept": "application/fhir+json"})
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            print(f"page {pages + 1}: status {response.status}", file=sys.stderr)
+            return 1
+        pages += 1
+        entries += body.count(b'"resourceType":"Binary"')
+        found = next_link.search(body)
+        target = ""
+        if found:
+            following = urllib.parse.urlsplit(found.group(1).decode())
+            target = following.path + ("?" + following.query if following.query else "")
+    elapsed = int((time.perf_counter() - start) * 1e6)
+    print(elapsed, pages, entries)
+    return 0
+
+
+def first_entry(path):
+    """Microseconds from opendir to the first entry that is not . or .., and to the end."""
+    start = time.perf_counter()
+    first = None
+    count = 0
+    with os.scandir(path) as entries:
+        for _ in entries:
+            if first is None:
+                first = time.perf_counter()
+            count += 1
+    end = time.perf_counter()
+    print(int(((first or end) - start) * 1e6), int((end - start) * 1e6), count)
+    return 0
+
+
 def main(argv):
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
@@ -142,6 +190,10 @@ def main(argv):
         return median()
     if command == "stats" and len(args) == 1:
         return stats(args[0])
+    if command == "walk-pages" and len(args) == 1:
+        return walk_pages(args[0])
+    if command == "first-entry" and len(args) == 1:
+        return first_entry(args[0])
     if command == "search-page" and len(args) == 2:
         return search_page(*args)
     print(__doc__, file=sys.stderr)
