@@ -3,6 +3,7 @@
 //! - this module: Binary resources and searchset Bundles, parsed whole;
 //! - [`json`]: decoding a Binary's FHIR JSON while it streams in.
 
+pub mod documents;
 pub mod json;
 
 use std::borrow::Cow;
