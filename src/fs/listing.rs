@@ -56,15 +56,19 @@ impl<S: Source> FhirFs<S> {
     pub(super) fn apply_listing(&self, listed: Vec<Listed>) -> Snapshot {
         let mut seen = HashSet::with_capacity(listed.len());
         let mut inos = Vec::with_capacity(listed.len());
-        for Listed { id, meta } in listed {
+        let mut names = HashMap::new();
+        for Listed { id, meta, name } in listed {
             // A server whose pages shift under us may repeat an id; a folder must not.
             let ino = self.apply_meta(&id, meta, Origin::Listing);
             if seen.insert(ino) {
                 lock(&self.missing).remove(&id);
                 inos.push(ino);
+                if let Some(name) = name {
+                    names.insert(ino, name);
+                }
             }
         }
-        self.publish(inos)
+        self.publish(inos, names)
     }
 
     /// Applies what changed since the last listing (`old`) and publishes the result: `old`
@@ -78,7 +82,7 @@ impl<S: Source> FhirFs<S> {
         let mut added = Vec::new();
         let mut seen = HashSet::new();
         let count = changed.len();
-        for Listed { id, meta } in changed {
+        for Listed { id, meta, .. } in changed {
             if deleted.contains(&id) {
                 continue;
             }
@@ -135,12 +139,12 @@ impl<S: Source> FhirFs<S> {
         for ino in gone {
             self.invalidate_kernel(ino);
         }
-        Some(self.publish(inos))
+        Some(self.publish(inos, HashMap::new()))
     }
 
-    /// Makes `inos` the listing, in this order: their names (`--extensions`), positions and
-    /// the order by name.
-    fn publish(&self, inos: Vec<u64>) -> Snapshot {
+    /// Makes `inos` the listing, in this order: their names (`names` where the source gave
+    /// one, else from `--extensions`), positions and the order by name.
+    fn publish(&self, inos: Vec<u64>, mut names: HashMap<u64, String>) -> Snapshot {
         let mut nodes = lock(&self.nodes);
         // Positions of the last listing go: a file no longer listed has none.
         for (ino, _) in lock(&self.order).iter() {
@@ -162,13 +166,15 @@ impl<S: Source> FhirFs<S> {
         for ino in inos {
             let Some(node) = nodes.by_ino.get(&ino) else { continue };
             let id = Arc::clone(&node.id);
-            let name = match self.listed_name(&id, node.meta.content_type.as_deref()) {
-                Some(name) if !ids.contains(name.as_str()) && used.insert(name.clone()) => {
-                    nodes.by_name.insert(name.clone(), ino);
-                    Arc::from(name)
-                }
-                _ => id,
-            };
+            let name = names.remove(&ino);
+            let name =
+                match name.or_else(|| self.listed_name(&id, node.meta.content_type.as_deref())) {
+                    Some(name) if !ids.contains(name.as_str()) && used.insert(name.clone()) => {
+                        nodes.by_name.insert(name.clone(), ino);
+                        Arc::from(name)
+                    }
+                    _ => id,
+                };
             if let Some(node) = nodes.by_ino.get_mut(&ino) {
                 node.index = Some(snapshot.len());
             }

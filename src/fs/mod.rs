@@ -248,7 +248,8 @@ impl NodeTable {
 struct Nodes {
     by_ino: NodeTable,
     by_id: HashMap<Arc<str>, u64>,
-    /// Listed names that are not bare ids (`<id>.<ext>` with --extensions).
+    /// Listed names that are not bare ids (`<id>.<ext>` with --extensions, or names the
+    /// source gave).
     by_name: HashMap<String, u64>,
     /// Listing position of the last lookup that needed a size, and how many such lookups in
     /// a row walked forward through the listing.
@@ -958,7 +959,7 @@ impl<S: Source> FhirFs<S> {
             ("user.fhir.securityContext", meta.security_context),
         ];
         let present = values.into_iter().filter_map(|(name, v)| v.map(|v| (name, v.into_bytes())));
-        Ok(present.collect())
+        Ok(present.chain(self.source.xattrs(&id)).collect())
     }
 
     /// Checks right after mounting that the server answers, and says so in the log when it

@@ -127,10 +127,11 @@ impl Source for MemorySource {
         if let Some(e) = &state.list_error {
             return Err(e.clone());
         }
-        let listed = state
-            .binaries
-            .iter()
-            .map(|(id, (meta, _))| Listed { id: id.clone(), meta: meta.clone() });
+        let listed = state.binaries.iter().map(|(id, (meta, _))| Listed {
+            id: id.clone(),
+            meta: meta.clone(),
+            name: None,
+        });
         Ok(listed.collect())
     }
 
