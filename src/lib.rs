@@ -11,7 +11,7 @@
 //! - [`auth`]: the bearer token: fixed, from a file that is re-read, SMART Backend Services.
 //! - [`fhir`]: Binary resources and searchset Bundles, and the streaming JSON decoder;
 //!   DocumentReference and DiagnosticReport pages.
-//! - [`documents`]: the documents view: names of folders and files.
+//! - [`documents`]: the documents view: names, and `DocumentsSource` (the view as a source).
 //! - [`buffer`]: the bytes of one version (`Body`) and the pool of recycled buffers.
 //! - [`id`], [`error`], [`stats`]: FHIR ids, error types and the errno table, counters.
 //!
@@ -40,6 +40,7 @@ mod stats;
 pub use auth::smart::{SmartClient, SmartConfig};
 pub use auth::{Secret, TokenSource};
 pub use buffer::body::Body;
+pub use documents::source::{DocumentsConfig, DocumentsSource, VerifyHash};
 pub use error::{FsError, SourceError};
 pub use fhir::documents::{Document, DocumentPage, parse_document_page};
 pub use fhir::json::JsonBinaryDecoder;

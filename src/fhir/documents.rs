@@ -232,6 +232,16 @@ fn document(resource: &Value) -> Option<Document> {
     })
 }
 
+/// The document in a single resource (a read of the referring resource again, for a fresh
+/// attachment `url`).
+pub fn parse_document(body: &[u8]) -> Result<Document, FhirError> {
+    let resource: Value = serde_json::from_slice(body).map_err(FhirError::json)?;
+    let found = resource.get("resourceType").and_then(Value::as_str);
+    document(&resource).ok_or_else(|| {
+        FhirError::wrong_type("DocumentReference or DiagnosticReport with an id", found)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,5 +318,14 @@ mod tests {
         assert!(parse_document_page(b"<html>").is_err());
         let empty = parse_document_page(br#"{"resourceType":"Bundle"}"#).unwrap();
         assert_eq!(empty, DocumentPage::default());
+    }
+
+    #[test]
+    fn a_single_resource_parses() {
+        let body = br#"{"resourceType":"DocumentReference","id":"d1",
+            "content":[{"attachment":{"url":"https://s3/x?sig=new"}}]}"#;
+        let doc = parse_document(body).unwrap();
+        assert_eq!(doc.attachments[0].url.as_deref(), Some("https://s3/x?sig=new"));
+        assert!(parse_document(br#"{"resourceType":"Patient","id":"p"}"#).is_err());
     }
 }
