@@ -45,7 +45,7 @@ pub use error::{FsError, SourceError};
 pub use fhir::documents::{Document, DocumentPage, parse_document_page};
 pub use fhir::json::JsonBinaryDecoder;
 pub use fhir::{Binary, FhirError, decode_binary, decoded_len, format_instant, parse_bundle};
-pub use fs::{DEFAULT_FULL_RELIST, FhirFs, FsConfig, Kind, ROOT_INO};
+pub use fs::{DEFAULT_FULL_RELIST, FOLDER_INO_BASE, FhirFs, FsConfig, Kind, ROOT_INO};
 pub use http::{FetchMode, HttpConfig, HttpSource, PROBE_ID};
 pub use id::{id_from_name, is_valid_id};
 #[cfg(feature = "test-util")]

@@ -243,7 +243,7 @@ impl Source for DocumentsSource {
             let old =
                 self.files().get(&key).and_then(|f| f.hash.filter(|_| same(&f.document, doc)));
             files.insert(key.clone(), File { document: Arc::clone(doc), attachment, hash: old });
-            listed.push(Listed { id: key, meta, name: Some(name) });
+            listed.push(Listed { id: key, meta, name: Some(name), folder: None });
         }
         *self.files() = files;
         Ok(listed)

@@ -351,7 +351,7 @@ pub fn parse_bundle(body: &[u8]) -> Result<Page, FhirError> {
                 if !resource.subsetted() {
                     meta.size = resource.data.as_deref().map(decoded_len);
                 }
-                page.entries.push(Listed { id, meta, name: None });
+                page.entries.push(Listed { id, meta, name: None, folder: None });
             }
             _ => page.skipped += 1,
         }

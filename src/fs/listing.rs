@@ -57,7 +57,8 @@ impl<S: Source> FhirFs<S> {
         let mut seen = HashSet::with_capacity(listed.len());
         let mut inos = Vec::with_capacity(listed.len());
         let mut names = HashMap::new();
-        for Listed { id, meta, name } in listed {
+        let mut folder_of = HashMap::new();
+        for Listed { id, meta, name, folder } in listed {
             // A server whose pages shift under us may repeat an id; a folder must not.
             let ino = self.apply_meta(&id, meta, Origin::Listing);
             if seen.insert(ino) {
@@ -66,9 +67,14 @@ impl<S: Source> FhirFs<S> {
                 if let Some(name) = name {
                     names.insert(ino, name);
                 }
+                if let Some(folder) = folder {
+                    folder_of.insert(ino, folder);
+                }
             }
         }
-        self.publish(inos, names)
+        let snapshot = self.publish(inos, names);
+        self.publish_folders(&snapshot, folder_of);
+        snapshot
     }
 
     /// Applies what changed since the last listing (`old`) and publishes the result: `old`

@@ -41,6 +41,9 @@ pub struct Listed {
     /// The name the folder shows instead of the id (the documents view names files after
     /// their documents); `None`: the id (or `<id>.<ext>` with `--extensions`).
     pub name: Option<String>,
+    /// The folder under the root that holds it, for a source whose [`Source::folders`] is
+    /// true (the documents view: the subject); `None`: the root.
+    pub folder: Option<String>,
 }
 
 /// True when `new` is `old` with the sub-second part that `old` (a whole-second HTTP date) lacks.
@@ -209,6 +212,12 @@ pub trait Source: Send + Sync + 'static {
     /// has not listed yet: list everything.
     fn changes(&self) -> impl Future<Output = Result<Option<Changes>, SourceError>> + Send {
         async { Ok(None) }
+    }
+
+    /// True when the source puts its files in folders ([`Listed::folder`]): the root then
+    /// lists the folders, and a file is found in its folder only.
+    fn folders(&self) -> bool {
+        false
     }
 
     /// Extended attributes of `id` beyond those the core derives from [`Meta`] (the
