@@ -260,12 +260,12 @@ pub struct Args {
     pub extensions: bool,
 
     /// What the folder shows: `binary`, every Binary by id; `documents`, the attachments of
-    /// DocumentReference and DiagnosticReport, named by date and title (needs --patient).
+    /// DocumentReference and DiagnosticReport, a folder per subject, named by date and title.
     #[arg(long, value_name = "VIEW", value_enum, default_value_t = View::Binary)]
     pub view: View,
 
     /// The documents view: this patient's documents only (searched with `patient=ID`, and
-    /// each document's subject checked); the folder is theirs.
+    /// each document's subject checked); the root is their folder. Epic and Cerner need it.
     #[arg(long, value_name = "ID")]
     pub patient: Option<String>,
 
@@ -314,10 +314,6 @@ impl Args {
             (View::Binary, Some(_)) => bail!("--patient needs --view documents"),
             (View::Binary, None) if self.verify_hash != VerifyHash::Warn => {
                 bail!("--verify-hash needs --view documents")
-            }
-            // One folder per subject is still to come: for now the folder is one patient's.
-            (View::Documents, None) => {
-                bail!("--view documents needs --patient ID for now (the folder is that patient's)")
             }
             (View::Documents, Some(id)) if !crate::id::is_valid_id(id) => {
                 bail!("--patient {id:?} is not a FHIR id ([A-Za-z0-9-.]{{1,64}})")

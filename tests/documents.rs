@@ -6,10 +6,12 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 
 use bytes::Bytes;
 use fhirfs::{DocumentsConfig, DocumentsSource, Fetched, Source, SourceError, VerifyHash};
+use fhirfs::{FhirFs, FsConfig, FsError, Kind, MemorySource, ROOT_INO};
 use fhirfs::{HttpConfig, HttpSource, Secret, TokenSource};
 use fhirfs_testserver::loopback::LoopbackServer;
 use serde_json::json;
@@ -329,4 +331,129 @@ fn a_mount_of_one_patients_documents_shows_names_sizes_bytes_and_xattrs() {
         let copied = std::fs::read(copy.path().join("copy").join(name)).unwrap();
         assert_eq!(copied, std::fs::read(mount.path(name)).unwrap(), "{name}");
     }
+}
+
+/// A core over a source with folders: Patient-1 holds two files, Patient-2 one; a Binary
+/// with no place is not listed.
+fn core_with_folders() -> Arc<FhirFs<MemorySource>> {
+    let source = MemorySource::new();
+    for (id, folder, name, bytes) in [
+        ("a", "Patient-1", "x ~1.pdf", "aaa"),
+        ("b", "Patient-1", "y ~2.txt", "bbbb"),
+        ("c", "Patient-2", "z ~3.pdf", "c"),
+    ] {
+        source.put(id, "application/pdf", bytes);
+        source.place(id, Some(folder), name);
+    }
+    source.put("d", "text/plain", "unplaced");
+    FhirFs::new(source, FsConfig::default())
+}
+
+/// Every entry of folder `ino`: name and kind.
+async fn entries_of(fs: &Arc<FhirFs<MemorySource>>, ino: u64) -> Vec<(String, Kind)> {
+    let fh = fs.opendir(ino).await.unwrap();
+    let mut out = Vec::new();
+    fs.readdir(fh, 0, |e| {
+        out.push((e.name.to_owned(), e.kind));
+        false
+    })
+    .unwrap();
+    fs.release(fh);
+    out
+}
+
+fn entry(name: &str, kind: Kind) -> (String, Kind) {
+    (name.to_owned(), kind)
+}
+
+#[tokio::test]
+async fn the_root_holds_the_folders_and_each_folder_its_files() {
+    let fs = core_with_folders();
+    // A folder and a file found before any listing of the root.
+    let p2 = fs.lookup(ROOT_INO, OsStr::new("Patient-2")).await.unwrap();
+    assert_eq!(p2.kind, Kind::Dir);
+    let z = fs.lookup(p2.ino, OsStr::new("z ~3.pdf")).await.unwrap();
+    assert_eq!((z.kind, z.size), (Kind::File, 1));
+    let root = entries_of(&fs, ROOT_INO).await;
+    let dots = [entry(".", Kind::Dir), entry("..", Kind::Dir)];
+    let with_dots = |more: &[(String, Kind)]| -> Vec<(String, Kind)> {
+        dots.iter().chain(more).cloned().collect()
+    };
+    assert_eq!(root, with_dots(&[entry("Patient-1", Kind::Dir), entry("Patient-2", Kind::Dir)]));
+    let p1 = fs.lookup(ROOT_INO, OsStr::new("Patient-1")).await.unwrap();
+    assert_eq!(fs.getattr(p1.ino).await.unwrap(), p1);
+    assert_eq!(p1.perm, 0o555);
+    let files = entries_of(&fs, p1.ino).await;
+    assert_eq!(files, with_dots(&[entry("x ~1.pdf", Kind::File), entry("y ~2.txt", Kind::File)]));
+    let x = fs.lookup(p1.ino, OsStr::new("x ~1.pdf")).await.unwrap();
+    let opened = fs.open(x.ino, false).await.unwrap();
+    assert_eq!(&fs.read(opened.fh, 0, 100).await.unwrap()[..], b"aaa");
+    fs.release(opened.fh);
+    assert_eq!(fs.lookup(p1.ino, OsStr::new("y ~2.txt")).await.unwrap().size, 4);
+}
+
+#[tokio::test]
+async fn files_are_found_only_in_their_own_folder() {
+    let fs = core_with_folders();
+    let p1 = fs.lookup(ROOT_INO, OsStr::new("Patient-1")).await.unwrap();
+    let x = fs.lookup(p1.ino, OsStr::new("x ~1.pdf")).await.unwrap();
+    for (parent, name) in [
+        (p1.ino, "z ~3.pdf"),
+        (ROOT_INO, "x ~1.pdf"),
+        (ROOT_INO, "a"),
+        (ROOT_INO, "d"),
+        (ROOT_INO, "Patient-3"),
+        (p1.ino, "a"),
+    ] {
+        let error = fs.lookup(parent, OsStr::new(name)).await.unwrap_err();
+        assert_eq!(error.errno(), libc::ENOENT, "{name}");
+    }
+    assert_eq!(fs.open(p1.ino, false).await.unwrap_err(), FsError::IsDir);
+    assert_eq!(fs.lookup(x.ino, OsStr::new("x")).await.unwrap_err(), FsError::NotDir);
+    assert_eq!(fs.opendir(x.ino).await.unwrap_err(), FsError::NotDir);
+    assert!(fs.xattrs(p1.ino).await.unwrap().is_empty());
+    assert_eq!(fs.getattr(fhirfs::FOLDER_INO_BASE + 99).await.unwrap_err(), FsError::NoEntry);
+}
+
+#[test]
+fn a_mount_of_all_documents_has_a_folder_per_subject() {
+    let server = Server::start();
+    seed(&server.server);
+    let mount = Mount::builder().args(&["--view", "documents"]).mount(&server.base_url());
+    let list = |path: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(list(&mount.mountpoint), ["Patient-p1", "Patient-p2"]);
+    let p1 = mount.path("Patient-p1");
+    assert!(std::fs::metadata(&p1).unwrap().is_dir());
+    assert_eq!(std::fs::metadata(&p1).unwrap().mode() & 0o777, 0o555);
+    let p1_files = list(&p1);
+    assert_eq!(p1_files.len(), 3, "{p1_files:?}");
+    let p2_files = list(&mount.path("Patient-p2"));
+    assert_eq!(p2_files.len(), 1);
+    assert!(p2_files[0].starts_with("2024-01-01 DocumentReference ~"), "{p2_files:?}");
+    assert_eq!(std::fs::read(mount.path("Patient-p2").join(&p2_files[0])).unwrap(), CT);
+    // cp -r of the whole mount: every folder, every file, byte for byte, with exact sizes.
+    let copy = tempfile::tempdir().unwrap();
+    let target = copy.path().join("copy");
+    let status =
+        std::process::Command::new("cp").arg("-r").arg(&mount.mountpoint).arg(&target).status();
+    assert!(status.unwrap().success());
+    for folder in ["Patient-p1", "Patient-p2"] {
+        assert_eq!(list(&target.join(folder)), list(&mount.path(folder)));
+        for name in list(&mount.path(folder)) {
+            let copied = std::fs::read(target.join(folder).join(&name)).unwrap();
+            assert_eq!(copied, std::fs::read(mount.path(folder).join(&name)).unwrap());
+        }
+    }
+    // Another subject's file is not in this folder, nor at the root.
+    let error = std::fs::metadata(p1.join(&p2_files[0])).unwrap_err();
+    assert_eq!(errno(error), libc::ENOENT);
+    let error = std::fs::metadata(mount.path(&p2_files[0])).unwrap_err();
+    assert_eq!(errno(error), libc::ENOENT);
 }

@@ -223,10 +223,14 @@ impl Source for DocumentsSource {
         let documents: Vec<Arc<Document>> =
             self.documents().await?.into_iter().map(Arc::new).collect();
         let plain: Vec<Document> = documents.iter().map(|d| (**d).clone()).collect();
-        let named = names::name_files(&plain);
+        let mut named = names::name_files(&plain);
+        // Folder by folder, by name: the order `ls`, `cp -r` and `rsync` walk in, so that the
+        // core's read-ahead follows them.
+        named.sort_unstable_by(|a, b| (&a.folder, &a.name).cmp(&(&b.folder, &b.name)));
         let mut files = HashMap::with_capacity(named.len());
         let mut listed = Vec::with_capacity(named.len());
-        for Named { name, document, attachment, .. } in named {
+        let folders = self.folders();
+        for Named { folder, name, document, attachment } in named {
             let doc = &documents[document];
             let att = &doc.attachments[attachment];
             let key = file_key(doc, att);
@@ -243,7 +247,8 @@ impl Source for DocumentsSource {
             let old =
                 self.files().get(&key).and_then(|f| f.hash.filter(|_| same(&f.document, doc)));
             files.insert(key.clone(), File { document: Arc::clone(doc), attachment, hash: old });
-            listed.push(Listed { id: key, meta, name: Some(name), folder: None });
+            let folder = folders.then_some(folder);
+            listed.push(Listed { id: key, meta, name: Some(name), folder });
         }
         *self.files() = files;
         Ok(listed)
@@ -298,6 +303,11 @@ impl Source for DocumentsSource {
             size: Some(bytes.len() as u64),
         };
         Ok(Fetched::Content { meta, bytes })
+    }
+
+    /// A folder per subject; with `--patient`, the root is that patient's folder.
+    fn folders(&self) -> bool {
+        self.config.patient.is_none()
     }
 
     fn xattrs(&self, key: &str) -> Vec<(&'static str, Vec<u8>)> {
