@@ -457,3 +457,32 @@ fn a_mount_of_all_documents_has_a_folder_per_subject() {
     let error = std::fs::metadata(mount.path(&p2_files[0])).unwrap_err();
     assert_eq!(errno(error), libc::ENOENT);
 }
+
+/// The demo's documents, as README shows them: the exact names (they never change while the
+/// documents do not), sizes and bytes.
+#[test]
+fn the_demo_shows_its_documents_by_patient() {
+    let mount = Mount::builder().args(&["--demo", "--view", "documents"]).mount_demo();
+    let tree = [
+        ("Patient-demo-1/2024-05-06 Discharge summary ~30a23abd.pdf", "report.pdf"),
+        ("Patient-demo-1/2024-05-06 Nursing notes ~7b6b8570.txt", "notes.txt"),
+        ("Patient-demo-1/2024-05-07 CT chest ~751438ee.png", "scan.png"),
+        ("Patient-demo-2/2024-04-02 Referral letter ~22aa6209.txt", "notes.txt"),
+    ];
+    let mut found = Vec::new();
+    for folder in std::fs::read_dir(&mount.mountpoint).unwrap() {
+        let folder = folder.unwrap();
+        for file in std::fs::read_dir(folder.path()).unwrap() {
+            let name = file.unwrap().file_name().into_string().unwrap();
+            found.push(format!("{}/{name}", folder.file_name().into_string().unwrap()));
+        }
+    }
+    found.sort();
+    assert_eq!(found, tree.map(|(path, _)| path));
+    for (path, asset) in tree {
+        let expected = std::fs::read(format!("{}/assets/demo/{asset}", env!("CARGO_MANIFEST_DIR")));
+        let expected = expected.unwrap();
+        assert_eq!(std::fs::metadata(mount.path(path)).unwrap().len(), expected.len() as u64);
+        assert_eq!(std::fs::read(mount.path(path)).unwrap(), expected, "{path}");
+    }
+}
