@@ -10,6 +10,7 @@ use url::Url;
 
 use crate::auth::smart::{SmartClient, SmartConfig};
 use crate::auth::{Secret, TokenSource};
+use crate::documents::source::{DocumentsConfig, VerifyHash};
 use crate::fs::FsConfig;
 use crate::http::FetchMode;
 
@@ -258,6 +259,21 @@ pub struct Args {
     #[arg(long)]
     pub extensions: bool,
 
+    /// What the folder shows: `binary`, every Binary by id; `documents`, the attachments of
+    /// DocumentReference and DiagnosticReport, a folder per subject, named by date and title.
+    #[arg(long, value_name = "VIEW", value_enum, default_value_t = View::Binary)]
+    pub view: View,
+
+    /// The documents view: this patient's documents only (searched with `patient=ID`, and
+    /// each document's subject checked); the root is their folder. Epic and Cerner need it.
+    #[arg(long, value_name = "ID")]
+    pub patient: Option<String>,
+
+    /// The documents view: what an attachment whose `hash` does not match its bytes gives:
+    /// `warn`, the bytes, one warning and `user.fhir.hash_match=no`; `strict`, EIO.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = VerifyHash::Warn)]
+    pub verify_hash: VerifyHash,
+
     /// Let other users see the mount (needs user_allow_other in /etc/fuse.conf for non-root).
     #[arg(long)]
     pub allow_other: bool,
@@ -272,6 +288,16 @@ pub struct Args {
     pub foreground: bool,
 }
 
+/// What the folder shows (`--view`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum View {
+    /// Every Binary, by id.
+    #[default]
+    Binary,
+    /// The attachments of DocumentReference and DiagnosticReport, named by date and title.
+    Documents,
+}
+
 /// Where the Binaries come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -282,8 +308,28 @@ pub enum Target {
 }
 
 impl Args {
+    /// Checks that the documents view's options go with the view.
+    fn check_view(&self) -> anyhow::Result<()> {
+        match (self.view, &self.patient) {
+            (View::Binary, Some(_)) => bail!("--patient needs --view documents"),
+            (View::Binary, None) if self.verify_hash != VerifyHash::Warn => {
+                bail!("--verify-hash needs --view documents")
+            }
+            (View::Documents, Some(id)) if !crate::id::is_valid_id(id) => {
+                bail!("--patient {id:?} is not a FHIR id ([A-Za-z0-9-.]{{1,64}})")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The settings of the documents view.
+    pub fn documents_config(&self) -> DocumentsConfig {
+        DocumentsConfig { patient: self.patient.clone(), verify_hash: self.verify_hash }
+    }
+
     /// The server (or demo) and the mountpoint, checked.
     pub fn target(&self) -> anyhow::Result<(Target, PathBuf)> {
+        self.check_view()?;
         if self.demo {
             return match &self.mountpoint {
                 None => Ok((Target::Demo, PathBuf::from(&self.base_url))),

@@ -1,9 +1,11 @@
 //! The `--demo` server: three sample Binaries served on 127.0.0.1 over plain HTTP/1.1, so that
-//! a mount with no FHIR server at hand goes through the same HTTP path as a real one.
+//! a mount with no FHIR server at hand goes through the same HTTP path as a real one; and, for
+//! `--demo --view documents`, three documents of two patients that point at them.
 //!
 //! It answers what fhirfs asks and nothing more: a one-page `Binary` search, and reads of one
 //! Binary as FHIR JSON or as its native bytes (by `Accept`), with `ETag`, `Last-Modified`,
-//! `If-None-Match` and `HEAD`. The test servers with faults and quirk modes live in the
+//! `If-None-Match` and `HEAD`; one-page DocumentReference and DiagnosticReport searches (by
+//! `patient`, when given), and reads of one of them. The test servers with faults and quirk modes live in the
 //! `fhirfs-testserver` crate, outside the product.
 
 use std::convert::Infallible;
@@ -50,6 +52,44 @@ const SAMPLES: &[Sample] = &[
         bytes: include_bytes!("../assets/demo/notes.txt"),
     },
 ];
+
+/// The demo's documents: (resourceType, id, subject, the resource's own elements). The
+/// attachments point at the samples in each of the ways servers do: a relative `Binary/[id]`,
+/// inline `data`, and an absolute URL on the base (`{base}` is replaced).
+fn documents(base: &str) -> Vec<Value> {
+    let sha1 = |bytes: &[u8]| {
+        base64_simd::STANDARD.encode_to_string(sha1_smol::Sha1::from(bytes).digest().bytes())
+    };
+    let (pdf, png, notes) = (SAMPLES[0].bytes, SAMPLES[1].bytes, SAMPLES[2].bytes);
+    vec![
+        json!({
+            "resourceType": "DocumentReference", "id": "discharge", "status": "current",
+            "subject": {"reference": "Patient/demo-1"}, "date": "2024-05-06T14:20:00Z",
+            "description": "Discharge summary",
+            "type": {"coding": [{"system": "http://loinc.org", "code": "18842-5",
+                                 "display": "Discharge summary"}]},
+            "content": [
+                {"attachment": {"contentType": "application/pdf", "url": "Binary/report-pdf",
+                                "size": pdf.len(), "hash": sha1(pdf)}},
+                {"attachment": {"contentType": "text/plain", "title": "Nursing notes",
+                                "data": base64_simd::STANDARD.encode_to_string(notes)}}
+            ]
+        }),
+        json!({
+            "resourceType": "DiagnosticReport", "id": "ct-chest", "status": "final",
+            "subject": {"reference": "Patient/demo-1"}, "issued": "2024-05-07T09:30:00Z",
+            "code": {"text": "CT chest"},
+            "presentedForm": [{"contentType": "image/png", "url": format!("{base}/Binary/scan-png"),
+                               "hash": sha1(png)}]
+        }),
+        json!({
+            "resourceType": "DocumentReference", "id": "referral", "status": "current",
+            "subject": {"reference": "Patient/demo-2"}, "date": "2024-04-02",
+            "type": {"text": "Referral letter"},
+            "content": [{"attachment": {"contentType": "text/plain", "url": "Binary/notes-txt"}}]
+        }),
+    ]
+}
 
 /// A running demo server. It serves on the current tokio runtime until that runtime stops.
 pub struct DemoServer {
@@ -111,13 +151,20 @@ impl Site {
             .query()
             .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
             .unwrap_or_default();
-        let answer = match request.uri().path().strip_prefix("/fhir/Binary") {
-            Some("") if !head => self.search(),
-            Some(rest) => match rest.strip_prefix('/').and_then(sample) {
+        let path = request.uri().path();
+        let document = path.strip_prefix("/fhir/").and_then(|p| {
+            let (kind, id) = p.split_once('/').unwrap_or((p, ""));
+            matches!(kind, "DocumentReference" | "DiagnosticReport").then_some((kind, id))
+        });
+        let answer = match (path.strip_prefix("/fhir/Binary"), document) {
+            (Some(""), _) if !head => self.search(),
+            (Some(rest), _) => match rest.strip_prefix('/').and_then(sample) {
                 Some(sample) => self.read(sample, request, &query),
                 None => outcome(StatusCode::NOT_FOUND, "no such Binary"),
             },
-            None => outcome(StatusCode::NOT_FOUND, "the demo server serves Binary only"),
+            (None, Some((kind, ""))) if !head => self.document_search(kind, &query),
+            (None, Some((kind, id))) => self.document_read(kind, id),
+            (None, None) => outcome(StatusCode::NOT_FOUND, "the demo server serves no such type"),
         };
         if head { without_body(answer) } else { answer }
     }
@@ -142,6 +189,48 @@ impl Site {
             "entry": entries,
         });
         fhir_json(StatusCode::OK, &bundle)
+    }
+
+    /// A document with its `meta`.
+    fn document(&self, mut resource: Value) -> Value {
+        resource["meta"] = json!({
+            "versionId": VERSION_ID,
+            "lastUpdated": self.last_updated.format(&Rfc3339).unwrap_or_default(),
+        });
+        resource
+    }
+
+    /// `GET DocumentReference?patient=...` (or DiagnosticReport): one page.
+    fn document_search(&self, kind: &str, query: &[(String, String)]) -> Answer {
+        let patient =
+            query.iter().find(|(k, _)| k == "patient").map(|(_, v)| format!("Patient/{v}"));
+        let entries: Vec<Value> = documents(&self.base)
+            .into_iter()
+            .filter(|d| d["resourceType"] == kind)
+            .filter(|d| patient.as_ref().is_none_or(|p| d["subject"]["reference"] == p.as_str()))
+            .map(|d| {
+                let url = format!("{}/{kind}/{}", self.base, d["id"].as_str().unwrap_or_default());
+                json!({"fullUrl": url, "resource": self.document(d), "search": {"mode": "match"}})
+            })
+            .collect();
+        let bundle = json!({
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": entries.len(),
+            "link": [{"relation": "self", "url": format!("{}/{kind}", self.base)}],
+            "entry": entries,
+        });
+        fhir_json(StatusCode::OK, &bundle)
+    }
+
+    /// `GET DocumentReference/{id}` (or DiagnosticReport).
+    fn document_read(&self, kind: &str, id: &str) -> Answer {
+        let found =
+            documents(&self.base).into_iter().find(|d| d["resourceType"] == kind && d["id"] == id);
+        match found {
+            Some(document) => fhir_json(StatusCode::OK, &self.document(document)),
+            None => outcome(StatusCode::NOT_FOUND, "no such document"),
+        }
     }
 
     /// `GET Binary/{id}`: the resource (without `data` for `_summary`/`_elements`) or the
@@ -295,6 +384,27 @@ mod tests {
             json["meta"]["lastUpdated"],
             bundle["entry"][2]["resource"]["meta"]["lastUpdated"]
         );
+    }
+
+    #[tokio::test]
+    async fn documents_are_searched_by_patient_and_read() {
+        let server = DemoServer::start().await.unwrap();
+        let base = server.base_url();
+        let ids = |bundle: &Value| -> Vec<String> {
+            let entries = bundle["entry"].as_array().unwrap().iter();
+            entries.map(|e| e["resource"]["id"].as_str().unwrap().to_owned()).collect()
+        };
+        let all = json(get(&format!("{base}/DocumentReference?_count=10"), None).await).await;
+        assert_eq!(ids(&all), ["discharge", "referral"]);
+        let url = format!("{base}/DocumentReference?patient=demo-2&_count=10");
+        assert_eq!(ids(&json(get(&url, None).await).await), ["referral"]);
+        let url = format!("{base}/DiagnosticReport?patient=demo-1");
+        assert_eq!(ids(&json(get(&url, None).await).await), ["ct-chest"]);
+        let one = json(get(&format!("{base}/DiagnosticReport/ct-chest"), None).await).await;
+        assert_eq!(one["presentedForm"][0]["url"], format!("{base}/Binary/scan-png"));
+        assert_eq!(one["meta"]["versionId"], "1");
+        let missing = get(&format!("{base}/DocumentReference/nope"), None).await;
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]

@@ -9,7 +9,9 @@
 //! - [`http`]: the HTTP source (`HttpSource`): requests, retries, raw or JSON, resuming cut
 //!   bodies, paging, and the limit on requests in flight.
 //! - [`auth`]: the bearer token: fixed, from a file that is re-read, SMART Backend Services.
-//! - [`fhir`]: Binary resources and searchset Bundles, and the streaming JSON decoder.
+//! - [`fhir`]: Binary resources and searchset Bundles, and the streaming JSON decoder;
+//!   DocumentReference and DiagnosticReport pages.
+//! - [`documents`]: the documents view: names, and `DocumentsSource` (the view as a source).
 //! - [`buffer`]: the bytes of one version (`Body`) and the pool of recycled buffers.
 //! - [`id`], [`error`], [`stats`]: FHIR ids, error types and the errno table, counters.
 //!
@@ -22,6 +24,7 @@ mod buffer;
 pub mod cli;
 pub mod daemon;
 mod demo;
+mod documents;
 mod error;
 mod fhir;
 mod fs;
@@ -37,10 +40,12 @@ mod stats;
 pub use auth::smart::{SmartClient, SmartConfig};
 pub use auth::{Secret, TokenSource};
 pub use buffer::body::Body;
+pub use documents::source::{DocumentsConfig, DocumentsSource, VerifyHash};
 pub use error::{FsError, SourceError};
+pub use fhir::documents::{Document, DocumentPage, parse_document_page};
 pub use fhir::json::JsonBinaryDecoder;
 pub use fhir::{Binary, FhirError, decode_binary, decoded_len, format_instant, parse_bundle};
-pub use fs::{DEFAULT_FULL_RELIST, FhirFs, FsConfig, Kind, ROOT_INO};
+pub use fs::{DEFAULT_FULL_RELIST, FOLDER_INO_BASE, FhirFs, FsConfig, Kind, ROOT_INO};
 pub use http::{FetchMode, HttpConfig, HttpSource, PROBE_ID};
 pub use id::{id_from_name, is_valid_id};
 #[cfg(feature = "test-util")]

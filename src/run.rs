@@ -13,9 +13,10 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::auth::TokenSource;
-use crate::cli::{Args, Target};
+use crate::cli::{Args, Target, View};
 use crate::daemon::Readiness;
 use crate::demo::DemoServer;
+use crate::documents::source::DocumentsSource;
 use crate::fs::FhirFs;
 use crate::fuse::FuseAdapter;
 use crate::http::{HttpConfig, HttpSource};
@@ -329,13 +330,22 @@ pub fn main(args: Args, mut readiness: Readiness) -> anyhow::Result<()> {
         http.compression = !args.no_compression;
         let stats = Arc::clone(&http.stats);
         let source = HttpSource::new(http).context("cannot set up the HTTP client")?;
-        let fs = FhirFs::with_stats(source, args.fs_config(), stats);
         let mount = MountConfig {
             mountpoint,
             fsname: format!("fhirfs:{}", base.as_str().trim_end_matches('/')),
             allow_other: args.allow_other,
         };
-        serve(fs, &mount, termination.recv(), reports, &mut readiness).await
+        match args.view {
+            View::Binary => {
+                let fs = FhirFs::with_stats(source, args.fs_config(), stats);
+                serve(fs, &mount, termination.recv(), reports, &mut readiness).await
+            }
+            View::Documents => {
+                let source = DocumentsSource::new(Arc::new(source), args.documents_config());
+                let fs = FhirFs::with_stats(source, args.fs_config(), stats);
+                serve(fs, &mount, termination.recv(), reports, &mut readiness).await
+            }
+        }
     })?;
     // Tasks still waiting on a dead server must not hold up the exit.
     runtime.shutdown_timeout(Duration::from_millis(100));

@@ -1,6 +1,7 @@
-//! Property-based fuzzing of the parsers: the Binary JSON decoder, the Bundle/paging parser and
-//! the name → id mapping. Each target runs a few thousand cases in `cargo test`; for a long run
-//! set `FHIRFS_FUZZ_SECONDS` (e.g. 600) and pick a target:
+//! Property-based fuzzing of the parsers: the Binary JSON decoder, the Bundle/paging parser, the
+//! DocumentReference/DiagnosticReport page parser and the name → id mapping. Each target runs a
+//! few thousand cases in `cargo test`; for a long run set `FHIRFS_FUZZ_SECONDS` (e.g. 600) and
+//! pick a target:
 //!
 //! ```sh
 //! FHIRFS_FUZZ_SECONDS=600 cargo test --release --test fuzz binary_decoder -- --nocapture
@@ -11,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
 use fhirfs::JsonBinaryDecoder;
-use fhirfs::{FhirError, decode_binary, decoded_len, parse_bundle};
+use fhirfs::{FhirError, decode_binary, decoded_len, parse_bundle, parse_document_page};
 use fhirfs::{id_from_name, is_valid_id};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -307,6 +308,71 @@ fn name_mapping_only_lets_fhir_ids_through() {
                     && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'.');
                 prop_assert!(!valid, "{:?} is an id", name);
             }
+        }
+        Ok(())
+    });
+}
+
+/// A document entry of a search page: a DocumentReference or DiagnosticReport with a valid
+/// id and elements of any JSON type, or an entry the view cannot use.
+fn document_entry_strategy() -> impl Strategy<Value = (Option<String>, serde_json::Value)> {
+    use serde_json::json;
+    let any_json = prop_oneof![
+        Just(json!(null)),
+        any::<i64>().prop_map(|n| json!(n)),
+        ".{0,12}".prop_map(|t| json!(t)),
+        Just(json!([1, "a"])),
+        Just(json!({"text": "x", "coding": [{"code": 5}]})),
+    ];
+    let good = (
+        "[A-Za-z0-9.-]{1,64}",
+        prop_oneof![Just("DocumentReference"), Just("DiagnosticReport")],
+        proptest::collection::vec(any_json.clone(), 6),
+    )
+        .prop_filter("a valid id", |(id, _, _)| is_valid_id(id))
+        .prop_map(|(id, kind, v)| {
+            let resource = json!({"resourceType": kind, "id": id, "meta": v[0], "date": v[1],
+                "subject": v[2], "type": v[3], "description": v[4],
+                "content": [{"attachment": {"url": v[5], "size": v[0], "hash": v[1]}}, v[2]],
+                "presentedForm": [v[5], {"data": v[4], "title": v[3]}]});
+            (Some(id), json!({"resource": resource, "search": {"mode": "match"}}))
+        });
+    let bad = prop_oneof![
+        any::<i64>()
+            .prop_map(|n| json!({"resource": {"resourceType": "DocumentReference", "id": n}})),
+        ".{0,20}".prop_map(|t| json!({"resource": t})),
+        "[a-z]{1,8}".prop_map(|id| json!({"resource": {"resourceType": "Patient", "id": id}})),
+        Just(json!({"resource": {"resourceType": "DiagnosticReport", "id": "../x"}})),
+        Just(json!(null)),
+    ];
+    prop_oneof![3 => good, 1 => bad.prop_map(|entry| (None, entry))]
+}
+
+#[test]
+fn document_page_parser_keeps_every_document_among_bad_entries() {
+    let strategy = (
+        proptest::collection::vec(document_entry_strategy(), 0..16),
+        0..3usize,
+        proptest::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 0..3),
+    );
+    fuzz("document_page_parser", strategy, |(entries, outcomes, edits)| {
+        let mut json: Vec<serde_json::Value> = entries.iter().map(|(_, e)| e.clone()).collect();
+        for _ in 0..outcomes {
+            json.push(serde_json::json!({"resource": {"resourceType": "OperationOutcome"},
+                "search": {"mode": "outcome"}}));
+        }
+        let bundle = serde_json::json!({"resourceType": "Bundle", "entry": json});
+        let text = bundle.to_string().into_bytes();
+        let page = parse_document_page(&text)
+            .map_err(|e| TestCaseError::fail(format!("a page with bad entries failed: {e}")))?;
+        let wanted: Vec<&String> = entries.iter().filter_map(|(id, _)| id.as_ref()).collect();
+        let got: Vec<&String> = page.documents.iter().map(|d| &d.id).collect();
+        prop_assert_eq!(got, wanted, "every document, in order");
+        prop_assert_eq!(page.skipped, entries.iter().filter(|(id, _)| id.is_none()).count());
+        prop_assert_eq!(page.outcomes, outcomes);
+        // Mangled pages: any answer but a panic, and never an invalid id.
+        if let Ok(page) = parse_document_page(&mutate(text, edits)) {
+            prop_assert!(page.documents.iter().all(|d| is_valid_id(&d.id)));
         }
         Ok(())
     });

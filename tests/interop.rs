@@ -584,3 +584,117 @@ fn rsync_twice_changes_nothing_and_fetches_no_content_the_second_time() {
     // rsync gave the copy the mount's read-only modes; let the temp dir be removed.
     let _ = Command::new("chmod").arg("-R").arg("u+w").arg(&copy).status();
 }
+
+/// The seeded Binary described as `what`.
+fn seeded<'a>(suite: &'a Suite, what: &str) -> &'a Seeded {
+    suite.seeded.iter().find(|s| s.what == what).expect("a seeded Binary")
+}
+
+/// The names in a folder of a mount, sorted.
+fn names_in(path: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(path)
+        .unwrap_or_else(|e| panic!("ls {}: {e}", path.display()))
+        .map(|e| e.expect("dir entry").file_name().into_string().expect("UTF-8"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The documents view over the real server: two patients, a DocumentReference with a
+/// relative Binary url (and its hash) and inline data, a DiagnosticReport with an absolute url
+/// on the base, and another patient's referral. HFS ignores `patient` on these searches; the
+/// mount must not show another patient's documents.
+#[test]
+fn the_documents_view_shows_each_patients_documents_with_sizes_mtimes_and_bytes() {
+    let suite = suite();
+    let server = &suite.server;
+    let (pdf, png) = (seeded(suite, "pdf"), seeded(suite, "png"));
+    let inline = b"inline note from the interop suite\n";
+    let b64 = |bytes: &[u8]| base64_simd::STANDARD.encode_to_string(bytes);
+    let sha1 = |bytes: &[u8]| b64(&sha1_smol::Sha1::from(bytes).digest().bytes());
+    let (patient, other, documents) = {
+        let _writer = suite.writer();
+        let patient = |family: &str| {
+            let created = server.create_resource(&serde_json::json!({
+                "resourceType": "Patient", "name": [{"family": family}]}));
+            created["id"].as_str().expect("a Patient id").to_owned()
+        };
+        let (patient, other) = (patient("Interop"), patient("Other"));
+        let discharge = server.create_resource(&serde_json::json!({
+        "resourceType": "DocumentReference", "status": "current",
+        "subject": {"reference": format!("Patient/{patient}")},
+        "date": "2024-05-06T23:30:00-02:00", "description": "Discharge summary",
+        "content": [
+            {"attachment": {"contentType": "application/pdf",
+                "url": format!("Binary/{}", pdf.version.id), "hash": sha1(&pdf.bytes)}},
+            {"attachment": {"contentType": "text/plain", "title": "Nursing notes",
+                "data": b64(inline)}}
+        ]}));
+        let report = server.create_resource(&serde_json::json!({
+            "resourceType": "DiagnosticReport", "status": "final", "code": {"text": "CT chest"},
+            "subject": {"reference": format!("Patient/{patient}")},
+            "issued": "2024-05-07T08:00:00Z",
+            "presentedForm": [{"contentType": "image/png",
+                "url": format!("{}/Binary/{}", server.base, png.version.id)}]}));
+        let referral = server.create_resource(&serde_json::json!({
+            "resourceType": "DocumentReference", "status": "current",
+            "subject": {"reference": format!("Patient/{other}")}, "date": "2024-04-02",
+            "type": {"text": "Referral letter"},
+            "content": [{"attachment": {"contentType": "application/pdf",
+                "url": format!("Binary/{}", pdf.version.id)}}]}));
+        (patient, other, [discharge, report, referral])
+    };
+    let time = |doc: &serde_json::Value| {
+        interop::parse_instant(doc["meta"]["lastUpdated"].as_str().expect("meta.lastUpdated"))
+    };
+    // (name prefix, extension, bytes, mtime); 23:30 at -02:00 is the next day in UTC.
+    let expected: [(&str, &str, &[u8], _); 3] = [
+        ("2024-05-07 CT chest ~", ".png", &png.bytes, time(&documents[1])),
+        ("2024-05-07 Discharge summary ~", ".pdf", &pdf.bytes, time(&documents[0])),
+        ("2024-05-07 Nursing notes ~", ".txt", inline, time(&documents[0])),
+    ];
+    let check_folder = |folder: &Path, expected: &[(&str, &str, &[u8], std::time::SystemTime)]| {
+        let names = names_in(folder);
+        assert_eq!(names.len(), expected.len(), "{names:?}");
+        // Everything is stat'ed before anything is read.
+        for (name, (prefix, ext, bytes, mtime)) in names.iter().zip(expected) {
+            assert!(
+                name.starts_with(prefix) && name.ends_with(ext),
+                "{name} is not {prefix}…{ext}"
+            );
+            let meta = std::fs::metadata(folder.join(name)).expect("stat");
+            assert_eq!(meta.len(), bytes.len() as u64, "size of {name}");
+            assert_eq!(meta.modified().expect("mtime"), *mtime, "mtime of {name}");
+        }
+        for (name, (_, _, bytes, _)) in names.iter().zip(expected) {
+            assert!(std::fs::read(folder.join(name)).expect("read") == *bytes, "bytes of {name}");
+        }
+        names
+    };
+
+    let mount = suite.mount(&["--view", "documents", "--patient", &patient]);
+    let names = check_folder(&mount.mountpoint, &expected);
+    let pdf_path = mount.path(&names[1]);
+    let source = xattr(&pdf_path, "user.fhir.source").expect("user.fhir.source");
+    let reference = format!("DocumentReference/{}", documents[0]["id"].as_str().unwrap());
+    assert_eq!(String::from_utf8(source).unwrap(), reference);
+    assert_eq!(xattr(&pdf_path, "user.fhir.hash_match").expect("hash_match"), b"yes");
+    // cp -r: byte-identical copies.
+    let copy = tempfile::tempdir().expect("tempdir");
+    let mut cp = Command::new("cp");
+    cp.arg("-r").arg(&mount.mountpoint).arg(copy.path().join("c"));
+    assert!(cp.status().expect("cp").success());
+    for name in &names {
+        let copied = std::fs::read(copy.path().join("c").join(name)).expect("copy");
+        assert!(copied == std::fs::read(mount.path(name)).expect("read"), "copy of {name}");
+    }
+    drop(mount);
+
+    // All patients: one folder each (the server may hold other patients' documents too).
+    let mount = suite.mount(&["--view", "documents"]);
+    let folder = mount.path(&format!("Patient-{patient}"));
+    assert_eq!(check_folder(&folder, &expected), names, "the same names as with --patient");
+    let others = names_in(&mount.path(&format!("Patient-{other}")));
+    assert_eq!(others.len(), 1);
+    assert!(others[0].starts_with("2024-04-02 Referral letter ~") && others[0].ends_with(".pdf"));
+}

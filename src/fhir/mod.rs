@@ -3,6 +3,7 @@
 //! - this module: Binary resources and searchset Bundles, parsed whole;
 //! - [`json`]: decoding a Binary's FHIR JSON while it streams in.
 
+pub mod documents;
 pub mod json;
 
 use std::borrow::Cow;
@@ -350,7 +351,7 @@ pub fn parse_bundle(body: &[u8]) -> Result<Page, FhirError> {
                 if !resource.subsetted() {
                     meta.size = resource.data.as_deref().map(decoded_len);
                 }
-                page.entries.push(Listed { id, meta });
+                page.entries.push(Listed { id, meta, name: None, folder: None });
             }
             _ => page.skipped += 1,
         }

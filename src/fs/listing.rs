@@ -51,22 +51,32 @@ impl<S: Source> FhirFs<S> {
     /// Lists everything into `entries`, a page at a time.
     async fn fill_listing(self: Arc<Self>, entries: Snapshot) {
         // With --extensions a name depends on every id listed (`a` may be named `a.pdf` only
-        // if no Binary's id is `a.pdf`), so such a listing shows whole, at its end.
-        let streams = !self.config.extensions;
+        // if no Binary's id is `a.pdf`), and names a source gives must not clash, so such a
+        // listing shows whole, at its end; so does one sorted into folders.
+        let mut streams = !self.config.extensions && !self.source.folders();
         let mut seen = HashSet::new();
         let mut inos = Vec::new();
+        let mut names = HashMap::new();
+        let mut folder_of = HashMap::new();
         let result = self
             .source
             .list_pages(|page| {
                 let first = inos.len();
-                for Listed { id, meta } in page {
+                for Listed { id, meta, name, folder } in page {
                     // A server whose pages shift under us may repeat an id; a folder must not.
                     let ino = self.apply_meta(&id, meta, Origin::Listing);
                     if seen.insert(ino) {
                         lock(&self.missing).remove(&id);
                         inos.push(ino);
+                        if let Some(name) = name {
+                            names.insert(ino, name);
+                        }
+                        if let Some(folder) = folder {
+                            folder_of.insert(ino, folder);
+                        }
                     }
                 }
+                streams &= names.is_empty();
                 if streams {
                     self.append(&entries, &inos[first..]);
                 }
@@ -93,7 +103,8 @@ impl<S: Source> FhirFs<S> {
         if let Some(why) = refused {
             debug!(why, "the server refuses to list Binary; the folder stays empty");
         }
-        self.publish(&inos, Some(&entries), streams);
+        let entries = self.publish(&inos, names, Some(&entries), streams);
+        self.publish_folders(&entries, folder_of);
         Stats::add(&self.stats.listings, 1);
         entries.end(Ok(()));
     }
@@ -124,7 +135,7 @@ impl<S: Source> FhirFs<S> {
         let mut added = Vec::new();
         let mut seen = HashSet::new();
         let count = changed.len();
-        for Listed { id, meta } in changed {
+        for Listed { id, meta, .. } in changed {
             if deleted.contains(&id) {
                 continue;
             }
@@ -181,14 +192,20 @@ impl<S: Source> FhirFs<S> {
         for ino in gone {
             self.invalidate_kernel(ino);
         }
-        Some(self.publish(&inos, None, false))
+        Some(self.publish(&inos, HashMap::new(), None, false))
     }
 
-    /// Makes `inos` the listing, in this order: their names (`--extensions`), positions and
-    /// the order by name. `entries` holds them already when they were `streamed` (named by
-    /// their ids, positions set as they came); else they are put in `entries` here, or in new
-    /// entries when there are none.
-    fn publish(&self, inos: &[u64], entries: Option<&Snapshot>, streamed: bool) -> Snapshot {
+    /// Makes `inos` the listing, in this order: their names (`names` where the source gave
+    /// one, else from `--extensions`), positions and the order by name. `entries` holds them
+    /// already when they were `streamed` (named by their ids, positions set as they came);
+    /// else they become the content of `entries`, or of new entries when there are none.
+    fn publish(
+        &self,
+        inos: &[u64],
+        names: HashMap<u64, String>,
+        entries: Option<&Snapshot>,
+        streamed: bool,
+    ) -> Snapshot {
         let old = Arc::clone(&lock(&self.order));
         let mut nodes = lock(&self.nodes);
         let kept: HashSet<u64> =
@@ -208,10 +225,10 @@ impl<S: Source> FhirFs<S> {
         let entries = match entries {
             Some(entries) if streamed => Arc::clone(entries),
             _ => {
-                let snapshot = self.name_entries(&mut nodes, inos);
+                let snapshot = self.name_entries(&mut nodes, inos, names);
                 match entries {
                     Some(entries) => {
-                        entries.push(snapshot);
+                        entries.replace(snapshot);
                         Arc::clone(entries)
                     }
                     None => Entries::done(snapshot),
@@ -238,8 +255,14 @@ impl<S: Source> FhirFs<S> {
         entries
     }
 
-    /// The entries of `inos`, named (`--extensions`) and with their positions set.
-    fn name_entries(&self, nodes: &mut Nodes, inos: &[u64]) -> Vec<(u64, Arc<str>)> {
+    /// The entries of `inos`, named (as the source says, or `--extensions`) and with their
+    /// positions set.
+    fn name_entries(
+        &self,
+        nodes: &mut Nodes,
+        inos: &[u64],
+        mut names: HashMap<u64, String>,
+    ) -> Vec<(u64, Arc<str>)> {
         // With --extensions, `a` named `a.pdf` must not hide a Binary whose id is `a.pdf`,
         // nor two files share a name: on a clash the bare id (unique by itself) is the name.
         let ids: HashSet<Arc<str>> = if self.config.extensions {
@@ -252,7 +275,8 @@ impl<S: Source> FhirFs<S> {
         for &ino in inos {
             let Some(node) = nodes.by_ino.get(&ino) else { continue };
             let id = Arc::clone(&node.id);
-            let name = match self.listed_name(&id, node.meta.content_type()) {
+            let name = names.remove(&ino);
+            let name = match name.or_else(|| self.listed_name(&id, node.meta.content_type())) {
                 Some(name) if !ids.contains(name.as_str()) && used.insert(name.clone()) => {
                     nodes.by_name.insert(name.clone(), ino);
                     Arc::from(name)

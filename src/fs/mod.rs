@@ -7,10 +7,12 @@
 //! - this module: `FhirFs` and its FUSE-named operations, inodes, attributes and pins;
 //! - `cache`: the content cache (single-flight fetches, fetches ahead, failures);
 //! - `listing`: the listing, the names, and size read-ahead for programs that stat in order;
+//! - `folders`: folders under the root, for a source that puts its files in folders;
 //! - [`readahead`]: read-ahead across files: recognising a walk, and the room for fetches
 //!   ahead of it.
 
 mod cache;
+mod folders;
 mod listing;
 pub mod readahead;
 
@@ -30,6 +32,8 @@ use crate::error::{FsError, SourceError};
 use crate::id::id_from_name;
 use crate::source::{Ahead, Changes, Listed, Meta, Source, Streamed, refines};
 use crate::stats::Stats;
+pub use folders::FOLDER_INO_BASE;
+use folders::{Folders, is_folder};
 use readahead::{Budget, Order, Walk, Walker};
 
 /// The inode of the mount's root folder (fixed by FUSE).
@@ -429,7 +433,8 @@ impl IdIndex {
 struct Nodes {
     by_ino: NodeTable,
     by_id: IdIndex,
-    /// Listed names that are not bare ids (`<id>.<ext>` with --extensions).
+    /// Listed names that are not bare ids (`<id>.<ext>` with --extensions, or names the
+    /// source gave).
     by_name: HashMap<String, u64>,
     /// Content types and security contexts of the nodes.
     labels: LabelSet,
@@ -526,6 +531,13 @@ enum Fill {
     Failed(FsError),
 }
 
+impl Default for Entries {
+    /// No entries, and no more to come.
+    fn default() -> Self {
+        Self { list: Mutex::default(), fill: tokio::sync::watch::Sender::new(Fill::Done) }
+    }
+}
+
 impl Entries {
     fn filling() -> Arc<Self> {
         Arc::new(Self {
@@ -557,6 +569,13 @@ impl Entries {
     /// Appends the entries of a page, and wakes those waiting for them.
     fn push(&self, entries: impl IntoIterator<Item = (u64, Arc<str>)>) {
         lock(&self.list).extend(entries);
+        self.fill.send_modify(|_| {});
+    }
+
+    /// Makes `list` the entries (a listing that stopped streaming, published whole), and
+    /// wakes those waiting for them.
+    fn replace(&self, list: Vec<(u64, Arc<str>)>) {
+        *lock(&self.list) = list;
         self.fill.send_modify(|_| {});
     }
 
@@ -682,8 +701,9 @@ pub type Invalidator = Box<dyn Fn(u64) + Send + Sync>;
 /// 4. `ahead`, then `ahead_budget`;
 /// 5. `nodes`;
 /// 6. the leaves, which take no other lock while held: `ahead_budget` (also taken under
-///    `nodes`), `oversize`, `missing`, `order`, `by_name_order`, and the entries of a listing
-///    (`Entries::list`, taken under `nodes`, or alone by readdir while it fills a reply).
+///    `nodes`), `oversize`, `missing`, `order`, `by_name_order`, `folders`, and the entries
+///    of a listing (`Entries::list`, taken under `nodes`, or alone by readdir while it fills
+///    a reply).
 ///
 /// The moka cache (`content`) has its own locking; its eviction listener only empties a slot.
 pub struct FhirFs<S: Source> {
@@ -708,6 +728,8 @@ pub struct FhirFs<S: Source> {
     handles: Mutex<HashMap<u64, Handle>>,
     /// The latest listing, in order, for size read-ahead.
     order: Mutex<Snapshot>,
+    /// The folders under the root, for a source that has folders.
+    folders: Mutex<Folders>,
     prefetch_permits: Arc<tokio::sync::Semaphore>,
     next_fh: AtomicU64,
     next_generation: AtomicU64,
@@ -761,7 +783,8 @@ impl<S: Source> FhirFs<S> {
             missing: Mutex::default(),
             oversize: Mutex::default(),
             handles: Mutex::default(),
-            order: Mutex::new(Entries::done(Vec::new())),
+            order: Mutex::default(),
+            folders: Mutex::default(),
             prefetch_permits: Arc::new(tokio::sync::Semaphore::new(PREFETCH_PARALLELISM)),
             next_fh: AtomicU64::new(1),
             next_generation: AtomicU64::new(1),
@@ -972,8 +995,15 @@ impl<S: Source> FhirFs<S> {
     /// Looks up `name` in the folder `parent`. Any valid FHIR id can be looked up, listed or not;
     /// any other name is ENOENT without a request.
     pub async fn lookup(self: &Arc<Self>, parent: u64, name: &OsStr) -> Result<Attr, FsError> {
+        if is_folder(parent) {
+            let id = self.lookup_in_folder(parent, name).await?;
+            return self.attr_of_id(&id).await;
+        }
         if parent != ROOT_INO {
             return Err(FsError::NotDir);
+        }
+        if self.source.folders() {
+            return self.lookup_folder(name).await;
         }
         let named = name.to_str().and_then(|n| {
             let nodes = lock(&self.nodes);
@@ -1014,13 +1044,16 @@ impl<S: Source> FhirFs<S> {
         if ino == ROOT_INO {
             return Ok(self.root_attr());
         }
+        if is_folder(ino) {
+            return self.folder_attr(ino);
+        }
         let id = self.id_of(ino)?;
         self.attr_of_id(&id).await
     }
 
     /// Opens a file for reading; writing is refused.
     pub async fn open(self: &Arc<Self>, ino: u64, write: bool) -> Result<Opened, FsError> {
-        if ino == ROOT_INO {
+        if ino == ROOT_INO || is_folder(ino) {
             return Err(FsError::IsDir);
         }
         if write {
@@ -1185,13 +1218,18 @@ impl<S: Source> FhirFs<S> {
 
     /// Opens the folder: takes a snapshot of the listing for the following `readdir` calls.
     pub async fn opendir(self: &Arc<Self>, ino: u64) -> Result<u64, FsError> {
-        if ino != ROOT_INO {
+        let entries = if is_folder(ino) {
+            self.folder_entries(ino).await?
+        } else if ino == ROOT_INO {
+            let files = self.listing().await?;
+            // The first page, or the end of an empty listing: a search that fails at once
+            // fails the opendir, as it did before listings streamed. Folders show once the
+            // whole listing is in (it is sorted into them at its end).
+            files.ready(if self.source.folders() { usize::MAX } else { 0 }).await?;
+            self.root_entries(files)
+        } else {
             return Err(FsError::NotDir);
-        }
-        let entries = self.listing().await?;
-        // The first page, or the end of an empty listing: a search that fails at once fails
-        // the opendir, as it did before listings streamed.
-        entries.ready(0).await?;
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.handles).insert(fh, Handle::Dir(entries));
         Ok(fh)
@@ -1252,7 +1290,8 @@ impl<S: Source> FhirFs<S> {
                 None => (ROOT_INO, Kind::Dir, DOTS[index]),
                 Some(file) => {
                     let (ino, name) = &entries[file];
-                    (*ino, Kind::File, &**name)
+                    let kind = if is_folder(*ino) { Kind::Dir } else { Kind::File };
+                    (*ino, kind, &**name)
                 }
             };
             given += 1;
@@ -1270,7 +1309,7 @@ impl<S: Source> FhirFs<S> {
         self: &Arc<Self>,
         ino: u64,
     ) -> Result<Vec<(&'static str, Vec<u8>)>, FsError> {
-        if ino == ROOT_INO {
+        if ino == ROOT_INO || is_folder(ino) {
             return Ok(Vec::new());
         }
         let id = self.id_of(ino)?;
@@ -1283,7 +1322,7 @@ impl<S: Source> FhirFs<S> {
             ("user.fhir.securityContext", meta.security_context),
         ];
         let present = values.into_iter().filter_map(|(name, v)| v.map(|v| (name, v.into_bytes())));
-        Ok(present.collect())
+        Ok(present.chain(self.source.xattrs(&id)).collect())
     }
 
     /// Checks right after mounting that the server answers, and says so in the log when it

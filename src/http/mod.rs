@@ -6,8 +6,11 @@
 //! - `fetch`: raw or FHIR JSON, summary reads, the raw read after a JSON without `data`;
 //! - `resume`: streaming a raw body, and resuming one cut short;
 //! - `paging`: following a search's pages;
+//! - `documents`: the documents view: searching documents, reading one again, and fetching an
+//!   attachment's url (the token only for the base URL's origin);
 //! - [`limit`]: how many requests may be in flight at once, readers first.
 
+mod documents;
 mod fetch;
 pub mod limit;
 mod paging;
@@ -35,6 +38,8 @@ use crate::fhir::{self, FHIR_JSON, FHIR_XML};
 use crate::source::{Ahead, Changes, Fetched, Listed, Meta, Reserve, Source, Streamed};
 use crate::stats::Stats;
 use limit::{Limiter, Permit};
+
+pub use documents::Target;
 
 /// First pause before a retry; doubled each time, with jitter.
 const RETRY_MIN_DELAY: Duration = Duration::from_millis(100);

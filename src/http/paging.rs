@@ -30,14 +30,8 @@ pub(super) struct FeedState {
     pub(super) since: Option<SystemTime>,
 }
 
-/// A page, with the server's `Date` for it.
-pub(super) struct Dated {
-    page: fhir::Page,
-    date: Option<SystemTime>,
-}
-
 impl HttpSource {
-    fn search_url(&self, path: &str) -> Result<Url, SourceError> {
+    pub(super) fn search_url(&self, path: &str) -> Result<Url, SourceError> {
         Url::parse(&format!("{}/{path}", self.base))
             .map_err(|e| SourceError::Config(format!("bad base URL: {e}")))
     }
@@ -46,21 +40,14 @@ impl HttpSource {
     /// the paging by returning false); the server's `Date` of the first page.
     async fn pages(
         &self,
-        mut url: Url,
+        url: Url,
         mut each: impl FnMut(fhir::Page) -> bool,
     ) -> Result<Option<SystemTime>, SourceError> {
-        let mut seen = HashSet::new();
         let mut first_date = None;
-        loop {
-            if !seen.insert(url.to_string()) {
-                return Err(SourceError::BadBody(format!("the next link loops back to {url}")));
-            }
-            let deadline = Instant::now() + self.config.timeout;
-            let Dated { page, date } =
-                tokio::time::timeout(self.config.timeout, self.page(&url, deadline))
-                    .await
-                    .map_err(|_| SourceError::Timeout(self.config.timeout))??;
-            if seen.len() == 1 {
+        let mut first = true;
+        let next = |page: &fhir::Page| page.next.clone();
+        self.follow(url, fhir::parse_bundle, next, |page: fhir::Page, date| {
+            if std::mem::take(&mut first) {
                 first_date = date;
             }
             if page.skipped > 0 {
@@ -72,17 +59,45 @@ impl HttpSource {
             for entry in &page.entries {
                 self.learn_content_type(&entry.id, entry.meta.content_type.as_deref());
             }
-            let next = page.next.clone();
-            if !each(page) {
+            each(page)
+        })
+        .await?;
+        Ok(first_date)
+    }
+
+    /// Every page of the search at `url`, parsed by `parse`, each given to `each` with the
+    /// server's `Date` as it arrives (`each` may stop the paging by returning false). The
+    /// `next` link that `next` finds is followed as given (only resolved when relative);
+    /// one that loops back is an error. Each page has its own deadline.
+    pub(super) async fn follow<P>(
+        &self,
+        mut url: Url,
+        parse: impl Fn(&[u8]) -> Result<P, fhir::FhirError>,
+        next: impl Fn(&P) -> Option<String>,
+        mut each: impl FnMut(P, Option<SystemTime>) -> bool,
+    ) -> Result<(), SourceError> {
+        let mut seen = HashSet::new();
+        loop {
+            if !seen.insert(url.to_string()) {
+                return Err(SourceError::BadBody(format!("the next link loops back to {url}")));
+            }
+            let deadline = Instant::now() + self.config.timeout;
+            let (body, date) =
+                tokio::time::timeout(self.config.timeout, self.page_body(&url, deadline))
+                    .await
+                    .map_err(|_| SourceError::Timeout(self.config.timeout))??;
+            let page = parse(&body).map_err(SourceError::from)?;
+            let link = next(&page);
+            if !each(page, date) {
                 break;
             }
-            let Some(next) = next else { break };
+            let Some(link) = link else { break };
             // The link is opaque: used as given, only resolved when relative.
             url = url
-                .join(&next)
-                .map_err(|e| SourceError::BadBody(format!("bad next link {next:?}: {e}")))?;
+                .join(&link)
+                .map_err(|e| SourceError::BadBody(format!("bad next link {link:?}: {e}")))?;
         }
-        Ok(first_date)
+        Ok(())
     }
 
     /// Every Binary, a page at a time, each given to `each` as it arrives.
@@ -232,14 +247,25 @@ impl HttpSource {
         url.query_pairs_mut().append_pair("_summary", "count");
         let deadline = Instant::now() + self.config.timeout;
         changes.total = match self.page(&url, deadline).await {
-            Ok(Dated { page, .. }) => page.total,
+            Ok(page) => page.total,
             Err(e) if refused(&e) => None,
             Err(e) => return Err(e),
         };
         Ok(Some((changes, date)))
     }
 
-    pub(super) async fn page(&self, url: &Url, deadline: Instant) -> Result<Dated, SourceError> {
+    /// One Bundle page.
+    async fn page(&self, url: &Url, deadline: Instant) -> Result<fhir::Page, SourceError> {
+        let (body, _) = self.page_body(url, deadline).await?;
+        Ok(fhir::parse_bundle(&body)?)
+    }
+
+    /// The body of one search page, with the server's `Date`.
+    async fn page_body(
+        &self,
+        url: &Url,
+        deadline: Instant,
+    ) -> Result<(Vec<u8>, Option<SystemTime>), SourceError> {
         let limit = self.json_limit();
         let get = Get::json(url, limit);
         let answer = self.get(&get, deadline).await?;
@@ -248,8 +274,7 @@ impl HttpSource {
             .get(header::DATE)
             .and_then(|d| d.to_str().ok())
             .and_then(|d| httpdate::parse_http_date(d).ok());
-        let page = fhir::parse_bundle(&answer.body).map_err(SourceError::from)?;
-        Ok(Dated { page, date })
+        Ok((answer.body, date))
     }
 }
 

@@ -16,6 +16,8 @@ struct MemState {
     binaries: BTreeMap<String, (Meta, Bytes)>,
     errors: BTreeMap<String, SourceError>,
     list_error: Option<SourceError>,
+    /// Names and folders given to Binaries ([`MemorySource::place`]).
+    places: BTreeMap<String, (Option<String>, String)>,
 }
 
 /// An in-memory source for tests and experiments, with request counters and a gate that
@@ -66,6 +68,13 @@ impl MemorySource {
             size: Some(bytes.len() as u64),
         };
         state.binaries.insert(id.to_owned(), (meta, bytes));
+    }
+
+    /// Lists `id` as `name`, in `folder` (the source then puts files in folders: those without
+    /// a place are not listed).
+    pub fn place(&self, id: &str, folder: Option<&str>, name: &str) {
+        let place = (folder.map(str::to_owned), name.to_owned());
+        self.state().places.insert(id.to_owned(), place);
     }
 
     /// Removes a Binary: fetches then fail with 404.
@@ -120,6 +129,12 @@ impl MemorySource {
     }
 }
 
+impl MemorySource {
+    fn folders_of(&self, state: &MemState) -> bool {
+        state.places.values().any(|(folder, _)| folder.is_some())
+    }
+}
+
 impl Source for MemorySource {
     async fn list(&self) -> Result<Vec<Listed>, SourceError> {
         self.lists.fetch_add(1, Ordering::SeqCst);
@@ -127,11 +142,24 @@ impl Source for MemorySource {
         if let Some(e) = &state.list_error {
             return Err(e.clone());
         }
-        let listed = state
-            .binaries
-            .iter()
-            .map(|(id, (meta, _))| Listed { id: id.clone(), meta: meta.clone() });
+        let folders = self.folders_of(&state);
+        let listed = state.binaries.iter().filter_map(|(id, (meta, _))| {
+            let place = state.places.get(id);
+            if folders && place.is_none_or(|(folder, _)| folder.is_none()) {
+                return None;
+            }
+            Some(Listed {
+                id: id.clone(),
+                meta: meta.clone(),
+                name: place.map(|(_, name)| name.clone()),
+                folder: place.and_then(|(folder, _)| folder.clone()),
+            })
+        });
         Ok(listed.collect())
+    }
+
+    fn folders(&self) -> bool {
+        self.folders_of(&self.state())
     }
 
     async fn fetch(&self, id: &str, cached_version: Option<&str>) -> Result<Fetched, SourceError> {

@@ -38,6 +38,12 @@ pub struct Listed {
     pub id: String,
     /// Its metadata; `size` comes from the base64 length when the entry carried `data`.
     pub meta: Meta,
+    /// The name the folder shows instead of the id (the documents view names files after
+    /// their documents); `None`: the id (or `<id>.<ext>` with `--extensions`).
+    pub name: Option<String>,
+    /// The folder under the root that holds it, for a source whose [`Source::folders`] is
+    /// true (the documents view: the subject); `None`: the root.
+    pub folder: Option<String>,
 }
 
 /// True when `new` is `old` with the sub-second part that `old` (a whole-second HTTP date) lacks.
@@ -219,6 +225,19 @@ pub trait Source: Send + Sync + 'static {
     /// has not listed yet: list everything.
     fn changes(&self) -> impl Future<Output = Result<Option<Changes>, SourceError>> + Send {
         async { Ok(None) }
+    }
+
+    /// True when the source puts its files in folders ([`Listed::folder`]): the root then
+    /// lists the folders, and a file is found in its folder only.
+    fn folders(&self) -> bool {
+        false
+    }
+
+    /// Extended attributes of `id` beyond those the core derives from [`Meta`] (the
+    /// documents view tells where a file comes from and whether its hash matched).
+    fn xattrs(&self, id: &str) -> Vec<(&'static str, Vec<u8>)> {
+        let _ = id;
+        Vec::new()
     }
 
     /// Checks that the source can be reached at all (an answer of any status will do).

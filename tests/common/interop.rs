@@ -204,6 +204,32 @@ impl FhirServer {
         self.version_of(&what, &headers, &body)
     }
 
+    /// Creates any resource (`POST [base]/{resourceType}`); the resource as the server keeps it
+    /// (with its `id` and `meta`).
+    pub fn create_resource(&self, resource: &Value) -> Value {
+        let kind = resource["resourceType"].as_str().expect("a resourceType");
+        let request = self
+            .request(reqwest::Method::POST, &format!("{}/{kind}", self.base))
+            .header(header::CONTENT_TYPE, FHIR_JSON)
+            .header("Prefer", "return=representation")
+            .body(resource.to_string());
+        let what = format!("POST {kind}");
+        let (status, headers, body) = self.send(request, &what);
+        assert!(status.is_success(), "{what}: {status}: {}", String::from_utf8_lossy(&body));
+        if let Ok(created) = serde_json::from_slice::<Value>(&body)
+            && created["id"].is_string()
+        {
+            return created;
+        }
+        let location = headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("{what}: neither a resource nor a Location came back"));
+        let (status, _, body) = self.send(self.request(reqwest::Method::GET, location), &what);
+        assert!(status.is_success(), "{what}: GET {location}: {status}");
+        serde_json::from_slice(&body).expect("the created resource")
+    }
+
     /// Deletes the Binary `id`.
     pub fn delete(&self, id: &str) {
         let url = format!("{}/Binary/{id}", self.base);

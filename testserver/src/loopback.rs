@@ -4,6 +4,8 @@
 //! imitate the quirks of real servers ([`Quirks`], as FHIR-NOTES.md records them), and inject
 //! faults: per id ([`Fault`]), on searches ([`SearchFault`]), at random ([`RandomFaults`]) or as
 //! latency. Every request is counted ([`Counts`]) so tests can assert on what reached the server.
+//! For the documents view it also serves DocumentReference, DiagnosticReport and presigned
+//! storage (`documents`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
@@ -29,6 +31,8 @@ use crate::fhir::{
     FHIR_JSON, INSTANT, accept_starts_with_fhir_json, accepts_json, if_none_match, leaves_data_out,
     outcome_json, param, searchset, wants_json,
 };
+
+mod documents;
 
 /// Page size when a search has no `_count` (HAPI's default).
 const DEFAULT_COUNT: usize = 20;
@@ -94,6 +98,15 @@ pub struct Counts {
     /// Answers to reads and searches by status, faults included. HEADs are not counted, nor
     /// requests that are never answered (`Fault::Hang`).
     pub statuses: BTreeMap<u16, u64>,
+    /// Searches of DocumentReference and DiagnosticReport, pages included.
+    pub document_searches: u64,
+    /// Reads of one DocumentReference or DiagnosticReport.
+    pub document_reads: u64,
+    /// `GET /storage/{name}` requests (presigned storage).
+    pub blob_reads: u64,
+    /// Of those, the ones that carried an `Authorization` header (which must never happen:
+    /// storage is another origin than the FHIR server's of a test).
+    pub blob_reads_with_authorization: u64,
     /// fhirfs's start-up checks (reads of [`PROBE_ID`]), counted once answered, whatever the
     /// answer. They are in no other counter, and never throttled, so that a check made
     /// beside a test's own requests changes none of their counts.
@@ -329,6 +342,8 @@ struct ServerState {
     throttle_seq: u64,
     random: Option<Xorshift>,
     arrivals: HashMap<String, Vec<Instant>>,
+    /// DocumentReference, DiagnosticReport and presigned storage.
+    docs: documents::DocState,
 }
 
 /// One id's history: the last version number given, and the content unless deleted.
@@ -452,6 +467,9 @@ impl LoopbackServer {
             .route("/fhir/Binary", get(search))
             .route("/fhir/Binary/_history", get(type_history))
             .route("/fhir/Binary/{id}", get(read).head(head))
+            .route("/fhir/{kind}", get(documents::document_search))
+            .route("/fhir/{kind}/{id}", get(documents::document_read))
+            .route("/storage/{name}", get(documents::blob))
             .fallback(|uri: Uri| async move { outcome(404, &format!("no route for {uri}")) })
             .with_state(Arc::clone(&inner));
         tokio::spawn(async move {

@@ -1,0 +1,375 @@
+//! `DocumentsSource`: the documents view as a [`Source`] of the core. Each attachment with
+//! content is a file whose id (the core's key) is `Type.id.index`, and whose name comes from
+//! [`names`](super::names). Its bytes come from the attachment's `data`, or from its `url`
+//! followed as given: `Binary/[id]` on the base URL through the Binary fetch, any other URL
+//! on the base URL's origin with the token, a URL on another origin without it; a presigned
+//! URL that stopped working (401, 403, 404) is renewed once by reading the referring resource
+//! again. The SHA-1 in `attachment.hash` is checked once the bytes are in.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tracing::{debug, warn};
+
+use super::names::{self, Named};
+use crate::error::SourceError;
+use crate::fhir::documents::{Attachment, DocKind, Document};
+use crate::http::{HttpSource, Target};
+use crate::source::{Fetched, Listed, Meta, Source};
+
+/// What to do when an attachment's hash does not match its bytes (`--verify-hash`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum VerifyHash {
+    /// Serve the bytes, log one warning and mark it in `user.fhir.hash_match`.
+    #[default]
+    Warn,
+    /// A mismatch is an I/O error (EIO).
+    Strict,
+}
+
+/// How an attachment's `hash` compares with its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashCheck {
+    /// The base64 SHA-1 of the bytes, as the spec says.
+    Matched,
+    /// The hex digest, base64-encoded (a common mistake).
+    MatchedHexInBase64,
+    /// The SHA-1 of the bytes' base64 text (another one).
+    MatchedBase64Text,
+    /// Not the bytes' SHA-1 in any known form.
+    Mismatch,
+}
+
+impl HashCheck {
+    /// The value of `user.fhir.hash_match`.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Matched => "yes",
+            Self::MatchedHexInBase64 => "yes (the hex digest in base64)",
+            Self::MatchedBase64Text => "yes (the SHA-1 of the base64 text)",
+            Self::Mismatch => "no",
+        }
+    }
+}
+
+/// Compares an attachment's `hash` with the bytes.
+pub fn check_hash(hash: &str, bytes: &[u8]) -> HashCheck {
+    let digest = sha1_smol::Sha1::from(bytes).digest();
+    let given = base64_simd::forgiving_decode_to_vec(hash.trim().as_bytes()).unwrap_or_default();
+    if given == digest.bytes() {
+        return HashCheck::Matched;
+    }
+    if given.eq_ignore_ascii_case(digest.to_string().as_bytes()) {
+        return HashCheck::MatchedHexInBase64;
+    }
+    let text = base64_simd::STANDARD.encode_to_string(bytes);
+    if given == sha1_smol::Sha1::from(text).digest().bytes() {
+        return HashCheck::MatchedBase64Text;
+    }
+    HashCheck::Mismatch
+}
+
+/// The settings of the documents view.
+#[derive(Debug, Clone, Default)]
+pub struct DocumentsConfig {
+    /// Only this patient's documents (`--patient`); the search asks for them, and each
+    /// entry's subject is checked too, since servers may ignore the parameter.
+    pub patient: Option<String>,
+    /// `--verify-hash`.
+    pub verify_hash: VerifyHash,
+}
+
+/// One file of the view.
+#[derive(Debug, Clone)]
+struct File {
+    document: Arc<Document>,
+    /// The position in `document.attachments`.
+    attachment: usize,
+    /// The hash check of the bytes last fetched.
+    hash: Option<HashCheck>,
+}
+
+impl File {
+    fn attachment(&self) -> &Attachment {
+        &self.document.attachments[self.attachment]
+    }
+}
+
+/// The documents view as a [`Source`].
+pub struct DocumentsSource {
+    http: Arc<HttpSource>,
+    config: DocumentsConfig,
+    /// The files of the last listing, by key.
+    files: Mutex<HashMap<String, File>>,
+}
+
+/// The core's key of a file: `Type.id.index` (the characters of a FHIR id, so it can be
+/// logged and looked up like one).
+pub fn file_key(document: &Document, attachment: &Attachment) -> String {
+    format!("{}.{}.{}", document.kind.as_str(), document.id, attachment.index)
+}
+
+impl DocumentsSource {
+    /// The documents view over `http`.
+    pub fn new(http: Arc<HttpSource>, config: DocumentsConfig) -> Self {
+        Self { http, config, files: Mutex::default() }
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, HashMap<String, File>> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every document of the view: both kinds, for the patient when given. A server that
+    /// refuses a search of one kind (a 4xx) just has none of it.
+    async fn documents(&self) -> Result<Vec<Document>, SourceError> {
+        let patient = self.config.patient.as_deref();
+        let mut all = Vec::new();
+        for kind in [DocKind::DocumentReference, DocKind::DiagnosticReport] {
+            match self.http.search_documents(kind, patient).await {
+                Ok(found) => all.extend(found),
+                Err(SourceError::Status(status)) if (400..500).contains(&status) => {
+                    debug!(kind = kind.as_str(), status, "the server refuses this search");
+                }
+                Err(SourceError::NotFound | SourceError::Gone) => {
+                    debug!(kind = kind.as_str(), "the server has no such search");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(patient) = patient {
+            let wanted = format!("Patient/{patient}");
+            let before = all.len();
+            all.retain(|d| d.subject.as_deref().map(names::subject_reference) == Some(&wanted));
+            if all.len() < before {
+                debug!(
+                    dropped = before - all.len(),
+                    "documents of other subjects (the server ignored `patient`)"
+                );
+            }
+        }
+        Ok(all)
+    }
+
+    /// The bytes at an attachment's url, and the media type the answer gave.
+    async fn fetch_url(&self, url: &str, att: &Attachment) -> Result<(Bytes, String), SourceError> {
+        let kind = att.content_type.as_deref();
+        match self.http.attachment_target(url)? {
+            Target::Binary(id) => {
+                self.http.expect_content_type(&id, kind);
+                match self.http.fetch(&id, None).await? {
+                    Fetched::Content { meta, bytes } => {
+                        Ok((bytes, meta.content_type.unwrap_or_default()))
+                    }
+                    Fetched::NotModified => {
+                        Err(SourceError::BadBody("304 to a request without a version".into()))
+                    }
+                }
+            }
+            target => self.http.fetch_url(&target, kind).await,
+        }
+    }
+
+    /// The bytes of `file`: its `data`, or its `url` (renewed once when another origin
+    /// refuses it). Gives the file as it stands after a renewal.
+    async fn content(
+        &self,
+        key: &str,
+        mut file: File,
+    ) -> Result<(Bytes, String, File), SourceError> {
+        let att = file.attachment().clone();
+        if let Some(data) = &att.data {
+            let bytes = base64_simd::forgiving_decode_to_vec(data.as_bytes()).map_err(|_| {
+                SourceError::BadBody(format!("{key}: attachment data is not base64"))
+            })?;
+            return Ok((Bytes::from(bytes), att.content_type.clone().unwrap_or_default(), file));
+        }
+        let Some(url) = att.url.clone() else { return Err(SourceError::NotFound) };
+        let other_origin = matches!(self.http.attachment_target(&url)?, Target::OtherOrigin(_));
+        match self.fetch_url(&url, &att).await {
+            Err(SourceError::Unauthorized | SourceError::Forbidden | SourceError::NotFound)
+                if other_origin =>
+            {
+                // A presigned storage URL that expired: the document hands out a fresh one.
+                let document = &file.document;
+                let fresh = self.http.read_document(document.kind, &document.id).await?;
+                let Some(index) = fresh.attachments.iter().position(|a| a.index == att.index)
+                else {
+                    return Err(SourceError::NotFound);
+                };
+                debug!(key, "renewed the attachment url by reading the document again");
+                file = File { document: Arc::new(fresh), attachment: index, hash: None };
+                let att = file.attachment().clone();
+                let (bytes, kind) = match (&att.data, &att.url) {
+                    (Some(data), _) => {
+                        let bytes = base64_simd::forgiving_decode_to_vec(data.as_bytes()).map_err(
+                            |_| SourceError::BadBody("attachment data is not base64".into()),
+                        )?;
+                        (Bytes::from(bytes), att.content_type.clone().unwrap_or_default())
+                    }
+                    (None, Some(url)) => self.fetch_url(url, &att).await?,
+                    (None, None) => return Err(SourceError::NotFound),
+                };
+                self.files().insert(key.to_owned(), file.clone());
+                Ok((bytes, kind, file))
+            }
+            other => other.map(|(bytes, kind)| (bytes, kind, file)),
+        }
+    }
+}
+
+impl Source for DocumentsSource {
+    async fn list(&self) -> Result<Vec<Listed>, SourceError> {
+        let documents: Vec<Arc<Document>> =
+            self.documents().await?.into_iter().map(Arc::new).collect();
+        let plain: Vec<Document> = documents.iter().map(|d| (**d).clone()).collect();
+        let mut named = names::name_files(&plain);
+        // Folder by folder, by name: the order `ls`, `cp -r` and `rsync` walk in, so that the
+        // core's read-ahead follows them.
+        named.sort_unstable_by(|a, b| (&a.folder, &a.name).cmp(&(&b.folder, &b.name)));
+        let mut files = HashMap::with_capacity(named.len());
+        let mut listed = Vec::with_capacity(named.len());
+        let folders = self.folders();
+        for Named { folder, name, document, attachment } in named {
+            let doc = &documents[document];
+            let att = &doc.attachments[attachment];
+            let key = file_key(doc, att);
+            // Inline data is the content itself: its size is exact. A url's size is a hint,
+            // never shown before the content confirms it.
+            let size = att.data.as_deref().map(crate::fhir::decoded_len);
+            let meta = Meta {
+                version_id: doc.version_id.clone(),
+                last_updated: doc.last_updated,
+                content_type: att.content_type.clone(),
+                security_context: None,
+                size,
+            };
+            let old =
+                self.files().get(&key).and_then(|f| f.hash.filter(|_| same(&f.document, doc)));
+            files.insert(key.clone(), File { document: Arc::clone(doc), attachment, hash: old });
+            let folder = folders.then_some(folder);
+            listed.push(Listed { id: key, meta, name: Some(name), folder });
+        }
+        *self.files() = files;
+        Ok(listed)
+    }
+
+    async fn fetch(
+        &self,
+        key: &str,
+        _cached_version: Option<&str>,
+    ) -> Result<Fetched, SourceError> {
+        let Some(file) = self.files().get(key).cloned() else {
+            return Err(SourceError::NotFound);
+        };
+        let timeout = self.http.timeout();
+        let (bytes, kind, file) = tokio::time::timeout(timeout, self.content(key, file))
+            .await
+            .map_err(|_| SourceError::Timeout(timeout))??;
+        let att = file.attachment();
+        let check = att.hash.as_deref().map(|hash| check_hash(hash, &bytes));
+        if let Some(check) = check {
+            let first = {
+                let mut files = self.files();
+                let entry = files.get_mut(key);
+                let before = entry.as_ref().and_then(|f| f.hash);
+                if let Some(entry) = entry {
+                    entry.hash = Some(check);
+                }
+                before != Some(check)
+            };
+            if check == HashCheck::Mismatch {
+                if first {
+                    warn!(
+                        document = %file.document.reference(),
+                        attachment = att.index,
+                        "the attachment's hash does not match its bytes"
+                    );
+                }
+                if self.config.verify_hash == VerifyHash::Strict {
+                    return Err(SourceError::BadBody(format!(
+                        "{}: the attachment's hash does not match its bytes",
+                        file.document.reference()
+                    )));
+                }
+            }
+        }
+        let content_type = att.content_type.clone().or((!kind.is_empty()).then_some(kind));
+        let meta = Meta {
+            version_id: file.document.version_id.clone(),
+            last_updated: file.document.last_updated,
+            content_type,
+            security_context: None,
+            size: Some(bytes.len() as u64),
+        };
+        Ok(Fetched::Content { meta, bytes })
+    }
+
+    /// A folder per subject; with `--patient`, the root is that patient's folder.
+    fn folders(&self) -> bool {
+        self.config.patient.is_none()
+    }
+
+    fn xattrs(&self, key: &str) -> Vec<(&'static str, Vec<u8>)> {
+        let Some(file) = self.files().get(key).cloned() else { return Vec::new() };
+        let doc = &file.document;
+        let att = file.attachment();
+        let coding = doc.doc_type.codings.first();
+        let kind = coding.map(|c| {
+            format!("{}|{}", c.system.as_deref().unwrap_or(""), c.code.as_deref().unwrap_or(""))
+        });
+        let url = match (&att.url, &att.data) {
+            (_, Some(_)) => Some("data".to_owned()),
+            (Some(url), None) => Some(url.clone()),
+            (None, None) => None,
+        };
+        let date = doc.date.clone().or_else(|| att.creation.clone());
+        let hash_match = att
+            .hash
+            .as_ref()
+            .map(|_| file.hash.map_or("not checked yet (read the file first)", HashCheck::label));
+        let values = [
+            ("user.fhir.source", Some(doc.reference())),
+            ("user.fhir.url", url),
+            ("user.fhir.type", kind),
+            ("user.fhir.date", date),
+            ("user.fhir.hash", att.hash.clone()),
+            ("user.fhir.hash_match", hash_match.map(str::to_owned)),
+        ];
+        values.into_iter().filter_map(|(n, v)| v.map(|v| (n, v.into_bytes()))).collect()
+    }
+
+    async fn probe(&self) -> Result<(), SourceError> {
+        self.http.probe().await
+    }
+}
+
+/// The same version of a document (a hash check of its bytes still holds).
+fn same(a: &Document, b: &Document) -> bool {
+    a.version_id.is_some() && a.version_id == b.version_id && a.last_updated == b.last_updated
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(bytes: &[u8]) -> String {
+        base64_simd::STANDARD.encode_to_string(bytes)
+    }
+
+    #[test]
+    fn hashes_in_every_known_form_match_and_others_do_not() {
+        let bytes = b"hello";
+        let digest = sha1_smol::Sha1::from(&bytes[..]).digest();
+        assert_eq!(check_hash(&b64(&digest.bytes()), bytes), HashCheck::Matched);
+        let hex = digest.to_string();
+        assert_eq!(check_hash(&b64(hex.as_bytes()), bytes), HashCheck::MatchedHexInBase64);
+        let upper = hex.to_ascii_uppercase();
+        assert_eq!(check_hash(&b64(upper.as_bytes()), bytes), HashCheck::MatchedHexInBase64);
+        let of_text = sha1_smol::Sha1::from(b64(bytes)).digest().bytes();
+        assert_eq!(check_hash(&b64(&of_text), bytes), HashCheck::MatchedBase64Text);
+        assert_eq!(check_hash(&b64(&digest.bytes()), b"hellO"), HashCheck::Mismatch);
+        assert_eq!(check_hash("not base64 !!", bytes), HashCheck::Mismatch);
+        assert_eq!(check_hash("", bytes), HashCheck::Mismatch);
+    }
+}

@@ -1,0 +1,488 @@
+//! The documents view (`--view documents`): its source against the loopback server (names,
+//! sizes, bytes, url forms, the token only for the base URL's origin, presigned URLs renewed
+//! once, hash checks, deleted documents, servers that ignore or require `patient`), and a real
+//! mount of one patient's documents.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
+
+use bytes::Bytes;
+use fhirfs::{DocumentsConfig, DocumentsSource, Fetched, Source, SourceError, VerifyHash};
+use fhirfs::{FhirFs, FsConfig, FsError, Kind, MemorySource, ROOT_INO};
+use fhirfs::{HttpConfig, HttpSource, Secret, TokenSource};
+use fhirfs_testserver::loopback::LoopbackServer;
+use serde_json::json;
+use std::sync::Arc;
+use url::Url;
+
+use common::{Mount, Server, errno};
+
+const PDF: &[u8] = b"%PDF-1.4 discharge summary";
+const CT: &[u8] = b"CT chest: no findings";
+const NOTE: &[u8] = b"inline note";
+
+fn b64(bytes: &[u8]) -> String {
+    base64_simd::STANDARD.encode_to_string(bytes)
+}
+
+/// The SHA-1 of `bytes` (`attachment.hash` is its base64).
+fn sha1(bytes: &[u8]) -> Vec<u8> {
+    sha1_smol::Sha1::from(bytes).digest().bytes().to_vec()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn documents(
+    server: &LoopbackServer,
+    token: Option<&str>,
+    patient: Option<&str>,
+) -> DocumentsSource {
+    documents_with(server, token, patient, VerifyHash::Warn)
+}
+
+fn documents_with(
+    server: &LoopbackServer,
+    token: Option<&str>,
+    patient: Option<&str>,
+    verify_hash: VerifyHash,
+) -> DocumentsSource {
+    let mut config = HttpConfig::new(Url::parse(&server.base_url()).unwrap());
+    config.token = token.and_then(Secret::new).map_or(TokenSource::None, TokenSource::Static);
+    let http = Arc::new(HttpSource::new(config).unwrap());
+    let config = DocumentsConfig { patient: patient.map(str::to_owned), verify_hash };
+    DocumentsSource::new(http, config)
+}
+
+/// name → (key, listed size).
+async fn listing(source: &DocumentsSource) -> BTreeMap<String, (String, Option<u64>)> {
+    let listed = source.list().await.unwrap();
+    listed.into_iter().map(|l| (l.name.unwrap(), (l.id, l.meta.size))).collect()
+}
+
+async fn read(source: &DocumentsSource, key: &str) -> Result<Bytes, SourceError> {
+    match source.fetch(key, None).await? {
+        Fetched::Content { meta, bytes } => {
+            assert_eq!(meta.size, Some(bytes.len() as u64));
+            Ok(bytes)
+        }
+        Fetched::NotModified => panic!("a documents fetch is never 304"),
+    }
+}
+
+fn xattr(source: &DocumentsSource, key: &str, name: &str) -> Option<String> {
+    let all = source.xattrs(key);
+    all.into_iter().find(|(n, _)| *n == name).map(|(_, v)| String::from_utf8(v).unwrap())
+}
+
+/// The one name that starts with `prefix`; checks the suffix shape (` ~` and 8 hex digits).
+fn named<'a, V>(names: &'a BTreeMap<String, V>, prefix: &str, ext: &str) -> (&'a str, &'a V) {
+    let found: Vec<_> =
+        names.iter().filter(|(n, _)| n.starts_with(prefix) && n.ends_with(ext)).collect();
+    assert_eq!(found.len(), 1, "one name starting with {prefix:?} in {:?}", names.keys());
+    let (name, value) = found[0];
+    let rest = &name[prefix.len()..];
+    let digits = rest.strip_prefix(" ~").and_then(|r| r.strip_suffix(ext)).unwrap_or("");
+    assert!(digits.len() == 8 && digits.chars().all(|c| c.is_ascii_hexdigit()), "{name}");
+    (name, value)
+}
+
+/// Patient p1's documents: a DocumentReference with a relative Binary url and inline data, a
+/// DiagnosticReport with an absolute url on the base, one without content, and another
+/// patient's document.
+fn seed(server: &LoopbackServer) {
+    server.put("b1", "application/pdf", PDF);
+    server.put("b2", "text/plain", CT);
+    let base = server.base_url();
+    server.put_document(json!({
+        "resourceType": "DocumentReference", "id": "d1", "status": "current",
+        "subject": {"reference": "Patient/p1"}, "date": "2024-05-06T10:00:00+02:00",
+        "description": "Discharge summary",
+        "type": {"coding": [{"system": "http://loinc.org", "code": "18842-5"}]},
+        "content": [
+            {"attachment": {"contentType": "application/pdf", "url": "Binary/b1",
+                            "hash": b64(&sha1(PDF)), "size": 999999}},
+            {"attachment": {"contentType": "text/plain", "data": b64(NOTE), "title": "Note"}}
+        ]
+    }));
+    server.put_document(json!({
+        "resourceType": "DiagnosticReport", "id": "r1", "status": "final",
+        "subject": {"reference": "Patient/p1"}, "issued": "2024-05-07T08:00:00Z",
+        "code": {"text": "CT chest"},
+        "presentedForm": [{"contentType": "text/plain", "url": format!("{base}/Binary/b2")}]
+    }));
+    server.put_document(json!({
+        "resourceType": "DocumentReference", "id": "empty", "subject": {"reference": "Patient/p1"},
+        "content": [{"attachment": {"contentType": "application/pdf", "title": "nothing"}}]
+    }));
+    server.put_document(json!({
+        "resourceType": "DocumentReference", "id": "d2", "subject": {"reference": "Patient/p2"},
+        "date": "2024-01-01", "content": [{"attachment": {"url": "Binary/b2"}}]
+    }));
+}
+
+#[tokio::test]
+async fn a_patients_documents_are_named_sized_and_read() {
+    let server = LoopbackServer::start().await.unwrap();
+    // HFS 0.2.7 ignores `patient`: every document comes, with an OperationOutcome entry.
+    server.set_documents_ignore_patient(true);
+    seed(&server);
+    let source = documents(&server, None, Some("p1"));
+    let names = listing(&source).await;
+    assert_eq!(names.len(), 3, "p2's document and the one without content left out: {names:?}");
+    // 2024-05-06T10:00:00+02:00 is 08:00 UTC, the same day.
+    let (_, (pdf, pdf_size)) = named(&names, "2024-05-06 Discharge summary", ".pdf");
+    let (_, (note, note_size)) = named(&names, "2024-05-06 Note", ".txt");
+    let (_, (ct, ct_size)) = named(&names, "2024-05-07 CT chest", ".txt");
+    // Only inline data tells a size before the content: attachment.size is a hint (wrong here).
+    assert_eq!((*pdf_size, *note_size, *ct_size), (None, Some(NOTE.len() as u64), None));
+    assert_eq!(read(&source, pdf).await.unwrap(), PDF);
+    assert_eq!(read(&source, note).await.unwrap(), NOTE);
+    assert_eq!(read(&source, ct).await.unwrap(), CT);
+    let counts = server.counts();
+    assert_eq!(counts.per_id.get("b1"), Some(&1));
+    assert_eq!(counts.per_id.get("b2"), Some(&1));
+    assert_eq!(counts.reads, 2, "inline data needs no request");
+    assert_eq!(counts.document_searches, 2, "one page of each type");
+    assert_eq!(xattr(&source, pdf, "user.fhir.source").as_deref(), Some("DocumentReference/d1"));
+    assert_eq!(xattr(&source, pdf, "user.fhir.url").as_deref(), Some("Binary/b1"));
+    assert_eq!(xattr(&source, note, "user.fhir.url").as_deref(), Some("data"));
+    assert_eq!(xattr(&source, pdf, "user.fhir.type").as_deref(), Some("http://loinc.org|18842-5"));
+    assert_eq!(xattr(&source, pdf, "user.fhir.date").as_deref(), Some("2024-05-06T10:00:00+02:00"));
+    assert_eq!(xattr(&source, pdf, "user.fhir.hash").as_deref(), Some(b64(&sha1(PDF)).as_str()));
+    assert_eq!(xattr(&source, pdf, "user.fhir.hash_match").as_deref(), Some("yes"));
+    assert_eq!(xattr(&source, note, "user.fhir.hash_match"), None, "no hash, no verdict");
+    assert_eq!(xattr(&source, ct, "user.fhir.source").as_deref(), Some("DiagnosticReport/r1"));
+}
+
+#[tokio::test]
+async fn names_stay_when_a_clashing_document_appears() {
+    let server = LoopbackServer::start().await.unwrap();
+    seed(&server);
+    let source = documents(&server, None, Some("p1"));
+    let before = listing(&source).await;
+    // Same date and title as d1's PDF, and sorted before it by id.
+    server.put_document(json!({
+        "resourceType": "DocumentReference", "id": "a0", "subject": {"reference": "Patient/p1"},
+        "date": "2024-05-06", "description": "Discharge summary",
+        "content": [{"attachment": {"contentType": "application/pdf", "url": "Binary/b1"}}]
+    }));
+    let after = listing(&source).await;
+    assert_eq!(after.len(), before.len() + 1);
+    for (name, (key, _)) in &before {
+        assert_eq!(after.get(name).map(|(k, _)| k), Some(key), "{name} kept its name");
+    }
+}
+
+#[tokio::test]
+async fn the_token_goes_to_the_base_origin_only_and_expired_urls_are_renewed_once() {
+    let server = LoopbackServer::start().await.unwrap();
+    server.set_token(Some("secret"));
+    // Storage on another port: another origin.
+    let storage = LoopbackServer::start().await.unwrap();
+    storage.put_blob("scan", "application/dicom", b"DICM scan".to_vec(), "s1");
+    server.put_blob("own", "application/pdf", b"own storage".to_vec(), "k");
+    let doc = |url: String| {
+        json!({"resourceType": "DocumentReference", "id": "d1", "subject": {"reference": "Patient/p1"},
+        "date": "2024-05-06", "description": "Scan",
+        "content": [
+            {"attachment": {"contentType": "application/dicom", "url": url}},
+            {"attachment": {"contentType": "application/pdf", "url": "/storage/own?sig=k"}}
+        ]})
+    };
+    server.put_document(doc(storage.blob_url("scan", "s1")));
+    let source = documents(&server, Some("secret"), Some("p1"));
+    let names = listing(&source).await;
+    let (_, (scan, _)) = named(&names, "2024-05-06 Scan", ".dcm");
+    let (_, (own, _)) = named(&names, "2024-05-06 Scan", ".pdf");
+    assert_eq!(read(&source, scan).await.unwrap(), &b"DICM scan"[..]);
+    assert_eq!(read(&source, own).await.unwrap(), &b"own storage"[..]);
+    assert_eq!(server.counts().blob_reads_with_authorization, 1, "the base origin gets the token");
+    // The presigned URL expires; the document hands out a fresh one (same version).
+    storage.put_blob("scan", "application/dicom", b"DICM scan".to_vec(), "s2");
+    server.resign_document(doc(storage.blob_url("scan", "s2")));
+    let reads = server.counts().document_reads;
+    assert_eq!(read(&source, scan).await.unwrap(), &b"DICM scan"[..]);
+    assert_eq!(server.counts().document_reads, reads + 1, "the document read again once");
+    assert_eq!(storage.counts().blob_reads, 3, "s1, s1 refused, s2");
+    // Expired again, and the document still names the old URL: one renewal, then EACCES.
+    storage.put_blob("scan", "application/dicom", b"DICM scan".to_vec(), "s3");
+    assert_eq!(read(&source, scan).await.unwrap_err(), SourceError::Forbidden);
+    assert_eq!(server.counts().document_reads, reads + 2, "once per fetch, no more");
+    assert_eq!(storage.counts().blob_reads, 5);
+    assert_eq!(storage.counts().blob_reads_with_authorization, 0, "never a token to storage");
+}
+
+#[tokio::test]
+async fn hashes_are_checked_in_every_known_form() {
+    let server = LoopbackServer::start().await.unwrap();
+    let bytes = b"some report".to_vec();
+    server.put("b", "text/plain", bytes.clone());
+    let attachment = |title: &str, hash: String| {
+        json!({"attachment": {"contentType": "text/plain", "url": "Binary/b", "title": title,
+                              "hash": hash}})
+    };
+    server.put_document(json!({
+        "resourceType": "DocumentReference", "id": "h", "subject": {"reference": "Patient/p1"},
+        "date": "2024-05-06",
+        "content": [
+            attachment("good", b64(&sha1(&bytes))),
+            attachment("hex", b64(hex(&sha1(&bytes)).as_bytes())),
+            attachment("bad", b64(&sha1(b"other bytes"))),
+        ]
+    }));
+    let source = documents(&server, None, Some("p1"));
+    let names = listing(&source).await;
+    let key = |title: &str| named(&names, &format!("2024-05-06 {title}"), ".txt").1.0.clone();
+    for title in ["good", "hex", "bad"] {
+        assert_eq!(read(&source, &key(title)).await.unwrap(), bytes, "warn serves the bytes");
+    }
+    let verdict = |title: &str| xattr(&source, &key(title), "user.fhir.hash_match");
+    assert_eq!(verdict("good").as_deref(), Some("yes"));
+    assert_eq!(verdict("hex").as_deref(), Some("yes (the hex digest in base64)"));
+    assert_eq!(verdict("bad").as_deref(), Some("no"));
+    let strict = documents_with(&server, None, Some("p1"), VerifyHash::Strict);
+    listing(&strict).await;
+    assert_eq!(read(&strict, &key("good")).await.unwrap(), bytes);
+    assert_eq!(read(&strict, &key("hex")).await.unwrap(), bytes);
+    let error = read(&strict, &key("bad")).await.unwrap_err();
+    assert!(
+        matches!(&error, SourceError::BadBody(m) if m.contains("DocumentReference/h")),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn deleted_documents_leave_the_listing_and_their_files_are_gone() {
+    let server = LoopbackServer::start().await.unwrap();
+    seed(&server);
+    let source = documents(&server, None, Some("p1"));
+    let names = listing(&source).await;
+    let (_, (ct, _)) = named(&names, "2024-05-07 CT chest", ".txt");
+    server.delete_document("DiagnosticReport", "r1");
+    let after = listing(&source).await;
+    assert_eq!(after.len(), names.len() - 1);
+    assert!(!after.keys().any(|n| n.starts_with("2024-05-07 CT chest")));
+    assert_eq!(read(&source, ct).await.unwrap_err(), SourceError::NotFound);
+}
+
+#[tokio::test]
+async fn a_server_that_needs_the_patient_and_refuses_binary_search_still_shows_documents() {
+    let server = LoopbackServer::start().await.unwrap();
+    // Cerner: Binary read by id only; document searches need `patient`.
+    server.set_search_status(Some(403));
+    server.set_documents_require_patient(true);
+    seed(&server);
+    let source = documents(&server, None, Some("p1"));
+    let names = listing(&source).await;
+    assert_eq!(names.len(), 3);
+    let (_, (pdf, _)) = named(&names, "2024-05-06 Discharge summary", ".pdf");
+    assert_eq!(read(&source, pdf).await.unwrap(), PDF);
+    assert_eq!(server.counts().searches, 0, "Binary was never searched");
+}
+
+#[test]
+fn a_mount_of_one_patients_documents_shows_names_sizes_bytes_and_xattrs() {
+    let server = Server::start();
+    seed(&server.server);
+    let mount = Mount::builder()
+        .args(&["--view", "documents", "--patient", "p1"])
+        .mount(&server.base_url());
+    let mut names: Vec<String> = std::fs::read_dir(&mount.mountpoint)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "{names:?}");
+    let by_prefix = |prefix: &str| names.iter().find(|n| n.starts_with(prefix)).unwrap().clone();
+    for (prefix, bytes) in
+        [("2024-05-06 Discharge summary", PDF), ("2024-05-06 Note", NOTE), ("2024-05-07 CT", CT)]
+    {
+        let path = mount.path(&by_prefix(prefix));
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), bytes.len() as u64, "the exact size before any read: {prefix}");
+        assert_eq!(meta.mode() & 0o777, 0o444);
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{prefix}");
+    }
+    let pdf = mount.path(&by_prefix("2024-05-06 Discharge summary"));
+    let get = |name: &str| xattr::get(&pdf, name).unwrap().map(|v| String::from_utf8(v).unwrap());
+    assert_eq!(get("user.mime_type").as_deref(), Some("application/pdf"));
+    assert_eq!(get("user.fhir.source").as_deref(), Some("DocumentReference/d1"));
+    assert_eq!(get("user.fhir.hash_match").as_deref(), Some("yes"));
+    // A name that is no document's, even one shaped like an id: no such file.
+    for missing in ["2024-05-06 Nothing ~00000000.pdf", "b1", "DocumentReference.d2.0"] {
+        let error = std::fs::metadata(mount.path(missing)).unwrap_err();
+        assert_eq!(errno(error), libc::ENOENT, "{missing}");
+    }
+    // cp -r copies every document byte for byte.
+    let copy = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(&mount.mountpoint)
+        .arg(copy.path().join("copy"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for name in &names {
+        let copied = std::fs::read(copy.path().join("copy").join(name)).unwrap();
+        assert_eq!(copied, std::fs::read(mount.path(name)).unwrap(), "{name}");
+    }
+}
+
+/// A core over a source with folders: Patient-1 holds two files, Patient-2 one; a Binary
+/// with no place is not listed.
+fn core_with_folders() -> Arc<FhirFs<MemorySource>> {
+    let source = MemorySource::new();
+    for (id, folder, name, bytes) in [
+        ("a", "Patient-1", "x ~1.pdf", "aaa"),
+        ("b", "Patient-1", "y ~2.txt", "bbbb"),
+        ("c", "Patient-2", "z ~3.pdf", "c"),
+    ] {
+        source.put(id, "application/pdf", bytes);
+        source.place(id, Some(folder), name);
+    }
+    source.put("d", "text/plain", "unplaced");
+    FhirFs::new(source, FsConfig::default())
+}
+
+/// Every entry of folder `ino`: name and kind.
+async fn entries_of(fs: &Arc<FhirFs<MemorySource>>, ino: u64) -> Vec<(String, Kind)> {
+    let fh = fs.opendir(ino).await.unwrap();
+    let mut out = Vec::new();
+    fs.readdir(fh, 0, |e| {
+        out.push((e.name.to_owned(), e.kind));
+        false
+    })
+    .unwrap();
+    fs.release(fh);
+    out
+}
+
+fn entry(name: &str, kind: Kind) -> (String, Kind) {
+    (name.to_owned(), kind)
+}
+
+#[tokio::test]
+async fn the_root_holds_the_folders_and_each_folder_its_files() {
+    let fs = core_with_folders();
+    // A folder and a file found before any listing of the root.
+    let p2 = fs.lookup(ROOT_INO, OsStr::new("Patient-2")).await.unwrap();
+    assert_eq!(p2.kind, Kind::Dir);
+    let z = fs.lookup(p2.ino, OsStr::new("z ~3.pdf")).await.unwrap();
+    assert_eq!((z.kind, z.size), (Kind::File, 1));
+    let root = entries_of(&fs, ROOT_INO).await;
+    let dots = [entry(".", Kind::Dir), entry("..", Kind::Dir)];
+    let with_dots = |more: &[(String, Kind)]| -> Vec<(String, Kind)> {
+        dots.iter().chain(more).cloned().collect()
+    };
+    assert_eq!(root, with_dots(&[entry("Patient-1", Kind::Dir), entry("Patient-2", Kind::Dir)]));
+    let p1 = fs.lookup(ROOT_INO, OsStr::new("Patient-1")).await.unwrap();
+    assert_eq!(fs.getattr(p1.ino).await.unwrap(), p1);
+    assert_eq!(p1.perm, 0o555);
+    let files = entries_of(&fs, p1.ino).await;
+    assert_eq!(files, with_dots(&[entry("x ~1.pdf", Kind::File), entry("y ~2.txt", Kind::File)]));
+    let x = fs.lookup(p1.ino, OsStr::new("x ~1.pdf")).await.unwrap();
+    let opened = fs.open(x.ino, false).await.unwrap();
+    assert_eq!(&fs.read(opened.fh, 0, 100).await.unwrap()[..], b"aaa");
+    fs.release(opened.fh);
+    assert_eq!(fs.lookup(p1.ino, OsStr::new("y ~2.txt")).await.unwrap().size, 4);
+}
+
+#[tokio::test]
+async fn files_are_found_only_in_their_own_folder() {
+    let fs = core_with_folders();
+    let p1 = fs.lookup(ROOT_INO, OsStr::new("Patient-1")).await.unwrap();
+    let x = fs.lookup(p1.ino, OsStr::new("x ~1.pdf")).await.unwrap();
+    for (parent, name) in [
+        (p1.ino, "z ~3.pdf"),
+        (ROOT_INO, "x ~1.pdf"),
+        (ROOT_INO, "a"),
+        (ROOT_INO, "d"),
+        (ROOT_INO, "Patient-3"),
+        (p1.ino, "a"),
+    ] {
+        let error = fs.lookup(parent, OsStr::new(name)).await.unwrap_err();
+        assert_eq!(error.errno(), libc::ENOENT, "{name}");
+    }
+    assert_eq!(fs.open(p1.ino, false).await.unwrap_err(), FsError::IsDir);
+    assert_eq!(fs.lookup(x.ino, OsStr::new("x")).await.unwrap_err(), FsError::NotDir);
+    assert_eq!(fs.opendir(x.ino).await.unwrap_err(), FsError::NotDir);
+    assert!(fs.xattrs(p1.ino).await.unwrap().is_empty());
+    assert_eq!(fs.getattr(fhirfs::FOLDER_INO_BASE + 99).await.unwrap_err(), FsError::NoEntry);
+}
+
+#[test]
+fn a_mount_of_all_documents_has_a_folder_per_subject() {
+    let server = Server::start();
+    seed(&server.server);
+    let mount = Mount::builder().args(&["--view", "documents"]).mount(&server.base_url());
+    let list = |path: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(list(&mount.mountpoint), ["Patient-p1", "Patient-p2"]);
+    let p1 = mount.path("Patient-p1");
+    assert!(std::fs::metadata(&p1).unwrap().is_dir());
+    assert_eq!(std::fs::metadata(&p1).unwrap().mode() & 0o777, 0o555);
+    let p1_files = list(&p1);
+    assert_eq!(p1_files.len(), 3, "{p1_files:?}");
+    let p2_files = list(&mount.path("Patient-p2"));
+    assert_eq!(p2_files.len(), 1);
+    assert!(p2_files[0].starts_with("2024-01-01 DocumentReference ~"), "{p2_files:?}");
+    assert_eq!(std::fs::read(mount.path("Patient-p2").join(&p2_files[0])).unwrap(), CT);
+    // cp -r of the whole mount: every folder, every file, byte for byte, with exact sizes.
+    let copy = tempfile::tempdir().unwrap();
+    let target = copy.path().join("copy");
+    let status =
+        std::process::Command::new("cp").arg("-r").arg(&mount.mountpoint).arg(&target).status();
+    assert!(status.unwrap().success());
+    for folder in ["Patient-p1", "Patient-p2"] {
+        assert_eq!(list(&target.join(folder)), list(&mount.path(folder)));
+        for name in list(&mount.path(folder)) {
+            let copied = std::fs::read(target.join(folder).join(&name)).unwrap();
+            assert_eq!(copied, std::fs::read(mount.path(folder).join(&name)).unwrap());
+        }
+    }
+    // Another subject's file is not in this folder, nor at the root.
+    let error = std::fs::metadata(p1.join(&p2_files[0])).unwrap_err();
+    assert_eq!(errno(error), libc::ENOENT);
+    let error = std::fs::metadata(mount.path(&p2_files[0])).unwrap_err();
+    assert_eq!(errno(error), libc::ENOENT);
+}
+
+/// The demo's documents, as README shows them: the exact names (they never change while the
+/// documents do not), sizes and bytes.
+#[test]
+fn the_demo_shows_its_documents_by_patient() {
+    let mount = Mount::builder().args(&["--demo", "--view", "documents"]).mount_demo();
+    let tree = [
+        ("Patient-demo-1/2024-05-06 Discharge summary ~30a23abd.pdf", "report.pdf"),
+        ("Patient-demo-1/2024-05-06 Nursing notes ~7b6b8570.txt", "notes.txt"),
+        ("Patient-demo-1/2024-05-07 CT chest ~751438ee.png", "scan.png"),
+        ("Patient-demo-2/2024-04-02 Referral letter ~22aa6209.txt", "notes.txt"),
+    ];
+    let mut found = Vec::new();
+    for folder in std::fs::read_dir(&mount.mountpoint).unwrap() {
+        let folder = folder.unwrap();
+        for file in std::fs::read_dir(folder.path()).unwrap() {
+            let name = file.unwrap().file_name().into_string().unwrap();
+            found.push(format!("{}/{name}", folder.file_name().into_string().unwrap()));
+        }
+    }
+    found.sort();
+    assert_eq!(found, tree.map(|(path, _)| path));
+    for (path, asset) in tree {
+        let expected = std::fs::read(format!("{}/assets/demo/{asset}", env!("CARGO_MANIFEST_DIR")));
+        let expected = expected.unwrap();
+        assert_eq!(std::fs::metadata(mount.path(path)).unwrap().len(), expected.len() as u64);
+        assert_eq!(std::fs::read(mount.path(path)).unwrap(), expected, "{path}");
+    }
+}
