@@ -54,7 +54,7 @@ impl<S: Source> FhirFs<S> {
         // if no Binary's id is `a.pdf`), and names a source gives must not clash, so such a
         // listing shows whole, at its end; so does one sorted into folders.
         let mut streams = !self.config.extensions && !self.source.folders();
-        let mut seen = HashSet::new();
+        let mut seen = hashbrown::HashSet::<u64>::new();
         let mut inos = Vec::new();
         let mut names = HashMap::new();
         let mut folder_of = HashMap::new();
@@ -66,7 +66,11 @@ impl<S: Source> FhirFs<S> {
                     // A server whose pages shift under us may repeat an id; a folder must not.
                     let ino = self.apply_meta(&id, meta, Origin::Listing);
                     if seen.insert(ino) {
-                        lock(&self.missing).remove(&id);
+                        let mut missing = lock(&self.missing);
+                        if !missing.is_empty() {
+                            missing.remove(&id);
+                        }
+                        drop(missing);
                         inos.push(ino);
                         if let Some(name) = name {
                             names.insert(ino, name);
@@ -208,8 +212,8 @@ impl<S: Source> FhirFs<S> {
     ) -> Snapshot {
         let old = Arc::clone(&lock(&self.order));
         let mut nodes = lock(&self.nodes);
-        let kept: HashSet<u64> =
-            if streamed { inos.iter().copied().collect() } else { HashSet::new() };
+        let kept: hashbrown::HashSet<u64> =
+            if streamed { inos.iter().copied().collect() } else { hashbrown::HashSet::new() };
         // Positions of the last listing go: a file no longer listed has none.
         for (ino, _) in lock(&old.list).iter() {
             if kept.contains(ino) {

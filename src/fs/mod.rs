@@ -253,16 +253,22 @@ enum Version {
 
 impl Version {
     fn new(text: &str) -> Self {
-        match text.parse::<u64>() {
-            // Only the canonical form: "01" or "+1" must come back as written.
-            Ok(n) if n.to_string() == text => Self::Number(n),
-            _ => Self::Text(Box::from(text)),
+        match Self::number(text) {
+            Some(n) => Self::Number(n),
+            None => Self::Text(Box::from(text)),
         }
+    }
+
+    /// The number `text` is in its canonical form: "01" or "+1" must come back as written.
+    fn number(text: &str) -> Option<u64> {
+        let canonical =
+            text.bytes().all(|b| b.is_ascii_digit()) && (text == "0" || !text.starts_with('0'));
+        if canonical { text.parse().ok() } else { None }
     }
 
     fn is(&self, text: &str) -> bool {
         match self {
-            Self::Number(n) => text.parse::<u64>().is_ok_and(|t| t == *n && t.to_string() == text),
+            Self::Number(n) => Self::number(text) == Some(*n),
             Self::Text(own) => **own == *text,
         }
     }
@@ -315,7 +321,7 @@ impl NodeMeta {
 #[derive(Default)]
 struct LabelSet {
     set: hashbrown::HashTable<Arc<Labels>>,
-    hasher: std::hash::RandomState,
+    hasher: hashbrown::DefaultHashBuilder,
 }
 
 impl LabelSet {
@@ -406,7 +412,8 @@ impl NodeTable {
 #[derive(Default)]
 struct IdIndex {
     slots: hashbrown::HashTable<u32>,
-    hasher: std::hash::RandomState,
+    // foldhash, seeded per process: SipHash was a tenth of a cold listing's time.
+    hasher: hashbrown::DefaultHashBuilder,
 }
 
 impl IdIndex {
@@ -876,9 +883,10 @@ impl<S: Source> FhirFs<S> {
         let Some(node) = by_ino.get_mut(&ino) else {
             return ino;
         };
-        let old = &node.meta.unpack();
-        let version_changed = match (&old.version_id, &meta.version_id) {
-            (Some(a), Some(b)) => a != b,
+        // Compared as kept, without unpacking: a listing does this a million times.
+        let old = &node.meta;
+        let version_changed = match (&old.version_id, meta.version_id.as_deref()) {
+            (Some(a), Some(b)) => !a.is(b),
             _ => false,
         };
         let size_changed = matches!((old.size, meta.size), (Some(a), Some(b)) if a != b);
@@ -894,7 +902,7 @@ impl<S: Source> FhirFs<S> {
             node.kernel = None;
         } else {
             let size = meta.size.or(old.size);
-            let security_context = meta.security_context.or_else(|| old.security_context.clone());
+            let security_context = meta.security_context.as_deref().or(old.security_context());
             // The same version keeps its time: a listing's `meta.lastUpdated` has milliseconds,
             // a raw response's `Last-Modified` only seconds, and mtime must not flap. Only a
             // more precise time for the same second replaces it.
@@ -902,8 +910,9 @@ impl<S: Source> FhirFs<S> {
                 (Some(o), Some(n)) if refines(o, n) => Some(n),
                 (o, n) => o.or(n),
             };
-            node.meta =
-                NodeMeta::pack(Meta { size, security_context, last_updated, ..meta }, labels);
+            let labels = labels.get(meta.content_type.as_deref(), security_context);
+            let version_id = meta.version_id.as_deref().map(Version::new);
+            node.meta = NodeMeta { version_id, last_updated, labels, size };
         }
         node.checked = now;
         if origin == Origin::Listing {

@@ -161,10 +161,10 @@ pub struct HttpSource {
 /// answer in FHIR JSON that is not this Binary's resource is asked for again as JSON.
 #[derive(Default)]
 struct KnownTypes {
-    by_id: std::collections::HashMap<u32, u16>,
+    by_id: hashbrown::HashMap<u32, u16>,
     kinds: Vec<Arc<str>>,
-    numbers: std::collections::HashMap<Arc<str>, u16>,
-    hasher: std::hash::RandomState,
+    numbers: hashbrown::HashMap<Arc<str>, u16>,
+    hasher: hashbrown::DefaultHashBuilder,
 }
 
 impl KnownTypes {
