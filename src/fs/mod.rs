@@ -407,6 +407,30 @@ impl NodeTable {
     }
 }
 
+/// A set of file inodes, one bit each: inodes are dense, so a listing of a million files
+/// checks its repeats in 125 KB, without hashing.
+#[derive(Default)]
+struct InoSet(Vec<u64>);
+
+impl InoSet {
+    /// Adds `ino`; false when it was in already.
+    fn insert(&mut self, ino: u64) -> bool {
+        let Some(slot) = NodeTable::slot(ino) else { return true };
+        let (word, bit) = (slot / 64, 1u64 << (slot % 64));
+        if word >= self.0.len() {
+            self.0.resize(word + 1, 0);
+        }
+        let fresh = self.0[word] & bit == 0;
+        self.0[word] |= bit;
+        fresh
+    }
+
+    fn contains(&self, ino: u64) -> bool {
+        let Some(slot) = NodeTable::slot(ino) else { return false };
+        self.0.get(slot / 64).is_some_and(|word| word & (1u64 << (slot % 64)) != 0)
+    }
+}
+
 /// The inode of each id: slots of [`NodeTable`], found by the hash of the node's own id, so
 /// that a million ids cost 4 bytes a slot here instead of another pointer and inode each.
 #[derive(Default)]
@@ -1385,6 +1409,15 @@ impl Content {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ino_set_holds_each_inode_once() {
+        let mut set = InoSet::default();
+        assert!(set.insert(2) && set.insert(700) && set.insert(66));
+        assert!(!set.insert(700) && !set.insert(2));
+        assert!(set.contains(66) && set.contains(700) && !set.contains(3) && !set.contains(9999));
+        assert!(!set.contains(ROOT_INO) && set.insert(ROOT_INO), "no slot: never a repeat");
+    }
 
     #[test]
     fn a_node_stays_small() {
