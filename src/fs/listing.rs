@@ -245,7 +245,22 @@ impl<S: Source> FhirFs<S> {
                 }
             }
         };
-        // Byte order of the names, as rsync sorts them.
+        drop(nodes);
+        *lock(&self.order) = Arc::clone(&entries);
+        // The order by name is sorted when a reader first opens a file (see `name_order`):
+        // `ls` of a million files need not wait for it.
+        *lock(&self.by_name_order) = None;
+        entries
+    }
+
+    /// The latest listing's inodes in byte order of their names, as rsync sorts them; sorted
+    /// (and each node's position in it set) the first time it is needed after a listing.
+    pub(super) fn name_order(&self) -> Arc<Vec<u64>> {
+        if let Some(order) = lock(&self.by_name_order).as_ref() {
+            return Arc::clone(order);
+        }
+        let entries = Arc::clone(&lock(&self.order));
+        let mut nodes = lock(&self.nodes);
         let by_name: Vec<u64> = {
             let list = lock(&entries.list);
             let mut by_name: Vec<u32> = (0..list.len() as u32).collect();
@@ -260,9 +275,13 @@ impl<S: Source> FhirFs<S> {
             }
         }
         drop(nodes);
-        *lock(&self.order) = Arc::clone(&entries);
-        *lock(&self.by_name_order) = Arc::new(by_name);
-        entries
+        let by_name = Arc::new(by_name);
+        let mut held = lock(&self.by_name_order);
+        // A listing published meanwhile made its own order stale again: keep that.
+        if Arc::ptr_eq(&entries, &lock(&self.order)) {
+            *held = Some(Arc::clone(&by_name));
+        }
+        by_name
     }
 
     /// The entries of `inos`, named (as the source says, or `--extensions`) and with their

@@ -750,7 +750,7 @@ pub struct FhirFs<S: Source> {
     /// Bytes held by files fetched ahead and not opened yet (shared with their fetches).
     ahead_budget: Arc<Mutex<Budget>>,
     /// The latest listing's inodes in name order, for walks in name order.
-    by_name_order: Mutex<Arc<Vec<u64>>>,
+    by_name_order: Mutex<Option<Arc<Vec<u64>>>>,
     /// Ids the server answered 404 for, and when.
     missing: Mutex<HashMap<String, Instant>>,
     /// The last file fetched that is larger than the whole cache: kept (one at a time) so that

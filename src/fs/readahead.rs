@@ -198,6 +198,8 @@ impl<S: Source> FhirFs<S> {
         if self.config.read_ahead == 0 {
             return;
         }
+        // Positions in name order are set once that order is sorted.
+        self.name_order();
         let (listing, name) = {
             let mut nodes = lock(&self.nodes);
             let Some(node) = nodes.by_ino.get(&ino) else { return };
@@ -233,7 +235,7 @@ impl<S: Source> FhirFs<S> {
                 ahead.into_iter().filter_map(|pos| order.ino_at(pos)).collect()
             }
             Order::Name => {
-                let order = Arc::clone(&lock(&self.by_name_order));
+                let order = self.name_order();
                 let ahead = walk.ahead(self.config.read_ahead, order.len());
                 ahead.into_iter().map(|pos| order[pos]).collect()
             }
