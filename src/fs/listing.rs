@@ -123,7 +123,7 @@ impl<S: Source> FhirFs<S> {
         let mut page = Vec::with_capacity(inos.len());
         for &ino in inos {
             let Some(node) = nodes.by_ino.get_mut(&ino) else { continue };
-            node.index = u32::try_from(first + page.len()).ok();
+            node.index = Pos::new(first + page.len());
             page.push((ino, Arc::clone(&node.id)));
         }
         drop(nodes);
@@ -147,7 +147,7 @@ impl<S: Source> FhirFs<S> {
             }
             let listed = {
                 let nodes = lock(&self.nodes);
-                nodes.node(&id).and_then(|n| n.index).is_some()
+                nodes.node(&id).is_some_and(|n| n.index.is_some())
             };
             let ino = self.apply_meta(&id, meta, Origin::Listing);
             lock(&self.missing).remove(&id);
@@ -164,7 +164,7 @@ impl<S: Source> FhirFs<S> {
                 if node.index.is_some() {
                     node.listed = Stamp::NONE;
                     node.checked = Stamp::NONE;
-                    node.index = None;
+                    node.index = Pos::NONE;
                     gone.push(ino);
                 }
             }
@@ -226,8 +226,8 @@ impl<S: Source> FhirFs<S> {
                 continue;
             }
             if let Some(node) = nodes.by_ino.get_mut(ino) {
-                node.index = None;
-                node.name_index = None;
+                node.index = Pos::NONE;
+                node.name_index = Pos::NONE;
             }
         }
         drop(kept);
@@ -271,7 +271,7 @@ impl<S: Source> FhirFs<S> {
         };
         for (name_index, ino) in by_name.iter().enumerate() {
             if let Some(node) = nodes.by_ino.get_mut(ino) {
-                node.name_index = u32::try_from(name_index).ok();
+                node.name_index = Pos::new(name_index);
             }
         }
         drop(nodes);
@@ -313,7 +313,7 @@ impl<S: Source> FhirFs<S> {
                 _ => id,
             };
             if let Some(node) = nodes.by_ino.get_mut(&ino) {
-                node.index = u32::try_from(snapshot.len()).ok();
+                node.index = Pos::new(snapshot.len());
             }
             snapshot.push((ino, name));
         }
@@ -337,7 +337,7 @@ impl<S: Source> FhirFs<S> {
     pub(super) fn walking(&self, id: &str) -> Option<(u64, usize, bool)> {
         let mut nodes = lock(&self.nodes);
         let ino = nodes.ino(id)?;
-        let index = nodes.by_ino.get(&ino)?.index? as usize;
+        let index = nodes.by_ino.get(&ino)?.index.get()?;
         let streak = match nodes.walk {
             Some((last, streak)) if index > last && index - last <= WALK_GAP => streak + 1,
             _ => 1,
@@ -354,8 +354,7 @@ impl<S: Source> FhirFs<S> {
         let mut picked = Vec::new();
         {
             let mut nodes = lock(&self.nodes);
-            let Some(start) = nodes.by_ino.get(&ino).and_then(|n| n.index).map(|i| i as usize)
-            else {
+            let Some(start) = nodes.by_ino.get(&ino).and_then(|n| n.index.get()) else {
                 return;
             };
             for (next, _) in lock(&order.list).iter().skip(start + 1).take(SIZE_READAHEAD) {

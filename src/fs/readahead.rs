@@ -203,7 +203,7 @@ impl<S: Source> FhirFs<S> {
         let (listing, name) = {
             let mut nodes = lock(&self.nodes);
             let Some(node) = nodes.by_ino.get(&ino) else { return };
-            let positions = (node.index.map(|i| i as usize), node.name_index.map(|i| i as usize));
+            let positions = (node.index.get(), node.name_index.get());
             if let Some(size) = node.meta.size {
                 lock(&self.ahead_budget).saw(size);
             }
