@@ -8,6 +8,7 @@
                                       (new connection each, Accept: application/fhir+json)
   median                              median of the numbers on stdin
   stats URL                           the bench server's /stats as `key=value` words
+  stats-value URL KEY                 one number of the bench server's /stats (0 if absent)
   search-page FILE NEXTFILE           the ids of a searchset Bundle in FILE, one a line; writes
                                       its `next` link (or nothing) to NEXTFILE
   walk-pages URL                      pages through a search on one connection: microseconds,
@@ -119,6 +120,12 @@ def stats(url):
     return 0
 
 
+def stats_value(url, key):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        print(json.load(response).get(key, 0))
+    return 0
+
+
 def search_page(path, next_path):
     with open(path) as f:
         bundle = json.load(f)
@@ -194,6 +201,8 @@ def main(argv):
         return walk_pages(args[0])
     if command == "first-entry" and len(args) == 1:
         return first_entry(args[0])
+    if command == "stats-value" and len(args) == 2:
+        return stats_value(*args)
     if command == "search-page" and len(args) == 2:
         return search_page(*args)
     print(__doc__, file=sys.stderr)

@@ -16,6 +16,16 @@
 //!                        sockets without TCP_NODELAY (as Python's http.server does): on a
 //!                        reused connection a small body then waits for the client's delayed
 //!                        ACK of the headers (Nagle), about 40 ms on Linux
+//!   --content KIND       what the Binaries hold: `random` (default: pseudo-random bytes, which
+//!                        no coding shrinks; their base64 in FHIR JSON shrinks about 25%) or
+//!                        `text` (clinical-note-like lines, which shrink 6-7 times)
+//!   --compress LIST      content codings the server offers, comma-separated in order of
+//!                        preference: `gzip`, `zstd` (default: none, every answer identity).
+//!                        Reads are compressed once at start-up (gzip level 6, zstd level 3);
+//!                        searches and errors are compressed per request (tower-http)
+//!   --bandwidth RATE     pace every FHIR answer body through one token bucket shared by all
+//!                        connections, RATE bytes per second (`10MB` = 10,000,000 B/s, `/s`
+//!                        optional): a link of that bandwidth; it carries the coded bytes
 //! ```
 //!
 //! Routes (base `http://127.0.0.1:P/fhir`):
@@ -24,7 +34,11 @@
 //! - `GET|HEAD /fhir/Binary/{id}`: the JSON resource when Accept names `application/fhir+json`
 //!   or `application/json` (or is absent, or `_format=json`), else the raw bytes with their
 //!   Content-Type; always `ETag: W/"1"` and `Last-Modified`. `If-None-Match` answers 304.
-//! - `GET /stats`: request counts by kind as JSON; `POST /stats/reset` zeroes them.
+//! - `GET /stats`: request counts by kind as JSON, `body_bytes` (answer bodies before any content
+//!   coding) and `sent_bytes` (bodies as sent, after it); `POST /stats/reset` zeroes them.
+//!
+//! With `--compress`, a read whose `Accept-Encoding` allows one of the offered codings gets the
+//! first of them (`Content-Encoding`, `Vary: Accept-Encoding`, the coded Content-Length).
 //!
 //! Prints `READY <port>` on stdout once it listens. Content is pseudo-random per id, but to keep
 //! thousands of large Binaries cheap it repeats every [`BLOCK_BYTES`]: a body is a list of shared
@@ -32,15 +46,17 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
@@ -50,6 +66,7 @@ use fhirfs_testserver::fhir::{
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
+use tower_http::compression::CompressionLayer;
 
 /// Content type of every Binary.
 const CONTENT_TYPE: &str = "application/octet-stream";
@@ -66,6 +83,141 @@ const COALESCE_BYTES: usize = 64 << 10;
 const SUBSETTED_TAG: &str = r#"[{"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","code":"SUBSETTED"}]"#;
 /// Mixed into cursors so they do not look like offsets a client could compute.
 const CURSOR_KEY: u64 = 0x5bd1_e995_9e37_79b9;
+/// Largest piece of a body sent at a time under `--bandwidth`: the pacing granularity.
+const PACE_CHUNK_BYTES: usize = 16 << 10;
+/// What the bandwidth token bucket holds at least: a link's burst after an idle moment (four
+/// chunks, 6.5 ms at 10 MB/s).
+const PACE_BURST_BYTES: usize = 4 * PACE_CHUNK_BYTES;
+/// ... and at least this much of the rate: a sender's wait is rounded up to tokio's 1 ms timer
+/// tick, and a bucket that fills up in less time than that caps the rate below what was asked
+/// (64 KiB at 100 MB/s gave about 70 MB/s).
+const PACE_BURST_TIME: Duration = Duration::from_millis(5);
+/// gzip level of the pre-compressed reads: the zlib default, what servlet containers use.
+const GZIP_LEVEL: u32 = 6;
+/// zstd level of the pre-compressed reads: the library's default.
+const ZSTD_LEVEL: i32 = 3;
+
+/// A content coding the server can offer (`--compress`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Coding {
+    Gzip,
+    Zstd,
+}
+
+impl Coding {
+    fn parse(name: &str) -> Result<Coding, String> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "gzip" => Ok(Coding::Gzip),
+            "zstd" => Ok(Coding::Zstd),
+            _ => Err(format!("unknown coding {name:?} (gzip or zstd)")),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Coding::Gzip => "gzip",
+            Coding::Zstd => "zstd",
+        }
+    }
+
+    /// `body` compressed with this coding, at the level real servers default to.
+    fn compress(self, body: &Segments) -> std::io::Result<Segments> {
+        let mut out = Vec::with_capacity(body.len as usize / 2);
+        match self {
+            Coding::Gzip => {
+                let level = flate2::Compression::new(GZIP_LEVEL);
+                let mut encoder = flate2::write::GzEncoder::new(&mut out, level);
+                for part in &body.parts {
+                    encoder.write_all(part)?;
+                }
+                encoder.finish()?;
+            }
+            Coding::Zstd => {
+                let mut encoder = zstd::stream::Encoder::new(&mut out, ZSTD_LEVEL)?;
+                for part in &body.parts {
+                    encoder.write_all(part)?;
+                }
+                encoder.finish()?;
+            }
+        }
+        let mut coded = Segments::default();
+        coded.push(Bytes::from(out));
+        Ok(coded)
+    }
+}
+
+/// The first of `offered` that an `Accept-Encoding` value allows (RFC 9110, 12.5.3): named with
+/// a non-zero q, or covered by `*` with a non-zero q and not refused by name. Unlike the RFC's
+/// "no header: anything", no header gets identity, as tower-http and most servers do.
+fn choose_coding(accept_encoding: &str, offered: &[Coding]) -> Option<Coding> {
+    // (name, q) of every element; a q that does not parse counts as 1, as most servers read it.
+    let items: Vec<(String, bool)> = accept_encoding
+        .split(',')
+        .filter_map(|item| {
+            let mut fields = item.split(';');
+            let name = fields.next()?.trim().to_ascii_lowercase();
+            let refused = fields.any(|f| {
+                f.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            (!name.is_empty()).then_some((name, !refused))
+        })
+        .collect();
+    let allowed = |name: &str| match items.iter().find(|(n, _)| n == name) {
+        Some(&(_, ok)) => ok,
+        None => items.iter().any(|(n, ok)| n == "*" && *ok),
+    };
+    offered.iter().copied().find(|c| allowed(c.name()))
+}
+
+/// What the generated Binaries hold (`--content`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Content {
+    /// Pseudo-random bytes: incompressible, as encrypted or already compressed files are.
+    Random,
+    /// Lines of clinical-note-like text: compresses several times, as notes and reports do.
+    Text,
+}
+
+/// A token bucket: the bandwidth of a link that every connection shares (`--bandwidth`).
+/// Senders reserve their bytes at once and wait for them to be paid, so the tokens may go
+/// negative: a debt that later senders queue behind, in order, at `rate` bytes a second.
+#[derive(Debug)]
+struct TokenBucket {
+    /// Bytes per second.
+    rate: f64,
+    /// Most tokens held (bytes): the burst after an idle moment.
+    burst: f64,
+    /// Tokens now (bytes); negative while senders wait.
+    tokens: f64,
+    /// When `tokens` was last brought up to date.
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u64, burst: usize, now: Instant) -> TokenBucket {
+        TokenBucket {
+            rate: rate.max(1) as f64,
+            burst: burst as f64,
+            tokens: burst as f64,
+            last: now,
+        }
+    }
+
+    /// Reserves `bytes` at `now`; returns how long the sender waits before sending them.
+    fn take(&mut self, bytes: usize, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst) - bytes as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
 
 /// A response body as shared segments, with its total length.
 #[derive(Clone, Default)]
@@ -143,6 +295,10 @@ struct Binary {
     entry_subset: Bytes,
     /// A search entry with `data`.
     entry_full: Segments,
+    /// `raw` in each offered coding, in the order of `--compress`.
+    raw_coded: Vec<(Coding, Segments)>,
+    /// `json` in each offered coding, in the order of `--compress`.
+    json_coded: Vec<(Coding, Segments)>,
 }
 
 /// Request counters; every FHIR request is counted once, by what it was answered.
@@ -157,6 +313,7 @@ struct Stats {
     not_found: AtomicU64,
     bad_requests: AtomicU64,
     body_bytes: AtomicU64,
+    sent_bytes: AtomicU64,
     inflight: AtomicU64,
     inflight_peak: AtomicU64,
 }
@@ -174,6 +331,7 @@ impl Stats {
             "not_found": get(&self.not_found),
             "bad_requests": get(&self.bad_requests),
             "body_bytes": get(&self.body_bytes),
+            "sent_bytes": get(&self.sent_bytes),
             "inflight_peak": get(&self.inflight_peak),
         })
     }
@@ -189,6 +347,7 @@ impl Stats {
             &self.not_found,
             &self.bad_requests,
             &self.body_bytes,
+            &self.sent_bytes,
         ] {
             counter.store(0, Ordering::Relaxed);
         }
@@ -228,6 +387,10 @@ struct Server {
     listing_data: bool,
     page_cap: usize,
     split_writes: bool,
+    /// Offered content codings, preferred first (`--compress`).
+    codings: Vec<Coding>,
+    /// The link's bandwidth (`--bandwidth`); none: unlimited.
+    bucket: Option<Mutex<TokenBucket>>,
     last_modified: HeaderValue,
     stats: Stats,
 }
@@ -242,6 +405,10 @@ struct Options {
     listing_data: bool,
     page_cap: usize,
     split_writes: bool,
+    content: Content,
+    codings: Vec<Coding>,
+    /// Bytes per second, all connections together.
+    bandwidth: Option<u64>,
 }
 
 /// `1KiB` = 1024, `1KB` = 1000, `1M` = 1MiB; a bare number is bytes.
@@ -290,6 +457,9 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, String>
         listing_data: false,
         page_cap: DEFAULT_PAGE_CAP,
         split_writes: false,
+        content: Content::Random,
+        codings: Vec::new(),
+        bandwidth: None,
     };
     let mut count = 0usize;
     let mut size = 1usize << 10;
@@ -316,6 +486,30 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, String>
             "--listing-data" => options.listing_data = true,
             "--split-writes" => options.split_writes = true,
             "--page-cap" => options.page_cap = number(value()?)?.max(1) as usize,
+            "--content" => {
+                options.content = match value()?.as_str() {
+                    "random" => Content::Random,
+                    "text" => Content::Text,
+                    other => return Err(format!("--content takes random or text, not {other:?}")),
+                }
+            }
+            "--compress" => {
+                let list = value()?;
+                options.codings = list
+                    .split(',')
+                    .filter(|name| !name.trim().is_empty())
+                    .map(Coding::parse)
+                    .collect::<Result<_, _>>()?;
+                options.codings.dedup();
+            }
+            "--bandwidth" => {
+                let rate = value()?;
+                let bytes = parse_size(rate.strip_suffix("/s").unwrap_or(&rate))?;
+                if bytes == 0 {
+                    return Err("--bandwidth must be above 0".to_owned());
+                }
+                options.bandwidth = Some(bytes as u64);
+            }
             "-h" | "--help" => {
                 let doc = include_str!("bench_server.rs");
                 let usage = doc.lines().take_while(|l| l.starts_with("//!"));
@@ -348,9 +542,146 @@ fn pseudo_random(id: &str, len: usize) -> Vec<u8> {
     out
 }
 
+/// Deterministic clinical-note-like text, seeded from the id: dated lines of vitals, a
+/// finding, a few words of free text and a plan, with varying numbers. gzip and zstd shrink it
+/// 6-7 times (its base64 in FHIR JSON too): less than form-like text, more than prose.
+fn clinical_text(id: &str, len: usize) -> Vec<u8> {
+    const WORDS: [&str; 64] = [
+        "patient",
+        "reports",
+        "denies",
+        "mild",
+        "severe",
+        "pain",
+        "left",
+        "right",
+        "lower",
+        "upper",
+        "chest",
+        "abdomen",
+        "back",
+        "knee",
+        "shoulder",
+        "since",
+        "yesterday",
+        "morning",
+        "evening",
+        "night",
+        "after",
+        "before",
+        "meals",
+        "walking",
+        "rest",
+        "improved",
+        "worse",
+        "stable",
+        "nausea",
+        "vomiting",
+        "fever",
+        "cough",
+        "dyspnoea",
+        "fatigue",
+        "dizziness",
+        "swelling",
+        "redness",
+        "tenderness",
+        "no",
+        "some",
+        "occasional",
+        "persistent",
+        "new",
+        "known",
+        "history",
+        "of",
+        "diabetes",
+        "hypertension",
+        "asthma",
+        "COPD",
+        "CKD",
+        "stage",
+        "two",
+        "three",
+        "family",
+        "present",
+        "advised",
+        "fluids",
+        "mobilise",
+        "monitor",
+        "bloods",
+        "sent",
+        "awaiting",
+        "results",
+    ];
+    const AUTHORS: [&str; 6] = [
+        "Dr. A. Okafor",
+        "Dr. M. Lindqvist",
+        "RN J. Alvarez",
+        "Dr. S. Nakamura",
+        "NP K. Brennan",
+        "RN T. Haddad",
+    ];
+    const FINDINGS: [&str; 8] = [
+        "Patient reports mild headache, denies chest pain or shortness of breath.",
+        "Wound clean and dry, no erythema, dressing changed.",
+        "Alert and oriented x3, ambulating with assistance.",
+        "Complains of intermittent abdominal pain, tolerating oral intake.",
+        "Lungs clear to auscultation bilaterally, no wheeze.",
+        "Pain 3/10 at rest, 6/10 on movement; analgesia effective.",
+        "Blood glucose within target range, no hypoglycaemic episodes.",
+        "Slept poorly overnight, anxious about discharge.",
+    ];
+    const PLANS: [&str; 8] = [
+        "Plan: continue lisinopril 10 mg daily; recheck BMP in 2 weeks.",
+        "Plan: increase mobilisation, physiotherapy review tomorrow.",
+        "Plan: paracetamol 1 g QDS PRN, reassess pain in 4 hours.",
+        "Plan: repeat CBC and CRP in the morning.",
+        "Plan: start metformin 500 mg BID with meals.",
+        "Plan: discharge planning meeting, family informed.",
+        "Plan: chest X-ray if febrile, continue observations 4-hourly.",
+        "Plan: no change, review at next ward round.",
+    ];
+    let mut random = pseudo_random(id, (len / 8 + 1) * 8).into_iter();
+    let mut next = move || random.next().unwrap_or(0) as usize;
+    let mut out = Vec::with_capacity(len + 256);
+    while out.len() < len {
+        let words: Vec<&str> = (0..6 + next() % 8).map(|_| WORDS[next() % WORDS.len()]).collect();
+        let line = format!(
+            "2024-{:02}-{:02} {:02}:{:02} {}: BP {}/{} mmHg, HR {}/min, T 3{}.{} C, SpO2 {}%. {} \
+             Note: {}. {}\n",
+            next() % 12 + 1,
+            next() % 28 + 1,
+            next() % 24,
+            next() % 60,
+            AUTHORS[next() % AUTHORS.len()],
+            100 + next() % 60,
+            60 + next() % 30,
+            55 + next() % 50,
+            6 + next() % 3,
+            next() % 10,
+            90 + next() % 10,
+            FINDINGS[next() % FINDINGS.len()],
+            words.join(" "),
+            PLANS[next() % PLANS.len()],
+        );
+        out.extend_from_slice(line.as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 impl Binary {
-    fn encode(base: &str, id: &str, size: usize, last_updated: &str) -> Binary {
-        let block = Bytes::from(pseudo_random(id, size.min(BLOCK_BYTES)));
+    fn encode(
+        base: &str,
+        id: &str,
+        size: usize,
+        last_updated: &str,
+        content: Content,
+        codings: &[Coding],
+    ) -> std::io::Result<Binary> {
+        let block = Bytes::from(match content {
+            Content::Random => pseudo_random(id, size.min(BLOCK_BYTES)),
+            Content::Text => clinical_text(id, size.min(BLOCK_BYTES)),
+        });
         let block64 = Bytes::from(base64_simd::STANDARD.encode_to_string(&block));
         let (full, rest) = (size / block.len().max(1), size % block.len().max(1));
         let mut raw = Segments::default();
@@ -401,12 +732,28 @@ impl Binary {
             body.push_str(&subset);
             body
         };
-        Binary { id: id.to_owned(), raw, data, json, subset, entry_subset, entry_full }
+        let mut raw_coded = Vec::new();
+        let mut json_coded = Vec::new();
+        for &coding in codings {
+            raw_coded.push((coding, coding.compress(&raw)?));
+            json_coded.push((coding, coding.compress(&json)?));
+        }
+        Ok(Binary {
+            id: id.to_owned(),
+            raw,
+            data,
+            json,
+            subset,
+            entry_subset,
+            entry_full,
+            raw_coded,
+            json_coded,
+        })
     }
 }
 
 impl Server {
-    fn build(options: &Options, addr: SocketAddr) -> Server {
+    fn build(options: &Options, addr: SocketAddr) -> std::io::Result<Server> {
         let base = format!("http://{addr}/fhir");
         let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         // Whole seconds, so that lastUpdated and Last-Modified agree exactly.
@@ -415,14 +762,19 @@ impl Server {
         let mut files = options.files.clone();
         files.sort();
         files.dedup_by(|a, b| a.0 == b.0);
-        let binaries: Vec<Binary> = files
+        // Compressing every read at start-up (not per request) keeps the server's CPU out of
+        // the measurements: on 2 cores, gzip of 100 MiB per copy would compete with the mount.
+        let binaries = files
             .iter()
-            .map(|(id, size)| Binary::encode(&base, id, *size, &last_updated))
-            .collect();
+            .map(|(id, size)| {
+                let (content, codings) = (options.content, &options.codings);
+                Binary::encode(&base, id, *size, &last_updated, content, codings)
+            })
+            .collect::<std::io::Result<Vec<Binary>>>()?;
         let index = binaries.iter().enumerate().map(|(i, b)| (b.id.clone(), i)).collect();
         let last_modified = HeaderValue::from_str(&httpdate::fmt_http_date(now))
             .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
-        Server {
+        Ok(Server {
             base,
             binaries,
             index,
@@ -431,13 +783,50 @@ impl Server {
             listing_data: options.listing_data,
             page_cap: options.page_cap,
             split_writes: options.split_writes,
+            codings: options.codings.clone(),
+            bucket: options.bandwidth.map(|rate| {
+                let burst =
+                    PACE_BURST_BYTES.max((rate as f64 * PACE_BURST_TIME.as_secs_f64()) as usize);
+                Mutex::new(TokenBucket::new(rate, burst, Instant::now()))
+            }),
             last_modified,
             stats: Stats::default(),
-        }
+        })
+    }
+
+    /// Waits until the link can carry `bytes` more (no wait without `--bandwidth`).
+    async fn pace(&self, bytes: usize) {
+        let Some(bucket) = &self.bucket else { return };
+        // The lock is held for the arithmetic only, never across the wait.
+        let delay = bucket.lock().map(|mut b| b.take(bytes, Instant::now())).unwrap_or_default();
+        wait(delay).await;
+    }
+
+    /// A coded form of a read answer when the request accepts one: the first offered coding
+    /// the request allows that `coded` holds.
+    fn coded<'a>(
+        &self,
+        headers: &HeaderMap,
+        coded: &'a [(Coding, Segments)],
+    ) -> Option<(Coding, &'a Segments)> {
+        let accept = headers.get(header::ACCEPT_ENCODING)?.to_str().ok()?;
+        let coding = choose_coding(accept, &self.codings)?;
+        coded.iter().find(|(c, _)| *c == coding).map(|(c, body)| (*c, body))
     }
 
     fn answer(&self, status: StatusCode, content_type: &str, body: &Segments) -> Response {
-        Stats::add(&self.stats.body_bytes, body.len);
+        self.answer_coded(status, content_type, body, body.len)
+    }
+
+    /// [`Server::answer`] with a body that may be coded: `identity_len` is its length before.
+    fn answer_coded(
+        &self,
+        status: StatusCode,
+        content_type: &str,
+        body: &Segments,
+        identity_len: u64,
+    ) -> Response {
+        Stats::add(&self.stats.body_bytes, identity_len);
         let body_out = if self.split_writes { body.split_body() } else { body.body() };
         let mut response = Response::new(body_out);
         *response.status_mut() = status;
@@ -569,13 +958,27 @@ async fn read(
     } else {
         Stats::add(&stats.raw_reads, 1);
     }
-    let (content_type, body) = match (json, summary) {
-        (true, true) => (FHIR_JSON, &binary.subset),
-        (true, false) => (FHIR_JSON, &binary.json),
-        _ => (CONTENT_TYPE, &binary.raw),
+    let (content_type, body, coded) = match (json, summary) {
+        // Summaries are small: the compression layer codes them per request.
+        (true, true) => (FHIR_JSON, &binary.subset, &[][..]),
+        (true, false) => (FHIR_JSON, &binary.json, &binary.json_coded[..]),
+        _ => (CONTENT_TYPE, &binary.raw, &binary.raw_coded[..]),
     };
-    let mut response = server.answer(StatusCode::OK, content_type, body);
-    response.headers_mut().extend(validators);
+    let mut response = match server.coded(&headers, coded) {
+        Some((coding, coded_body)) => {
+            let mut response =
+                server.answer_coded(StatusCode::OK, content_type, coded_body, body.len);
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(coding.name()));
+            response
+        }
+        None => server.answer(StatusCode::OK, content_type, body),
+    };
+    let headers = response.headers_mut();
+    if !server.codings.is_empty() {
+        headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    headers.extend(validators);
     response
 }
 
@@ -587,6 +990,48 @@ async fn stats(State(server): State<Arc<Server>>) -> Response {
 async fn reset_stats(State(server): State<Arc<Server>>) -> StatusCode {
     server.stats.reset();
     StatusCode::NO_CONTENT
+}
+
+/// Middleware outside the compression layer: sends every FHIR answer's body as it will go on
+/// the wire (coded), counting it in `sent_bytes` and, under `--bandwidth`, in pieces of at most
+/// [`PACE_CHUNK_BYTES`], each after the token bucket has paid for it.
+async fn link(State(server): State<Arc<Server>>, request: Request, next: Next) -> Response {
+    let (parts, body) = next.run(request).await.into_parts();
+    let piece = if server.bucket.is_some() { PACE_CHUNK_BYTES } else { usize::MAX };
+    let state = (body.into_data_stream(), Bytes::new(), server);
+    let paced = futures::stream::unfold(state, move |(mut inner, mut rest, server)| async move {
+        if rest.is_empty() {
+            match inner.next().await? {
+                Ok(bytes) => rest = bytes,
+                Err(e) => return Some((Err(e), (inner, rest, server))),
+            }
+        }
+        let out = rest.split_to(rest.len().min(piece));
+        server.pace(out.len()).await;
+        Stats::add(&server.stats.sent_bytes, out.len() as u64);
+        Some((Ok(out), (inner, rest, server)))
+    });
+    // The Content-Length header stays: hyper sends a stream of unknown size with it.
+    Response::from_parts(parts, Body::from_stream(paced))
+}
+
+/// The routes: FHIR answers through the compression layer (with `--compress`) and then the
+/// link; `/stats` beside them, neither compressed nor paced.
+fn router(server: Arc<Server>) -> Router {
+    let mut fhir: Router<Arc<Server>> =
+        Router::new().route("/fhir/Binary", get(search)).route("/fhir/Binary/{id}", get(read));
+    if !server.codings.is_empty() {
+        // Searches and errors are coded per request; reads arrive coded already (they carry
+        // Content-Encoding, which the layer leaves alone). Only the gzip and zstd features of
+        // tower-http are on: it offers nothing else.
+        let has = |c| server.codings.contains(&c);
+        let layer = CompressionLayer::new().gzip(has(Coding::Gzip)).zstd(has(Coding::Zstd));
+        fhir = fhir.layer(layer);
+    }
+    fhir.layer(middleware::from_fn_with_state(server.clone(), link))
+        .route("/stats", get(stats))
+        .route("/stats/reset", post(reset_stats))
+        .with_state(server)
 }
 
 #[tokio::main]
@@ -610,23 +1055,36 @@ async fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     };
     let started = Instant::now();
-    let server = Arc::new(Server::build(&options, addr));
+    let server = match Server::build(&options, addr) {
+        Ok(server) => Arc::new(server),
+        Err(e) => {
+            eprintln!("bench_server: cannot compress the Binaries: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let raw_bytes: u64 = server.binaries.iter().map(|b| b.raw.len).sum();
     let json_bytes: u64 = server.binaries.iter().map(|b| b.data.len).sum();
+    let mut extras = String::new();
+    for (i, coding) in options.codings.iter().enumerate() {
+        let raw: u64 = server.binaries.iter().map(|b| b.raw_coded[i].1.len).sum();
+        let json: u64 = server.binaries.iter().map(|b| b.json_coded[i].1.len).sum();
+        extras += &format!("; {}: raw {raw}, json {json} bytes", coding.name());
+    }
+    if let Some(rate) = options.bandwidth {
+        extras += &format!("; bandwidth {rate} B/s");
+    }
+    if options.split_writes {
+        extras += "; headers and bodies in separate writes, Nagle on";
+    }
     eprintln!(
-        "bench_server: {} Binaries, {raw_bytes} bytes ({json_bytes} as base64), encoded in {:?}{}",
+        "bench_server: {} Binaries, {raw_bytes} bytes ({json_bytes} as base64), {:?} content, \
+         encoded in {:?}{extras}",
         server.binaries.len(),
+        options.content,
         started.elapsed(),
-        if options.split_writes { "; headers and bodies in separate writes, Nagle on" } else { "" }
     );
-    let router = Router::new()
-        .route("/fhir/Binary", get(search))
-        .route("/fhir/Binary/{id}", get(read))
-        .route("/stats", get(stats))
-        .route("/stats/reset", post(reset_stats))
-        .with_state(server);
+    let router = router(server);
     println!("READY {}", addr.port());
-    use std::io::Write;
     let _ = std::io::stdout().flush();
     let served = if options.split_writes {
         // Nagle's algorithm on (the kernel's default, said explicitly): the body written after
@@ -672,7 +1130,15 @@ mod tests {
     #[test]
     fn block_repetition_keeps_base64_valid() {
         let size = BLOCK_BYTES * 2 + 5;
-        let binary = Binary::encode("http://h/fhir", "x", size, "2024-01-01T00:00:00.000Z");
+        let binary = Binary::encode(
+            "http://h/fhir",
+            "x",
+            size,
+            "2024-01-01T00:00:00.000Z",
+            Content::Random,
+            &[],
+        )
+        .unwrap();
         let join = |s: &Segments| s.parts.iter().flat_map(|p| p.to_vec()).collect::<Vec<u8>>();
         let raw = join(&binary.raw);
         assert_eq!(raw.len(), size);
@@ -686,6 +1152,162 @@ mod tests {
         assert!(entry["resource"].get("data").is_none());
         let full: Value = serde_json::from_slice(&join(&binary.entry_full)).unwrap();
         assert_eq!(full["resource"]["data"].as_str().map(str::len), Some(join(&binary.data).len()));
+    }
+
+    fn join(segments: &Segments) -> Vec<u8> {
+        segments.parts.iter().flat_map(|p| p.to_vec()).collect()
+    }
+
+    fn decode(coding: Coding, body: &[u8]) -> Vec<u8> {
+        use std::io::Read;
+        let mut out = Vec::new();
+        match coding {
+            Coding::Gzip => flate2::read::GzDecoder::new(body).read_to_end(&mut out).unwrap(),
+            Coding::Zstd => {
+                zstd::stream::read::Decoder::new(body).unwrap().read_to_end(&mut out).unwrap()
+            }
+        };
+        out
+    }
+
+    #[test]
+    fn token_bucket_queues_senders_at_its_rate() {
+        // Waits in whole ms (the bucket counts in f64 seconds).
+        let ms = |wait: Duration| (wait.as_secs_f64() * 1000.0).round() as u64;
+        let t0 = Instant::now();
+        let mut bucket = TokenBucket::new(1000, 100, t0);
+        // The burst goes at once; then each 100 bytes waits 0.1 s more than the one before.
+        assert_eq!(ms(bucket.take(100, t0)), 0);
+        assert_eq!(ms(bucket.take(100, t0)), 100);
+        assert_eq!(ms(bucket.take(100, t0)), 200);
+        // 0.3 s later the debt (200 bytes) is paid and 100 tokens are back, no more.
+        let later = t0 + Duration::from_millis(300);
+        assert_eq!(ms(bucket.take(100, later)), 0);
+        // Idle for long: the bucket holds its burst only.
+        let idle = later + Duration::from_secs(60);
+        assert_eq!(ms(bucket.take(100, idle)), 0);
+        assert_eq!(ms(bucket.take(50, idle)), 50);
+        // A clock that seems to go back (another thread's older `now`) adds no tokens.
+        assert_eq!(ms(bucket.take(50, idle - Duration::from_secs(1))), 100);
+    }
+
+    #[test]
+    fn codings_are_chosen_from_accept_encoding() {
+        let both = [Coding::Zstd, Coding::Gzip];
+        assert_eq!(choose_coding("gzip, deflate, br, zstd", &both), Some(Coding::Zstd));
+        assert_eq!(choose_coding("gzip, deflate, br, zstd", &[Coding::Gzip]), Some(Coding::Gzip));
+        assert_eq!(choose_coding("GZIP", &both), Some(Coding::Gzip));
+        assert_eq!(choose_coding("identity", &both), None);
+        assert_eq!(choose_coding("zstd;q=0, gzip;q=0.5", &both), Some(Coding::Gzip));
+        assert_eq!(choose_coding("*", &both), Some(Coding::Zstd));
+        assert_eq!(choose_coding("*;q=0", &both), None);
+        assert_eq!(choose_coding("zstd;q=0, *", &both), Some(Coding::Gzip));
+        assert_eq!(choose_coding("", &both), None);
+        assert_eq!(choose_coding("gzip", &[]), None);
+    }
+
+    #[test]
+    fn options_parse_content_codings_and_bandwidth() {
+        let args = ["--content", "text", "--compress", "zstd,gzip", "--bandwidth", "10MB/s"];
+        let options = parse_args(args.map(str::to_owned)).unwrap();
+        assert_eq!(options.content, Content::Text);
+        assert_eq!(options.codings, [Coding::Zstd, Coding::Gzip]);
+        assert_eq!(options.bandwidth, Some(10_000_000));
+        assert!(parse_args(["--compress", "br"].map(str::to_owned)).is_err());
+        assert!(parse_args(["--content", "pdf"].map(str::to_owned)).is_err());
+        assert!(parse_args(["--bandwidth", "0"].map(str::to_owned)).is_err());
+    }
+
+    #[test]
+    fn coded_reads_decode_to_the_identity_bodies() {
+        let codings = [Coding::Gzip, Coding::Zstd];
+        for content in [Content::Random, Content::Text] {
+            let size = 100_000;
+            let binary = Binary::encode(
+                "http://h/fhir",
+                "x",
+                size,
+                "2024-01-01T00:00:00.000Z",
+                content,
+                &codings,
+            )
+            .unwrap();
+            for (i, coding) in codings.into_iter().enumerate() {
+                let (c, raw) = &binary.raw_coded[i];
+                assert_eq!(*c, coding);
+                assert_eq!(decode(coding, &join(raw)), join(&binary.raw), "{coding:?} raw");
+                let (_, json) = &binary.json_coded[i];
+                assert_eq!(decode(coding, &join(json)), join(&binary.json), "{coding:?} json");
+                if content == Content::Text {
+                    // Notes shrink several times; their base64 in JSON shrinks less.
+                    assert!(raw.len * 3 < size as u64, "{coding:?}: text to {} bytes", raw.len);
+                    assert!(json.len * 2 < binary.json.len, "{coding:?}: json to {}", json.len);
+                } else {
+                    assert!(raw.len * 100 > size as u64 * 99, "random bytes do not shrink");
+                }
+            }
+        }
+        let text = clinical_text("y", 5000);
+        assert_eq!(text.len(), 5000);
+        assert_eq!(text, clinical_text("y", 5000), "deterministic");
+        assert!(std::str::from_utf8(&text).is_ok());
+    }
+
+    /// The server on 127.0.0.1:0 with `args`; its base URL.
+    async fn serve(args: &[&str]) -> String {
+        let options = parse_args(args.iter().map(|a| a.to_string())).unwrap();
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = Arc::new(Server::build(&options, addr).unwrap());
+        tokio::spawn(async move { axum::serve(listener, router(server)).await });
+        format!("http://{addr}")
+    }
+
+    /// GET `url` with these headers: (status, Content-Encoding, body as received).
+    async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, Option<String>, Vec<u8>) {
+        let mut request = reqwest::Client::new().get(url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let coding =
+            response.headers().get("content-encoding").map(|v| v.to_str().unwrap().to_owned());
+        (status, coding, response.bytes().await.unwrap().to_vec())
+    }
+
+    #[tokio::test]
+    async fn compressed_answers_decode_to_the_identity_answers_through_a_paced_link() {
+        let base = serve(&[
+            "--spec",
+            "a=200KiB,b=1KiB",
+            "--content",
+            "text",
+            "--compress",
+            "zstd,gzip",
+            "--bandwidth",
+            "100MB",
+        ])
+        .await;
+        let read = format!("{base}/fhir/Binary/a");
+        let search = format!("{base}/fhir/Binary?_count=5");
+        let raw = [("accept", "application/octet-stream")];
+        let json = [("accept", "application/fhir+json")];
+        for (url, accept) in [(&read, &raw[..]), (&read, &json[..]), (&search, &json[..])] {
+            let (status, coding, identity) = get(url, accept).await;
+            assert_eq!((status, coding), (200, None), "{url}: no Accept-Encoding, identity");
+            for (asked, coding) in [("gzip", Coding::Gzip), ("gzip, zstd", Coding::Zstd)] {
+                let headers = [accept, &[("accept-encoding", asked)]].concat();
+                let (status, got, body) = get(url, &headers).await;
+                assert_eq!((status, got.as_deref()), (200, Some(coding.name())), "{url} {asked}");
+                assert_eq!(decode(coding, &body), identity, "{url} {asked}");
+            }
+        }
+        // sent_bytes counts the bodies as sent, coded; body_bytes as they were before.
+        let (_, _, stats) = get(&format!("{base}/stats"), &[]).await;
+        let stats: Value = serde_json::from_slice(&stats).unwrap();
+        let (body, sent) = (stats["body_bytes"].as_u64(), stats["sent_bytes"].as_u64());
+        assert!(sent.unwrap() * 2 < body.unwrap(), "sent {sent:?} of {body:?}");
     }
 
     #[test]
