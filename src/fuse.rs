@@ -282,6 +282,12 @@ impl<S: Source> Filesystem for FuseAdapter<S> {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        // Every attribute here is `user.*`. `ls -l` asks each file for `security.selinux` and
+        // `system.posix_acl_access`: answered at once, without touching the core (or, for a
+        // file whose size is not known yet, the server).
+        if !name.as_encoded_bytes().starts_with(b"user.") {
+            return reply.error(errno(&FsError::NoAttr));
+        }
         let fs = Arc::clone(&self.fs);
         let name = name.to_owned();
         self.runtime.spawn(async move {
