@@ -135,6 +135,10 @@ impl<S: Source> Filesystem for FuseAdapter<S> {
         });
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let fs = Arc::clone(&self.fs);
         self.runtime.spawn(async move {

@@ -23,6 +23,8 @@ pub struct Stats {
     pub listings: AtomicU64,
     /// Refreshes of the listing by what changed.
     pub refreshes: AtomicU64,
+    /// Nodes dropped after the kernel forgot them (neither listed, open nor cached).
+    pub dropped: AtomicU64,
     /// HTTP answers by status (every try, retries included; 0 = no answer).
     statuses: Mutex<BTreeMap<u16, u64>>,
 }
@@ -51,14 +53,15 @@ impl fmt::Display for Stats {
         write!(
             f,
             "cache_hits={} cache_misses={} bytes_served={} errors={} read_ahead={} \
-             listings={} refreshes={} gets_by_status={{",
+             listings={} refreshes={} dropped={} gets_by_status={{",
             get(&self.cache_hits),
             get(&self.cache_misses),
             get(&self.bytes_served),
             get(&self.errors),
             get(&self.read_ahead),
             get(&self.listings),
-            get(&self.refreshes)
+            get(&self.refreshes),
+            get(&self.dropped)
         )?;
         for (i, (status, n)) in self.statuses().iter().enumerate() {
             let sep = if i == 0 { "" } else { "," };
@@ -83,7 +86,7 @@ mod tests {
         assert_eq!(
             stats.to_string(),
             "cache_hits=2 cache_misses=0 bytes_served=10 errors=0 read_ahead=0 \
-             listings=0 refreshes=0 gets_by_status={200:2,404:1}"
+             listings=0 refreshes=0 dropped=0 gets_by_status={200:2,404:1}"
         );
     }
 }

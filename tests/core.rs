@@ -573,3 +573,89 @@ async fn a_file_no_listing_names_keeps_the_kernels_pages_after_the_dir_ttl() {
     assert_eq!(bytes, vec![b'a'; 100]);
     assert_eq!(fs.source().fetch_count(), 3, "only the read that reached the daemon fetched");
 }
+
+// --- FORGET ----------------------------------------------------------------------------------
+
+/// A core whose cache (1 KiB) holds none of the 4,000-byte files below, over a server that
+/// cannot list: every file is looked up by id, and only the kernel's lookups hold its node.
+fn forgetting_core() -> Arc<FhirFs<MemorySource>> {
+    let source = MemorySource::new();
+    source.set_list_error(Some(SourceError::Status(400)));
+    for id in ["a", "b", "c", "d"] {
+        source.put(id, "text/plain", vec![id.as_bytes()[0]; 4000]);
+    }
+    core_with(source, FsConfig { cache_bytes: 1024, ..FsConfig::default() })
+}
+
+async fn look(fs: &Arc<FhirFs<MemorySource>>, name: &str) -> u64 {
+    fs.lookup(ROOT_INO, OsStr::new(name)).await.unwrap().ino
+}
+
+fn dropped(fs: &FhirFs<MemorySource>) -> u64 {
+    fs.stats().dropped.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn forget_drops_a_node_nothing_holds_and_its_inode_serves_the_next_id() {
+    let fs = forgetting_core();
+    let a = look(&fs, "a").await;
+    let b = look(&fs, "b").await;
+    assert_eq!(fs.file_count(), 2);
+
+    fs.forget(a, 1);
+    assert_eq!((fs.file_count(), dropped(&fs)), (1, 1), "a is gone");
+    assert_eq!(fs.getattr(a).await.unwrap_err().errno(), libc::ENOENT);
+    // Its slot serves the next new id, with that id's bytes.
+    let c = look(&fs, "c").await;
+    assert_eq!(c, a);
+    assert_eq!(read_all(&fs, c).await, vec![b'c'; 4000]);
+    // `a` again: a new inode, its own bytes; `b` kept its inode.
+    let a_again = look(&fs, "a").await;
+    assert!(a_again != c && a_again != b);
+    assert_eq!(read_all(&fs, a_again).await, vec![b'a'; 4000]);
+    assert_eq!(look(&fs, "b").await, b);
+    assert_eq!(fs.file_count(), 3);
+}
+
+#[tokio::test]
+async fn forget_keeps_nodes_the_kernel_still_knows_open_files_and_cached_bytes() {
+    let fs = forgetting_core();
+    // Looked up twice, forgotten once: the kernel still knows it.
+    let a = look(&fs, "a").await;
+    look(&fs, "a").await;
+    // (The last file fetched that is larger than the cache stays for the open after its
+    // lookup: `c` takes that place from `a`.)
+    look(&fs, "c").await;
+    fs.forget(a, 1);
+    assert_eq!(fs.getattr(a).await.unwrap().size, 4000);
+    fs.forget(a, 1);
+    assert_eq!(dropped(&fs), 1);
+
+    // Open while forgotten: kept until the last close.
+    let b = look(&fs, "b").await;
+    let opened = fs.open(b, false).await.unwrap();
+    let d = look(&fs, "d").await;
+    fs.forget(b, 1);
+    assert_eq!(dropped(&fs), 1, "open");
+    assert_eq!(fs.read(opened.fh, 0, 10).await.unwrap(), vec![b'b'; 10]);
+    fs.release(opened.fh);
+    assert_eq!(dropped(&fs), 2, "dropped at its last close");
+
+    // Bytes still held (`d`, the last file fetched): kept.
+    fs.forget(d, 1);
+    assert_eq!(dropped(&fs), 2, "cached");
+    assert_eq!(fs.file_count(), 2, "c and d");
+}
+
+#[tokio::test]
+async fn forget_keeps_listed_files() {
+    let source = MemorySource::new();
+    source.put("a", "text/plain", "listed");
+    let fs = core_with(source, FsConfig { cache_bytes: 0, ..FsConfig::default() });
+    let fh = fs.opendir(ROOT_INO).await.unwrap();
+    fs.release(fh);
+    let a = look(&fs, "a").await;
+    fs.forget(a, 1);
+    assert_eq!((fs.file_count(), dropped(&fs)), (1, 0));
+    assert_eq!(look(&fs, "a").await, a, "a listed file keeps its inode");
+}

@@ -193,6 +193,9 @@ struct Node {
     index: Pos,
     /// Position in the latest listing sorted by name.
     name_index: Pos,
+    /// How many lookups the kernel remembers (each answered lookup adds one, a FORGET takes
+    /// its count away): at 0 the kernel holds no reference to this inode.
+    lookups: u32,
     /// A size read-ahead fetch is queued or running.
     prefetching: bool,
     /// The version held by open files, if any (boxed: few files are open, every node has one).
@@ -390,8 +393,8 @@ struct Pin {
     handles: u32,
 }
 
-/// The nodes, indexed by inode number. Inodes are handed out densely from 2 and never
-/// reused within a mount, so a vector holds them: a hash map of a million nodes would keep
+/// The nodes, indexed by inode number. Inodes are handed out densely from 2 (a slot freed
+/// by a FORGET is reused), so a vector holds them: a hash map of a million nodes would keep
 /// about twice as many slots as nodes.
 #[derive(Default)]
 struct NodeTable(Vec<Node>);
@@ -409,18 +412,19 @@ impl NodeTable {
         self.0.get_mut(Self::slot(*ino)?)
     }
 
-    /// The next inode number.
-    fn next_ino(&self) -> u64 {
-        self.0.len() as u64 + ROOT_INO + 1
-    }
-
-    /// Adds the node of [`next_ino`](Self::next_ino).
-    fn push(&mut self, node: Node) {
-        self.0.push(node);
-    }
-
     fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// Puts `node` in a free slot (reused) or a new one; returns its inode.
+    fn put(&mut self, free: &mut Vec<u32>, node: Node) -> (u64, u32) {
+        if let Some(slot) = free.pop() {
+            self.0[slot as usize] = node;
+            return (u64::from(slot) + ROOT_INO + 1, slot);
+        }
+        let slot = u32::try_from(self.0.len()).expect("fewer than 4 billion inodes");
+        self.0.push(node);
+        (u64::from(slot) + ROOT_INO + 1, slot)
     }
 
     fn values(&self) -> impl Iterator<Item = &Node> {
@@ -471,6 +475,14 @@ impl IdIndex {
         Some(u64::from(*found) + ROOT_INO + 1)
     }
 
+    /// Takes the id of the node in `slot` of `table` out of the index.
+    fn remove(&mut self, table: &NodeTable, slot: u32) {
+        let id = &table.0[slot as usize].id;
+        if let Ok(entry) = self.slots.find_entry(self.hash(id), |&s| s == slot) {
+            entry.remove();
+        }
+    }
+
     /// Adds the node in `slot` of `table` (its id not indexed yet).
     fn insert(&mut self, table: &NodeTable, slot: u32) {
         let hash = self.hash(&table.0[slot as usize].id);
@@ -490,6 +502,8 @@ struct Nodes {
     by_name: HashMap<String, u64>,
     /// Content types and security contexts of the nodes.
     labels: LabelSet,
+    /// Slots of nodes dropped after the kernel forgot them, for new ids.
+    free: Vec<u32>,
     /// Listing position of the last lookup that needed a size, and how many such lookups in
     /// a row walked forward through the listing.
     walk: Option<(usize, u32)>,
@@ -504,6 +518,28 @@ struct KernelPages {
 }
 
 impl Node {
+    /// A slot whose node was dropped (see [`FhirFs::forget`]).
+    fn vacant() -> Self {
+        static EMPTY: OnceLock<Arc<str>> = OnceLock::new();
+        Node {
+            id: Arc::clone(EMPTY.get_or_init(|| Arc::from(""))),
+            meta: NodeMeta::default(),
+            checked: Stamp::NONE,
+            listed: Stamp::NONE,
+            kernel: None,
+            index: Pos::NONE,
+            name_index: Pos::NONE,
+            lookups: 0,
+            prefetching: false,
+            pin: None,
+            changed_while_pinned: false,
+        }
+    }
+
+    fn is_vacant(&self) -> bool {
+        self.id.is_empty()
+    }
+
     /// Joins the version open elsewhere (one more handle on its pin), unless its body failed
     /// and it is not `fetched` (this open's own fetch, shared with the open that pinned it).
     fn join_pin(&mut self, fetched: Option<&Arc<Content>>) -> Option<Arc<Content>> {
@@ -539,22 +575,10 @@ impl Nodes {
         if let Some(ino) = self.ino(id) {
             return ino;
         }
-        // Inodes count up from 2 and are never reused within a mount.
-        let ino = self.by_ino.next_ino();
-        let node = Node {
-            id: Arc::from(id),
-            meta: NodeMeta::default(),
-            checked: Stamp::NONE,
-            listed: Stamp::NONE,
-            kernel: None,
-            index: Pos::NONE,
-            name_index: Pos::NONE,
-            prefetching: false,
-            pin: None,
-            changed_while_pinned: false,
-        };
-        let slot = u32::try_from(self.by_ino.len()).expect("fewer than 4 billion inodes");
-        self.by_ino.push(node);
+        // Inodes count up from 2; one is reused only after the kernel forgot it (FORGET) and
+        // nothing of it is left here (see `FhirFs::forget`).
+        let node = Node { id: Arc::from(id), ..Node::vacant() };
+        let (ino, slot) = self.by_ino.put(&mut self.free, node);
         self.by_id.insert(&self.by_ino, slot);
         ino
     }
@@ -1048,7 +1072,78 @@ impl<S: Source> FhirFs<S> {
 
     /// Looks up `name` in the folder `parent`. Any valid FHIR id can be looked up, listed or not;
     /// any other name is ENOENT without a request.
+    ///
+    /// Each lookup answered counts as one the kernel remembers, until [`FhirFs::forget`].
     pub async fn lookup(self: &Arc<Self>, parent: u64, name: &OsStr) -> Result<Attr, FsError> {
+        // A FORGET may drop the node between finding it and counting the lookup (only one
+        // not listed, open or cached): then it is found again, as a new node.
+        for _ in 0..2 {
+            let attr = self.find(parent, name).await?;
+            if self.remember(&attr) {
+                return Ok(attr);
+            }
+        }
+        Err(FsError::source(&name.to_string_lossy(), SourceError::BadBody("dropped".into())))
+    }
+
+    /// Counts a lookup of `attr`'s inode that the kernel will remember; false when its node
+    /// was dropped meanwhile.
+    fn remember(&self, attr: &Attr) -> bool {
+        if attr.kind == Kind::Dir {
+            return true;
+        }
+        let mut nodes = lock(&self.nodes);
+        match nodes.by_ino.get_mut(&attr.ino) {
+            Some(node) if !node.is_vacant() => {
+                node.lookups = node.lookups.saturating_add(1);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The kernel forgot `count` lookups of `ino`. A node the kernel no longer knows, that no
+    /// listing names, no file has open, and whose bytes are neither cached nor on their way,
+    /// is dropped: its id, metadata and index entry go, and its slot serves the next new id.
+    /// (Its inode can be reused then: the kernel has no reference to it left. A Binary dropped
+    /// and looked up again gets a new inode; a listed one keeps its inode for the mount.)
+    pub fn forget(&self, ino: u64, count: u64) {
+        self.drop_if_unused(ino, count);
+    }
+
+    /// Takes `forgotten` lookups from `ino`'s count, and drops its node if nothing holds it
+    /// (see [`FhirFs::forget`]); also called at the last close of a file the kernel forgot.
+    fn drop_if_unused(&self, ino: u64, forgotten: u64) {
+        let inflight = lock(&self.inflight);
+        let mut nodes = lock(&self.nodes);
+        let Some(slot) = NodeTable::slot(ino) else { return };
+        let Some(node) = nodes.by_ino.get_mut(&ino) else { return };
+        let forgotten = u32::try_from(forgotten).unwrap_or(u32::MAX);
+        node.lookups = node.lookups.saturating_sub(forgotten);
+        let keep = node.is_vacant()
+            || node.lookups > 0
+            || node.index.is_some()
+            || node.pin.is_some()
+            || node.prefetching
+            || inflight.contains_key(&*node.id)
+            || self.content.contains_key(&*node.id)
+            || lock(&self.oversize).as_ref().is_some_and(|(id, _)| **id == *node.id);
+        if keep {
+            return;
+        }
+        let slot = slot as u32;
+        let Nodes { by_ino, by_id, free, .. } = &mut *nodes;
+        by_id.remove(by_ino, slot);
+        if let Some(node) = by_ino.get_mut(&ino) {
+            *node = Node::vacant();
+        }
+        free.push(slot);
+        Stats::add(&self.stats.dropped, 1);
+        debug!(ino, "dropped a node the kernel forgot");
+    }
+
+    /// Looks up `name` in `parent` (see [`FhirFs::lookup`]).
+    async fn find(self: &Arc<Self>, parent: u64, name: &OsStr) -> Result<Attr, FsError> {
         if is_folder(parent) {
             let id = self.lookup_in_folder(parent, name).await?;
             return self.attr_of_id(&id).await;
@@ -1264,9 +1359,14 @@ impl<S: Source> FhirFs<S> {
             node.kernel = None;
         }
         let changed = std::mem::take(&mut node.changed_while_pinned);
+        let forgotten = node.lookups == 0;
         drop(nodes);
         if changed {
             self.invalidate_kernel(ino);
+        }
+        if forgotten {
+            // The kernel forgot it while it was open.
+            self.drop_if_unused(ino, 0);
         }
     }
 
@@ -1412,7 +1512,8 @@ impl<S: Source> FhirFs<S> {
 
     /// How many Binaries the mount knows of.
     pub fn file_count(&self) -> u64 {
-        lock(&self.nodes).by_ino.len() as u64
+        let nodes = lock(&self.nodes);
+        (nodes.by_ino.len() - nodes.free.len()) as u64
     }
 }
 
