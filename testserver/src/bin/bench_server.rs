@@ -1265,7 +1265,16 @@ mod tests {
 
     /// GET `url` with these headers: (status, Content-Encoding, body as received).
     async fn get(url: &str, headers: &[(&str, &str)]) -> (u16, Option<String>, Vec<u8>) {
-        let mut request = reqwest::Client::new().get(url);
+        // The answers as sent: no decoding by the client, whatever features reqwest has in
+        // this workspace (the product turns its decoders on).
+        let client = reqwest::Client::builder()
+            .no_gzip()
+            .no_brotli()
+            .no_zstd()
+            .no_deflate()
+            .build()
+            .unwrap();
+        let mut request = client.get(url);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
