@@ -43,6 +43,21 @@ fn readdir_names(fs: &FhirFs<HttpSource>, fh: u64, offset: u64) -> Vec<String> {
     names
 }
 
+/// Every name from `offset` to the end, as the kernel reads a folder: until a readdir gives
+/// nothing, each waiting for its page.
+async fn names_from(fs: &FhirFs<HttpSource>, fh: u64, mut offset: u64) -> Vec<String> {
+    let mut names = Vec::new();
+    loop {
+        fs.readdir_ready(fh, offset).await.unwrap();
+        let more = readdir_names(fs, fh, offset);
+        if more.is_empty() {
+            return names;
+        }
+        offset += more.len() as u64;
+        names.extend(more);
+    }
+}
+
 #[tokio::test]
 async fn the_first_page_is_readable_while_the_next_is_on_its_way() {
     let server = LoopbackServer::start().await.unwrap();
@@ -66,20 +81,10 @@ async fn the_first_page_is_readable_while_the_next_is_on_its_way() {
     assert_eq!(server.counts().searches, 2, "the second page is held, the third not asked");
 
     gate.release();
-    fs.readdir_ready(fh, past).await.unwrap();
     let mut all = first;
-    let mut offset = past;
-    loop {
-        fs.readdir_ready(fh, offset).await.unwrap();
-        let more = readdir_names(&fs, fh, offset);
-        if more.is_empty() {
-            break;
-        }
-        offset += more.len() as u64;
-        all.extend(more);
-    }
+    all.extend(names_from(&fs, fh, past).await);
     assert_eq!(all[2..], ids[..], "every file once, in the server's order");
-    assert!(!fs.readdir_pending(fh, offset));
+    assert!(!fs.readdir_pending(fh, all.len() as u64));
 }
 
 #[tokio::test]
@@ -101,17 +106,7 @@ async fn a_listing_that_fails_part_way_fails_past_what_came() {
     // The failed listing is not kept: the next opendir lists again, in full.
     server.set_search_fault(None);
     let fh = fs.opendir(ROOT_INO).await.unwrap();
-    let mut offset = 0;
-    let mut names = Vec::new();
-    loop {
-        fs.readdir_ready(fh, offset).await.unwrap();
-        let more = readdir_names(&fs, fh, offset);
-        if more.is_empty() {
-            break;
-        }
-        offset += more.len() as u64;
-        names.extend(more);
-    }
+    let names = names_from(&fs, fh, 0).await;
     assert_eq!(names[2..], ids[..]);
 }
 
