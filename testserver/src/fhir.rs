@@ -21,6 +21,13 @@ pub fn instant(t: SystemTime) -> String {
     OffsetDateTime::from(t).format(INSTANT).unwrap_or_default()
 }
 
+/// An RFC 3339 instant (a FHIR instant, any precision and offset), as `_since` and
+/// `_lastUpdated` carry it.
+pub fn parse_instant(text: &str) -> Option<SystemTime> {
+    let format = &time::format_description::well_known::Rfc3339;
+    OffsetDateTime::parse(text, format).ok().map(SystemTime::from)
+}
+
 /// A searchset Bundle of `total` matches with its `self` and `next` links and no entries yet.
 pub fn searchset(total: usize, self_url: &str, next: Option<&str>) -> Value {
     let mut links = vec![json!({"relation": "self", "url": self_url})];

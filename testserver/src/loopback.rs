@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::PROBE_ID;
 use crate::fhir::{
     FHIR_JSON, INSTANT, accept_starts_with_fhir_json, accepts_json, if_none_match, leaves_data_out,
-    outcome_json, param, searchset, wants_json,
+    outcome_json, param, parse_instant, searchset, wants_json,
 };
 
 mod documents;
@@ -1260,11 +1260,6 @@ fn last_updated_filter(value: &str) -> Result<Box<dyn Fn(SystemTime) -> bool>, S
         "le" => Box::new(move |t| t <= at),
         _ => Box::new(move |t| t == at),
     })
-}
-
-fn parse_instant(text: &str) -> Option<SystemTime> {
-    let format = &time::format_description::well_known::Rfc3339;
-    OffsetDateTime::parse(text, format).ok().map(SystemTime::from)
 }
 
 impl Inner {

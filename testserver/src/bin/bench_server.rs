@@ -26,16 +26,41 @@
 //!   --bandwidth RATE     pace every FHIR answer body through one token bucket shared by all
 //!                        connections, RATE bytes per second (`10MB` = 10,000,000 B/s, `/s`
 //!                        optional): a link of that bandwidth; it carries the coded bytes
+//!   --created-ago SECS   version 1 of every Binary was made SECS before start-up (default 0):
+//!                        a client that asks for changes since a little before its listing
+//!                        (fhirfs: 2 minutes) then is not sent every Binary as new
 //! ```
+//!
+//! Every Binary starts at version 1, last updated at start-up (less `--created-ago`), whole
+//! seconds; `POST /admin/touch` makes new versions, which every route below shows.
 //!
 //! Routes (base `http://127.0.0.1:P/fhir`):
 //! - `GET /fhir/Binary?_count=N[&_elements=..][&_summary=..]`: a searchset Bundle in id order;
 //!   `next` links carry an opaque `_cursor`.
+//! - `GET /fhir/Binary?_lastUpdated=gtT|geT[&_count=N][&_elements=..]`: the Binaries whose
+//!   newest version is later than T (or at T), in order of change, each once (every Binary, in
+//!   id order, when T is before version 1); other prefixes answer 400.
+//! - `GET /fhir/Binary?_summary=count[&_lastUpdated=..]`: a searchset Bundle with `total` only.
+//! - `GET /fhir/Binary/_history?_since=T[&_count=N][&_elements=..]`: a `history` Bundle of every
+//!   version made at or after T, newest first (each entry with `request` PUT or, for version 1,
+//!   POST), paged as searches are; no `_since`: the whole history.
 //! - `GET|HEAD /fhir/Binary/{id}`: the JSON resource when Accept names `application/fhir+json`
 //!   or `application/json` (or is absent, or `_format=json`), else the raw bytes with their
-//!   Content-Type; always `ETag: W/"1"` and `Last-Modified`. `If-None-Match` answers 304.
-//! - `GET /stats`: request counts by kind as JSON, `body_bytes` (answer bodies before any content
-//!   coding) and `sent_bytes` (bodies as sent, after it); `POST /stats/reset` zeroes them.
+//!   Content-Type; `ETag: W/"<versionId>"` and `Last-Modified`. `If-None-Match` answers 304.
+//! - `POST /admin/touch?n=N`: makes a new version of N Binaries spread evenly over the id order
+//!   (the first, then every (count/N)th), last updated now (milliseconds), content unchanged;
+//!   answers `{"lastUpdated": T, "touched": [{"id": .., "versionId": ..}, ..]}`. Only the
+//!   touched Binaries are encoded again, and the change feeds above cost work in proportion to
+//!   the versions they give, not to the number of Binaries. Pages after the first keep to the
+//!   versions made before it (the cursor holds the change log's length).
+//! - `GET /stats`: request counts by kind as JSON (`requests` is every FHIR request; `searches`
+//!   every search page, of which `updated_searches` used `_lastUpdated` and `count_searches`
+//!   were `_summary=count`; `history` the history pages), `body_bytes` (answer bodies before any
+//!   content coding) and `sent_bytes` (bodies as sent, after it); `POST /stats/reset` zeroes
+//!   them.
+//!
+//! Every answer carries the server's `Date` (hyper adds it), which a client may take as the
+//! "since" of its next request for changes.
 //!
 //! With `--compress`, a read whose `Accept-Encoding` allows one of the offered codings gets the
 //! first of them (`Content-Encoding`, `Vary: Accept-Encoding`, the coded Content-Length).
@@ -44,12 +69,12 @@
 //! thousands of large Binaries cheap it repeats every [`BLOCK_BYTES`]: a body is a list of shared
 //! segments (streamed with an exact Content-Length), not one buffer per Binary.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -62,7 +87,8 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use bytes::{Bytes, BytesMut};
 use fhirfs_testserver::fhir::{
-    FHIR_JSON, if_none_match, instant, leaves_data_out, outcome_json, param, searchset, wants_json,
+    FHIR_JSON, if_none_match, instant, leaves_data_out, outcome_json, param, parse_instant,
+    searchset, wants_json,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -301,10 +327,20 @@ struct Binary {
     json_coded: Vec<(Coding, Segments)>,
 }
 
-/// Request counters; every FHIR request is counted once, by what it was answered.
+/// Request counters: every FHIR request is counted in `requests`, and once more by what it was
+/// answered (the kinds of searches also in `searches`).
 #[derive(Default)]
 struct Stats {
+    /// Every FHIR request, whatever it was answered.
+    requests: AtomicU64,
+    /// Search pages of every kind.
     searches: AtomicU64,
+    /// ... of which `_lastUpdated` searches.
+    updated_searches: AtomicU64,
+    /// ... of which `_summary=count` searches.
+    count_searches: AtomicU64,
+    /// `Binary/_history` pages.
+    history: AtomicU64,
     json_reads: AtomicU64,
     summary_reads: AtomicU64,
     raw_reads: AtomicU64,
@@ -322,7 +358,11 @@ impl Stats {
     fn to_json(&self) -> Value {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         json!({
+            "requests": get(&self.requests),
             "searches": get(&self.searches),
+            "updated_searches": get(&self.updated_searches),
+            "count_searches": get(&self.count_searches),
+            "history": get(&self.history),
             "json_reads": get(&self.json_reads),
             "summary_reads": get(&self.summary_reads),
             "raw_reads": get(&self.raw_reads),
@@ -338,7 +378,11 @@ impl Stats {
 
     fn reset(&self) {
         for counter in [
+            &self.requests,
             &self.searches,
+            &self.updated_searches,
+            &self.count_searches,
+            &self.history,
             &self.json_reads,
             &self.summary_reads,
             &self.raw_reads,
@@ -391,8 +435,46 @@ struct Server {
     codings: Vec<Coding>,
     /// The link's bandwidth (`--bandwidth`); none: unlimited.
     bucket: Option<Mutex<TokenBucket>>,
+    /// When version 1 of every Binary was made (whole seconds).
+    created: SystemTime,
+    /// `created` as an HTTP date.
     last_modified: HeaderValue,
+    /// What the Binaries hold, to encode a new version the same way.
+    content: Content,
+    /// The versions `POST /admin/touch` made.
+    changes: RwLock<ChangeLog>,
+    /// Held by one touch at a time, so that two never make the same version number.
+    touching: Mutex<()>,
     stats: Stats,
+}
+
+/// A version made by `POST /admin/touch`, encoded whole.
+struct Touched {
+    /// The Binary's position in [`Server::binaries`].
+    index: usize,
+    version: u64,
+    /// `meta.lastUpdated`, in milliseconds.
+    at: SystemTime,
+    binary: Binary,
+}
+
+/// Every version made after start-up, in order of change, and the newest of each Binary.
+/// Versions are never dropped: a cursor names a length of `log`, and the pages after the first
+/// give what the log held then.
+#[derive(Default)]
+struct ChangeLog {
+    /// In order of change; `at` never decreases.
+    log: Vec<Arc<Touched>>,
+    /// The newest version of every touched Binary, by position.
+    current: HashMap<usize, Arc<Touched>>,
+}
+
+/// One version of a Binary, as the routes serve it.
+#[derive(Clone, Copy)]
+struct Version<'a> {
+    binary: &'a Binary,
+    number: u64,
+    at: SystemTime,
 }
 
 #[derive(Debug)]
@@ -409,6 +491,8 @@ struct Options {
     codings: Vec<Coding>,
     /// Bytes per second, all connections together.
     bandwidth: Option<u64>,
+    /// How long before start-up version 1 of every Binary was made.
+    created_ago: Duration,
 }
 
 /// `1KiB` = 1024, `1KB` = 1000, `1M` = 1MiB; a bare number is bytes.
@@ -460,6 +544,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, String>
         content: Content::Random,
         codings: Vec::new(),
         bandwidth: None,
+        created_ago: Duration::ZERO,
     };
     let mut count = 0usize;
     let mut size = 1usize << 10;
@@ -510,6 +595,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, String>
                 }
                 options.bandwidth = Some(bytes as u64);
             }
+            "--created-ago" => options.created_ago = Duration::from_secs(number(value()?)?),
             "-h" | "--help" => {
                 let doc = include_str!("bench_server.rs");
                 let usage = doc.lines().take_while(|l| l.starts_with("//!"));
@@ -670,11 +756,12 @@ fn clinical_text(id: &str, len: usize) -> Vec<u8> {
 }
 
 impl Binary {
+    /// Version `version` of Binary `id`, last updated at `last_updated` (an instant).
     fn encode(
         base: &str,
         id: &str,
         size: usize,
-        last_updated: &str,
+        (version, last_updated): (u64, &str),
         content: Content,
         codings: &[Coding],
     ) -> std::io::Result<Binary> {
@@ -698,7 +785,7 @@ impl Binary {
         let resource = json!({
             "resourceType": "Binary",
             "id": id,
-            "meta": {"versionId": "1", "lastUpdated": last_updated},
+            "meta": {"versionId": version.to_string(), "lastUpdated": last_updated},
             "contentType": CONTENT_TYPE,
         });
         // The envelope comes from serde_json; `data` is spliced in before its closing brace.
@@ -758,7 +845,8 @@ impl Server {
         let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         // Whole seconds, so that lastUpdated and Last-Modified agree exactly.
         let now = UNIX_EPOCH + Duration::from_secs(since.as_secs());
-        let last_updated = instant(now);
+        let created = now.checked_sub(options.created_ago).unwrap_or(UNIX_EPOCH);
+        let last_updated = instant(created);
         let mut files = options.files.clone();
         files.sort();
         files.dedup_by(|a, b| a.0 == b.0);
@@ -768,12 +856,11 @@ impl Server {
             .iter()
             .map(|(id, size)| {
                 let (content, codings) = (options.content, &options.codings);
-                Binary::encode(&base, id, *size, &last_updated, content, codings)
+                Binary::encode(&base, id, *size, (1, &last_updated), content, codings)
             })
             .collect::<std::io::Result<Vec<Binary>>>()?;
         let index = binaries.iter().enumerate().map(|(i, b)| (b.id.clone(), i)).collect();
-        let last_modified = HeaderValue::from_str(&httpdate::fmt_http_date(now))
-            .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
+        let last_modified = http_date(created);
         Ok(Server {
             base,
             binaries,
@@ -789,9 +876,70 @@ impl Server {
                     PACE_BURST_BYTES.max((rate as f64 * PACE_BURST_TIME.as_secs_f64()) as usize);
                 Mutex::new(TokenBucket::new(rate, burst, Instant::now()))
             }),
+            created,
             last_modified,
+            content: options.content,
+            changes: RwLock::default(),
+            touching: Mutex::default(),
             stats: Stats::default(),
         })
+    }
+
+    /// The change log, read-locked (never across an await).
+    fn changes(&self) -> RwLockReadGuard<'_, ChangeLog> {
+        self.changes.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The newest version of the Binary at `index`.
+    fn current<'a>(&'a self, changes: &'a ChangeLog, index: usize) -> Version<'a> {
+        match changes.current.get(&index) {
+            Some(touched) => touched.version(),
+            None => self.first(index),
+        }
+    }
+
+    /// Version 1 of the Binary at `index`.
+    fn first(&self, index: usize) -> Version<'_> {
+        Version { binary: &self.binaries[index], number: 1, at: self.created }
+    }
+
+    /// Makes a new version of `n` Binaries spread evenly over the id order (content unchanged,
+    /// last updated now), encoding only those; their ids, versions and time.
+    fn touch(&self, n: usize) -> std::io::Result<(Vec<(String, u64)>, SystemTime)> {
+        let _one_at_a_time = self.touching.lock().unwrap_or_else(PoisonError::into_inner);
+        let total = self.binaries.len();
+        let n = n.min(total);
+        let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = UNIX_EPOCH + Duration::from_millis(since.as_millis() as u64);
+        // After version 1 and after every earlier touch: the log stays in order of change.
+        let newest = self.changes().log.last().map(|t| t.at);
+        let at = now.max(self.created + Duration::from_millis(1)).max(newest.unwrap_or(now));
+        let last_updated = instant(at);
+        let mut made = Vec::with_capacity(n);
+        for k in 0..n {
+            let index = k * total / n;
+            let version = self.current(&self.changes(), index).number + 1;
+            let binary = &self.binaries[index];
+            let size = binary.raw.len as usize;
+            let (content, codings) = (self.content, &self.codings[..]);
+            let encoded = Binary::encode(
+                &self.base,
+                &binary.id,
+                size,
+                (version, &last_updated),
+                content,
+                codings,
+            )?;
+            made.push(Arc::new(Touched { index, version, at, binary: encoded }));
+        }
+        // Encoded before the write lock: searches wait only for the appends.
+        let mut changes = self.changes.write().unwrap_or_else(PoisonError::into_inner);
+        let touched = made.iter().map(|t| (t.binary.id.clone(), t.version)).collect();
+        for touched in made {
+            changes.current.insert(touched.index, Arc::clone(&touched));
+            changes.log.push(touched);
+        }
+        Ok((touched, at))
     }
 
     /// Waits until the link can carry `bytes` more (no wait without `--bandwidth`).
@@ -846,21 +994,234 @@ impl Server {
     }
 }
 
-/// A cursor names (offset, count, with data); opaque to clients.
-fn cursor(offset: usize, count: usize, with_data: bool) -> String {
-    format!("{:016x}{:x}{}", offset as u64 ^ CURSOR_KEY, count, if with_data { 'd' } else { 's' })
+impl Touched {
+    fn version(&self) -> Version<'_> {
+        Version { binary: &self.binary, number: self.version, at: self.at }
+    }
 }
 
-fn parse_cursor(text: &str) -> Option<(usize, usize, bool)> {
-    let (offset, rest) = (text.get(..16)?, text.get(16..)?);
-    let with_data = match rest.chars().last()? {
-        'd' => true,
-        's' => false,
-        _ => return None,
-    };
-    let offset = u64::from_str_radix(offset, 16).ok()? ^ CURSOR_KEY;
-    let count = usize::from_str_radix(&rest[..rest.len() - 1], 16).ok()?;
-    Some((usize::try_from(offset).ok()?, count, with_data))
+/// `t` as an HTTP date (whole seconds), for `Last-Modified`.
+fn http_date(t: SystemTime) -> HeaderValue {
+    HeaderValue::from_str(&httpdate::fmt_http_date(t))
+        .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"))
+}
+
+/// What a search or a history lists, as its first page asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Feed {
+    /// Every Binary's newest version, in id order.
+    All,
+    /// `_lastUpdated=gt|ge`: the Binaries whose newest version was made after `since` (or at
+    /// it: `inclusive`), each once, in order of change.
+    Updated { since: SystemTime, inclusive: bool },
+    /// `Binary/_history?_since=`: every version made at or after `since`, newest first.
+    History { since: SystemTime },
+}
+
+/// Where a page starts and what it continues; opaque to clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cursor {
+    feed: Feed,
+    offset: usize,
+    count: usize,
+    with_data: bool,
+    /// The change log's length at the first page: the pages after it give the versions made
+    /// before it, so that a touch between pages does not shift them.
+    upto: usize,
+}
+
+impl Cursor {
+    /// `offset.count.upto.feed.data`, in hex; the feed is `a`, or `g`, `e` or `h` followed by
+    /// its instant in milliseconds since the epoch.
+    fn encode(&self) -> String {
+        let millis = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+        let feed = match self.feed {
+            Feed::All => "a".to_owned(),
+            Feed::Updated { since, inclusive: false } => format!("g{:x}", millis(since)),
+            Feed::Updated { since, inclusive: true } => format!("e{:x}", millis(since)),
+            Feed::History { since } => format!("h{:x}", millis(since)),
+        };
+        let data = if self.with_data { 'd' } else { 's' };
+        let offset = self.offset as u64 ^ CURSOR_KEY;
+        format!("{offset:016x}.{:x}.{:x}.{feed}.{data}", self.count, self.upto)
+    }
+
+    fn parse(text: &str) -> Option<Cursor> {
+        let mut fields = text.split('.');
+        let mut hex = || usize::from_str_radix(fields.next()?, 16).ok();
+        let (offset, count, upto) = (hex()? as u64 ^ CURSOR_KEY, hex()?, hex()?);
+        let (feed, data) = (fields.next()?, fields.next()?);
+        if fields.next().is_some() {
+            return None;
+        }
+        let with_data = match data {
+            "d" => true,
+            "s" => false,
+            _ => return None,
+        };
+        let (kind, millis) = feed.split_at_checked(1)?;
+        let since = || {
+            let millis = u64::from_str_radix(millis, 16).ok()?;
+            Some(UNIX_EPOCH + Duration::from_millis(millis))
+        };
+        let feed = match kind {
+            "a" if millis.is_empty() => Feed::All,
+            "g" => Feed::Updated { since: since()?, inclusive: false },
+            "e" => Feed::Updated { since: since()?, inclusive: true },
+            "h" => Feed::History { since: since()? },
+            _ => return None,
+        };
+        let offset = usize::try_from(offset).ok()?;
+        Some(Cursor { feed, offset, count, with_data, upto })
+    }
+}
+
+/// The versions a page is cut from.
+enum Matches<'a> {
+    /// Every Binary's newest version, in id order.
+    All(&'a ChangeLog),
+    /// Versions made by touches, in order of change.
+    Changed(Vec<&'a Touched>),
+    /// Versions made by touches (oldest first in the slice, given newest first), then, when
+    /// `with_first`, version 1 of every Binary in id order.
+    History { touched: &'a [Arc<Touched>], with_first: bool },
+}
+
+impl Matches<'_> {
+    fn len(&self, server: &Server) -> usize {
+        match self {
+            Matches::All(_) => server.binaries.len(),
+            Matches::Changed(changed) => changed.len(),
+            Matches::History { touched, with_first } => {
+                touched.len() + if *with_first { server.binaries.len() } else { 0 }
+            }
+        }
+    }
+
+    /// Appends the entry of the `k`th match.
+    fn push_entry(&self, server: &Server, k: usize, with_data: bool, body: &mut Segments) {
+        let search_entry = |version: Version<'_>, body: &mut Segments| {
+            if with_data {
+                body.extend(&version.binary.entry_full);
+            } else {
+                body.push(version.binary.entry_subset.clone());
+            }
+        };
+        match self {
+            Matches::All(changes) => search_entry(server.current(changes, k), body),
+            Matches::Changed(changed) => search_entry(changed[k].version(), body),
+            Matches::History { touched, .. } => match touched.len().checked_sub(k + 1) {
+                Some(i) => server.push_history_entry(touched[i].version(), with_data, body),
+                None => server.push_history_entry(server.first(k - touched.len()), with_data, body),
+            },
+        }
+    }
+}
+
+impl Server {
+    /// The cursor of a first page: its `_count`, whether it leaves `data` out, and what
+    /// `_since` (a history) or `_lastUpdated` (a search) asks for.
+    fn first_cursor(&self, params: &[(String, String)], history: bool) -> Result<Cursor, String> {
+        let count = match param(params, "_count").map(str::parse::<usize>) {
+            None => DEFAULT_COUNT,
+            Some(Ok(n)) => n,
+            Some(Err(_)) => return Err("invalid _count".to_owned()),
+        };
+        let instant =
+            |text: &str| parse_instant(text).ok_or_else(|| format!("invalid instant {text:?}"));
+        let feed = match (history, param(params, "_since"), param(params, "_lastUpdated")) {
+            (true, None, _) => Feed::History { since: UNIX_EPOCH },
+            (true, Some(since), _) => Feed::History { since: instant(since)? },
+            (false, _, None) => Feed::All,
+            (false, _, Some(value)) => {
+                let (inclusive, since) = match value.split_at_checked(2) {
+                    Some(("gt", since)) => (false, instant(since)?),
+                    Some(("ge", since)) => (true, instant(since)?),
+                    _ => return Err(format!("_lastUpdated={value}: only gt and ge are supported")),
+                };
+                // Version 1 of every Binary is that late: every Binary.
+                let every = if inclusive { self.created >= since } else { self.created > since };
+                if every { Feed::All } else { Feed::Updated { since, inclusive } }
+            }
+        };
+        let with_data = self.listing_data || !leaves_data_out(params);
+        Ok(Cursor { feed, offset: 0, count, with_data, upto: self.changes().log.len() })
+    }
+
+    /// The versions `feed` gives from the first `upto` of the change log: in proportion to
+    /// the versions made since the feed's instant, not to the number of Binaries.
+    fn matches<'a>(&'a self, changes: &'a ChangeLog, feed: Feed, upto: usize) -> Matches<'a> {
+        let log = &changes.log[..upto.min(changes.log.len())];
+        match feed {
+            Feed::All => Matches::All(changes),
+            Feed::Updated { since, inclusive } => {
+                let after = |t: SystemTime| if inclusive { t >= since } else { t > since };
+                let from = log.partition_point(|t| !after(t.at));
+                // Each Binary's newest version: the last of its entries.
+                let mut seen = HashSet::new();
+                let mut changed: Vec<&Touched> = log[from..]
+                    .iter()
+                    .rev()
+                    .filter(|t| seen.insert(t.index))
+                    .map(|t| &**t)
+                    .collect();
+                changed.reverse();
+                Matches::Changed(changed)
+            }
+            Feed::History { since } => {
+                let from = log.partition_point(|t| t.at < since);
+                Matches::History { touched: &log[from..], with_first: self.created >= since }
+            }
+        }
+    }
+
+    /// One page of `cursor`'s feed: a searchset Bundle, or a history Bundle.
+    fn page(&self, cursor: Cursor) -> Segments {
+        let changes = self.changes();
+        let matches = self.matches(&changes, cursor.feed, cursor.upto);
+        let total = matches.len(self);
+        let size = cursor.count.min(self.page_cap);
+        let start = cursor.offset.min(total);
+        let end = start.saturating_add(size).min(total);
+        let history = matches!(cursor.feed, Feed::History { .. });
+        let route = if history { "Binary/_history" } else { "Binary" };
+        let link = |offset| {
+            format!("{}/{route}?_cursor={}", self.base, Cursor { offset, ..cursor }.encode())
+        };
+        let next = (size > 0 && end < total).then(|| link(end));
+        let mut head = searchset(total, &link(cursor.offset), next.as_deref());
+        if history {
+            head["type"] = "history".into();
+        }
+        let head = head.to_string();
+        let mut body = Segments::default();
+        body.push_str(head.strip_suffix('}').unwrap_or(&head));
+        body.push_str(",\"entry\":[");
+        for k in start..end {
+            if k > start {
+                body.push_str(",");
+            }
+            matches.push_entry(self, k, cursor.with_data, &mut body);
+        }
+        body.push_str("]}");
+        body
+    }
+
+    /// A history entry of `version`: a search entry with how the version was made
+    /// (`request`, `response`) instead of `search`, as the loopback server's.
+    fn push_history_entry(&self, version: Version<'_>, with_data: bool, body: &mut Segments) {
+        let id = &version.binary.id;
+        let quoted = |text: String| serde_json::to_string(&text).unwrap_or_default();
+        let full_url = quoted(format!("{}/Binary/{id}", self.base));
+        body.push_str(&format!("{{\"fullUrl\":{full_url},\"resource\":"));
+        body.extend(if with_data { &version.binary.json } else { &version.binary.subset });
+        let (method, status) = if version.number == 1 { ("POST", "201") } else { ("PUT", "200") };
+        let url = quoted(format!("Binary/{id}"));
+        body.push_str(&format!(
+            ",\"request\":{{\"method\":\"{method}\",\"url\":{url}}},\
+             \"response\":{{\"status\":\"{status}\"}}}}"
+        ));
+    }
 }
 
 /// Waits `time`, if any: tokio's timer rounds even a zero sleep up to its next millisecond
@@ -871,56 +1232,69 @@ async fn wait(time: Duration) {
     }
 }
 
+/// `GET /fhir/Binary`: a page of a search (every Binary, or those changed since
+/// `_lastUpdated`), or with `_summary=count` how many match.
 async fn search(
     State(server): State<Arc<Server>>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
     let _inflight = InFlight::new(&server.stats);
-    Stats::add(&server.stats.searches, 1);
+    let stats = &server.stats;
+    Stats::add(&stats.searches, 1);
     wait(server.latency).await;
-    let (offset, count, with_data) = match param(&params, "_cursor") {
-        Some(text) => match parse_cursor(text) {
-            Some(page) => page,
-            None => {
-                Stats::add(&server.stats.bad_requests, 1);
-                return server.outcome(StatusCode::BAD_REQUEST, "unknown cursor");
-            }
-        },
-        None => {
-            let count = match param(&params, "_count").map(str::parse::<usize>) {
-                None => DEFAULT_COUNT,
-                Some(Ok(n)) => n,
-                Some(Err(_)) => {
-                    Stats::add(&server.stats.bad_requests, 1);
-                    return server.outcome(StatusCode::BAD_REQUEST, "invalid _count");
-                }
-            };
-            (0, count, server.listing_data || !leaves_data_out(&params))
+    let cursor = match param(&params, "_cursor") {
+        Some(text) => Cursor::parse(text)
+            .filter(|c| !matches!(c.feed, Feed::History { .. }))
+            .ok_or_else(|| "unknown cursor".to_owned()),
+        None => server.first_cursor(&params, false),
+    };
+    let cursor = match cursor {
+        Ok(cursor) => cursor,
+        Err(diagnostics) => {
+            Stats::add(&stats.bad_requests, 1);
+            return server.outcome(StatusCode::BAD_REQUEST, &diagnostics);
         }
     };
-    let size = count.min(server.page_cap);
-    let total = server.binaries.len();
-    let start = offset.min(total);
-    let end = start.saturating_add(size).min(total);
-    let self_url = format!("{}/Binary?_cursor={}", server.base, cursor(offset, count, with_data));
-    let next = (size > 0 && end < total)
-        .then(|| format!("{}/Binary?_cursor={}", server.base, cursor(end, count, with_data)));
-    let head = searchset(total, &self_url, next.as_deref()).to_string();
-    let mut body = Segments::default();
-    body.push_str(head.strip_suffix('}').unwrap_or(&head));
-    body.push_str(",\"entry\":[");
-    for (i, binary) in server.binaries[start..end].iter().enumerate() {
-        if i > 0 {
-            body.push_str(",");
-        }
-        if with_data {
-            body.extend(&binary.entry_full);
-        } else {
-            body.push(binary.entry_subset.clone());
+    if param(&params, "_lastUpdated").is_some() || matches!(cursor.feed, Feed::Updated { .. }) {
+        Stats::add(&stats.updated_searches, 1);
+    }
+    if param(&params, "_cursor").is_none() && param(&params, "_summary") == Some("count") {
+        Stats::add(&stats.count_searches, 1);
+        let total = {
+            let changes = server.changes();
+            server.matches(&changes, cursor.feed, cursor.upto).len(&server)
+        };
+        let query =
+            url::form_urlencoded::Serializer::new(String::new()).extend_pairs(&params).finish();
+        let bundle = searchset(total, &format!("{}/Binary?{query}", server.base), None);
+        let mut body = Segments::default();
+        body.push_str(&bundle.to_string());
+        return server.answer(StatusCode::OK, FHIR_JSON, &body);
+    }
+    server.answer(StatusCode::OK, FHIR_JSON, &server.page(cursor))
+}
+
+/// `GET /fhir/Binary/_history`: a page of the versions made since `_since`, newest first.
+async fn history(
+    State(server): State<Arc<Server>>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let _inflight = InFlight::new(&server.stats);
+    Stats::add(&server.stats.history, 1);
+    wait(server.latency).await;
+    let cursor = match param(&params, "_cursor") {
+        Some(text) => Cursor::parse(text)
+            .filter(|c| matches!(c.feed, Feed::History { .. }))
+            .ok_or_else(|| "unknown cursor".to_owned()),
+        None => server.first_cursor(&params, true),
+    };
+    match cursor {
+        Ok(cursor) => server.answer(StatusCode::OK, FHIR_JSON, &server.page(cursor)),
+        Err(diagnostics) => {
+            Stats::add(&server.stats.bad_requests, 1);
+            server.outcome(StatusCode::BAD_REQUEST, &diagnostics)
         }
     }
-    body.push_str("]}");
-    server.answer(StatusCode::OK, FHIR_JSON, &body)
 }
 
 async fn read(
@@ -934,16 +1308,25 @@ async fn read(
     let delay = server.delays.get(&id).copied().unwrap_or_default();
     wait(server.latency + delay).await;
     let stats = &server.stats;
-    let Some(binary) = server.index.get(&id).map(|&i| &server.binaries[i]) else {
+    let Some(&index) = server.index.get(&id) else {
         Stats::add(&stats.not_found, 1);
         let text = format!("Binary/{id} is not known");
         return server.outcome(StatusCode::NOT_FOUND, &text);
     };
-    let validators = [
-        (header::ETAG, HeaderValue::from_static("W/\"1\"")),
-        (header::LAST_MODIFIED, server.last_modified.clone()),
-    ];
-    if if_none_match(&headers, "W/\"1\"") {
+    // The lock is held while the answer is put together (its body shares the version's bytes).
+    let changes = server.changes();
+    let version = server.current(&changes, index);
+    let binary = version.binary;
+    let (etag, last_modified) = match version.number {
+        1 => (HeaderValue::from_static("W/\"1\""), server.last_modified.clone()),
+        n => {
+            let etag = HeaderValue::from_str(&format!("W/\"{n}\""));
+            (etag.unwrap_or_else(|_| HeaderValue::from_static("W/\"0\"")), http_date(version.at))
+        }
+    };
+    let if_none_match = if_none_match(&headers, etag.to_str().unwrap_or_default());
+    let validators = [(header::ETAG, etag), (header::LAST_MODIFIED, last_modified)];
+    if if_none_match {
         Stats::add(&stats.not_modified, 1);
         return (StatusCode::NOT_MODIFIED, validators).into_response();
     }
@@ -992,10 +1375,35 @@ async fn reset_stats(State(server): State<Arc<Server>>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+/// `POST /admin/touch?n=N`: a new version of N Binaries; their ids and versions, and when.
+async fn touch(
+    State(server): State<Arc<Server>>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let Some(Ok(n)) = param(&params, "n").map(str::parse::<usize>) else {
+        return (StatusCode::BAD_REQUEST, "touch takes n=N\n").into_response();
+    };
+    match server.touch(n) {
+        Ok((touched, at)) => {
+            let touched: Vec<Value> = touched
+                .into_iter()
+                .map(|(id, version)| json!({"id": id, "versionId": version.to_string()}))
+                .collect();
+            let body = json!({"lastUpdated": instant(at), "touched": touched}).to_string();
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(e) => {
+            let text = format!("cannot encode the new versions: {e}\n");
+            (StatusCode::INTERNAL_SERVER_ERROR, text).into_response()
+        }
+    }
+}
+
 /// Middleware outside the compression layer: sends every FHIR answer's body as it will go on
 /// the wire (coded), counting it in `sent_bytes` and, under `--bandwidth`, in pieces of at most
 /// [`PACE_CHUNK_BYTES`], each after the token bucket has paid for it.
 async fn link(State(server): State<Arc<Server>>, request: Request, next: Next) -> Response {
+    Stats::add(&server.stats.requests, 1);
     let (parts, body) = next.run(request).await.into_parts();
     let piece = if server.bucket.is_some() { PACE_CHUNK_BYTES } else { usize::MAX };
     let state = (body.into_data_stream(), Bytes::new(), server);
@@ -1016,10 +1424,12 @@ async fn link(State(server): State<Arc<Server>>, request: Request, next: Next) -
 }
 
 /// The routes: FHIR answers through the compression layer (with `--compress`) and then the
-/// link; `/stats` beside them, neither compressed nor paced.
+/// link; `/stats` and `/admin` beside them, neither compressed nor paced nor counted.
 fn router(server: Arc<Server>) -> Router {
-    let mut fhir: Router<Arc<Server>> =
-        Router::new().route("/fhir/Binary", get(search)).route("/fhir/Binary/{id}", get(read));
+    let mut fhir: Router<Arc<Server>> = Router::new()
+        .route("/fhir/Binary", get(search))
+        .route("/fhir/Binary/_history", get(history))
+        .route("/fhir/Binary/{id}", get(read));
     if !server.codings.is_empty() {
         // Searches and errors are coded per request; reads arrive coded already (they carry
         // Content-Encoding, which the layer leaves alone). Only the gzip and zstd features of
@@ -1031,6 +1441,7 @@ fn router(server: Arc<Server>) -> Router {
     fhir.layer(middleware::from_fn_with_state(server.clone(), link))
         .route("/stats", get(stats))
         .route("/stats/reset", post(reset_stats))
+        .route("/admin/touch", post(touch))
         .with_state(server)
 }
 
@@ -1123,8 +1534,21 @@ mod tests {
 
     #[test]
     fn cursors_round_trip() {
-        assert_eq!(parse_cursor(&cursor(12_345, 1000, true)), Some((12_345, 1000, true)));
-        assert_eq!(parse_cursor("nonsense"), None);
+        let since = UNIX_EPOCH + Duration::from_millis(1_714_979_289_123);
+        for feed in [
+            Feed::All,
+            Feed::Updated { since, inclusive: false },
+            Feed::Updated { since, inclusive: true },
+            Feed::History { since },
+        ] {
+            for with_data in [false, true] {
+                let cursor = Cursor { feed, offset: 12_345, count: 1000, with_data, upto: 17 };
+                assert_eq!(Cursor::parse(&cursor.encode()), Some(cursor));
+            }
+        }
+        assert_eq!(Cursor::parse("nonsense"), None);
+        assert_eq!(Cursor::parse("0.1.2.x.d"), None);
+        assert_eq!(Cursor::parse("0.1.2.a.d.more"), None);
     }
 
     #[test]
@@ -1134,7 +1558,7 @@ mod tests {
             "http://h/fhir",
             "x",
             size,
-            "2024-01-01T00:00:00.000Z",
+            (1, "2024-01-01T00:00:00.000Z"),
             Content::Random,
             &[],
         )
@@ -1227,7 +1651,7 @@ mod tests {
                 "http://h/fhir",
                 "x",
                 size,
-                "2024-01-01T00:00:00.000Z",
+                (1, "2024-01-01T00:00:00.000Z"),
                 content,
                 &codings,
             )
@@ -1317,6 +1741,194 @@ mod tests {
         let stats: Value = serde_json::from_slice(&stats).unwrap();
         let (body, sent) = (stats["body_bytes"].as_u64(), stats["sent_bytes"].as_u64());
         assert!(sent.unwrap() * 2 < body.unwrap(), "sent {sent:?} of {body:?}");
+    }
+
+    /// GET `url` as FHIR JSON with these headers: (status, headers, body as JSON, or null when
+    /// it is not).
+    async fn fetch(
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut request = reqwest::Client::new().get(url).header("accept", FHIR_JSON);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        let (status, headers) = (response.status().as_u16(), response.headers().clone());
+        let body = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+
+    /// `POST /admin/touch?n=N`'s answer.
+    async fn touch(base: &str, n: usize) -> Value {
+        let url = format!("{base}/admin/touch?n={n}");
+        let response = reqwest::Client::new().post(url).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
+    }
+
+    /// A Bundle's entries as `id@versionId`, with ` METHOD` in a history.
+    fn versions(bundle: &Value) -> Vec<String> {
+        let entries = bundle["entry"].as_array().unwrap();
+        let version = |e: &Value| {
+            let (resource, request) = (&e["resource"], &e["request"]);
+            let method = request["method"].as_str().map(|m| format!(" {m}")).unwrap_or_default();
+            format!(
+                "{}@{}{method}",
+                resource["id"].as_str().unwrap(),
+                resource["meta"]["versionId"]
+            )
+            .replace('"', "")
+        };
+        entries.iter().map(version).collect()
+    }
+
+    fn next_link(bundle: &Value) -> Option<String> {
+        let links = bundle["link"].as_array()?;
+        let next = links.iter().find(|l| l["relation"] == "next")?;
+        next["url"].as_str().map(str::to_owned)
+    }
+
+    /// An instant `secs` seconds ago: with `--created-ago 60`, 30 is after version 1 and
+    /// before any touch, 120 before version 1.
+    fn ago(secs: u64) -> String {
+        instant(SystemTime::now() - Duration::from_secs(secs))
+    }
+
+    #[tokio::test]
+    async fn touched_binaries_have_a_new_version_in_reads_and_listings() {
+        let base = serve(&["--files", "10", "--size", "10", "--created-ago", "60"]).await;
+        let (_, _, first) = fetch(&format!("{base}/fhir/Binary/f00005"), &[]).await;
+        let touched = touch(&base, 2).await;
+        let expected =
+            json!([{"id": "f00000", "versionId": "2"}, {"id": "f00005", "versionId": "2"}]);
+        assert_eq!(touched["touched"], expected);
+        let url = format!("{base}/fhir/Binary/f00005");
+        let (status, headers, resource) = fetch(&url, &[]).await;
+        assert_eq!(status, 200);
+        assert_eq!(resource["meta"]["versionId"], "2");
+        assert_eq!(resource["meta"]["lastUpdated"], touched["lastUpdated"]);
+        assert_eq!(resource["data"], first["data"], "the content stays");
+        assert_eq!(headers["etag"], "W/\"2\"");
+        let at = parse_instant(touched["lastUpdated"].as_str().unwrap()).unwrap();
+        assert_eq!(headers["last-modified"], http_date(at));
+        assert_eq!(fetch(&url, &[("if-none-match", "W/\"1\"")]).await.0, 200);
+        assert_eq!(fetch(&url, &[("if-none-match", "W/\"2\"")]).await.0, 304);
+        let (_, headers, _) = fetch(&format!("{base}/fhir/Binary/f00001"), &[]).await;
+        assert_eq!(headers["etag"], "W/\"1\"");
+        let url = format!("{base}/fhir/Binary?_count=100&_elements=id,meta,contentType");
+        let (_, _, page) = fetch(&url, &[]).await;
+        assert_eq!(page["total"], 10);
+        let listed = versions(&page);
+        assert_eq!(listed.len(), 10);
+        assert_eq!(
+            (&listed[0][..], &listed[1][..], &listed[5][..]),
+            ("f00000@2", "f00001@1", "f00005@2")
+        );
+        let (status, _, _) = fetch(&format!("{base}/admin/touch?n=1"), &[]).await;
+        assert_eq!(status, 405, "touch is a POST");
+    }
+
+    #[tokio::test]
+    async fn history_gives_every_version_since_newest_first_in_stable_pages() {
+        let base = serve(&["--files", "10", "--size", "10", "--created-ago", "60"]).await;
+        let since = ago(30);
+        touch(&base, 2).await;
+        touch(&base, 1).await;
+        let url = format!(
+            "{base}/fhir/Binary/_history?_since={since}&_count=2&_elements=id,meta,contentType"
+        );
+        let (status, headers, page) = fetch(&url, &[]).await;
+        assert_eq!(status, 200);
+        assert!(headers.contains_key("date"), "the server's Date is a client's next since");
+        assert_eq!((&page["type"], &page["total"]), (&json!("history"), &json!(3)));
+        assert_eq!(versions(&page), ["f00000@3 PUT", "f00005@2 PUT"]);
+        let resource = &page["entry"][0]["resource"];
+        assert_eq!(resource["meta"]["tag"][0]["code"], "SUBSETTED");
+        assert!(resource.get("data").is_none());
+        assert_eq!(page["entry"][0]["request"]["url"], "Binary/f00000");
+        // A version made between pages does not shift them.
+        touch(&base, 1).await;
+        let (_, _, next) = fetch(&next_link(&page).unwrap(), &[]).await;
+        assert_eq!(versions(&next), ["f00000@2 PUT"]);
+        assert_eq!(next_link(&next), None);
+        // From before version 1: every version, version 1 of each Binary last, with data.
+        let url = format!("{base}/fhir/Binary/_history?_since={}&_count=100", ago(120));
+        let (_, _, all) = fetch(&url, &[]).await;
+        let all_versions = versions(&all);
+        assert_eq!(all["total"], 14);
+        assert_eq!(
+            all_versions[..5],
+            ["f00000@4 PUT", "f00000@3 PUT", "f00005@2 PUT", "f00000@2 PUT", "f00000@1 POST"]
+        );
+        assert_eq!(all_versions[13], "f00009@1 POST");
+        assert!(all["entry"][13]["resource"]["data"].is_string());
+        // After every version: none.
+        let url = format!(
+            "{base}/fhir/Binary/_history?_since={}",
+            instant(SystemTime::now() + Duration::from_secs(5))
+        );
+        let (_, _, none) = fetch(&url, &[]).await;
+        assert_eq!((&none["total"], next_link(&none)), (&json!(0), None));
+        let (status, _, _) =
+            fetch(&format!("{base}/fhir/Binary/_history?_since=yesterday"), &[]).await;
+        assert_eq!(status, 400);
+        let (status, _, _) = fetch(&format!("{base}/fhir/Binary/_history?_cursor=x"), &[]).await;
+        assert_eq!(status, 400);
+        let (_, _, stats) = fetch(&format!("{base}/stats"), &[]).await;
+        assert_eq!(
+            (&stats["history"], &stats["requests"], &stats["searches"]),
+            (&json!(6), &json!(6), &json!(0))
+        );
+        assert_eq!(stats["bad_requests"], 2);
+    }
+
+    #[tokio::test]
+    async fn last_updated_searches_give_each_changed_binary_once_and_count_them() {
+        let base = serve(&["--files", "10", "--size", "10", "--created-ago", "60"]).await;
+        let since = ago(30);
+        touch(&base, 2).await;
+        let second = touch(&base, 1).await;
+        let search = |query: String| {
+            let url = format!("{base}/fhir/Binary?{query}");
+            async move { fetch(&url, &[]).await }
+        };
+        let (status, _, page) =
+            search(format!("_lastUpdated=gt{since}&_count=1&_elements=id,meta,contentType")).await;
+        assert_eq!((status, &page["total"]), (200, &json!(2)));
+        assert_eq!(versions(&page), ["f00005@2"]);
+        let (_, _, next) = fetch(&next_link(&page).unwrap(), &[]).await;
+        assert_eq!(versions(&next), ["f00000@3"]);
+        assert_eq!(next_link(&next), None);
+        let (_, _, page) = search(format!("_lastUpdated=ge{since}")).await;
+        assert_eq!(page["total"], 2);
+        let at = second["lastUpdated"].as_str().unwrap();
+        assert_eq!(search(format!("_lastUpdated=gt{at}")).await.2["total"], 0);
+        assert!(
+            versions(&search(format!("_lastUpdated=ge{at}")).await.2)
+                .contains(&"f00000@3".to_owned())
+        );
+        // Before version 1: every Binary, in id order.
+        let (_, _, page) = search(format!("_lastUpdated=gt{}&_count=3", ago(120))).await;
+        assert_eq!(page["total"], 10);
+        assert_eq!(versions(&page), ["f00000@3", "f00001@1", "f00002@1"]);
+        let (_, _, count) = search("_summary=count".to_owned()).await;
+        assert_eq!((&count["total"], count.get("entry")), (&json!(10), None));
+        let (_, _, count) = search(format!("_summary=count&_lastUpdated=gt{since}")).await;
+        assert_eq!(count["total"], 2);
+        assert_eq!(search(format!("_lastUpdated=lt{since}")).await.0, 400);
+        assert_eq!(search("_lastUpdated=gtnever".to_owned()).await.0, 400);
+        let (_, _, stats) = fetch(&format!("{base}/stats"), &[]).await;
+        let counted = [
+            "requests",
+            "searches",
+            "updated_searches",
+            "count_searches",
+            "history",
+            "bad_requests",
+        ]
+        .map(|key| stats[key].as_u64().unwrap());
+        assert_eq!(counted, [10, 10, 7, 2, 0, 2]);
     }
 
     #[test]
