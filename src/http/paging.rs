@@ -186,10 +186,10 @@ impl HttpSource {
             match found {
                 Some((changes, date)) => {
                     let mut state = self.feed_state();
-                    if state.feed != feed {
-                        debug!(?feed, "the server tells what changed");
-                    }
                     state.feed = if feed == Feed::Unknown { Feed::History } else { feed };
+                    // (Compared with the state, this never showed: a fallback stores its
+                    // feed before it is tried.)
+                    debug!(feed = ?state.feed, changed = changes.changed.len(), "the server told what changed");
                     state.since = Some(date.unwrap_or(asked));
                     return Ok(Some(changes));
                 }
