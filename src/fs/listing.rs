@@ -60,7 +60,15 @@ impl<S: Source> FhirFs<S> {
         let mut folder_of = HashMap::new();
         let result = self
             .source
-            .list_pages(|page| {
+            .list_pages(|page, total| {
+                if inos.is_empty()
+                    && let Some(total) = total
+                {
+                    // Room for all of them at once: growing by doubling copies the tables
+                    // and rehashes the index over and over.
+                    let files = usize::try_from(total).unwrap_or(0).min(MAX_RESERVE);
+                    self.make_room(files, &entries);
+                }
                 let first = inos.len();
                 for Listed { id, meta, name, folder } in page {
                     // A server whose pages shift under us may repeat an id; a folder must not.
@@ -113,6 +121,15 @@ impl<S: Source> FhirFs<S> {
         give_back_freed_memory();
         Stats::add(&self.stats.listings, 1);
         entries.end(Ok(()));
+    }
+
+    /// Makes room for `files` more nodes and, when it streams, entries of the listing.
+    fn make_room(&self, files: usize, entries: &Entries) {
+        let mut nodes = lock(&self.nodes);
+        let new = files.saturating_sub(nodes.by_ino.len());
+        nodes.reserve(new);
+        drop(nodes);
+        lock(&entries.list).reserve(files);
     }
 
     /// Appends the new files of a page to a listing that streams, named by their ids.

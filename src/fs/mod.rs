@@ -65,6 +65,10 @@ pub const PREFETCH_PARALLELISM: usize = 16;
 /// do not send a request each time. Short: the Binary may be created any moment.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(2);
 
+/// The most nodes a listing's `Bundle.total` reserves room for at once: a server's total is
+/// only a hint, and must not make the mount take gigabytes before the entries come.
+const MAX_RESERVE: usize = 4_000_000;
+
 /// Remembered 404s beyond which expired ones are swept out.
 const MAX_NEGATIVE: usize = 10_000;
 
@@ -561,6 +565,16 @@ impl Node {
 }
 
 impl Nodes {
+    /// Makes room for `more` nodes.
+    fn reserve(&mut self, more: usize) {
+        self.by_ino.0.reserve(more);
+        let Self { by_ino, by_id, .. } = self;
+        let hasher = &by_id.hasher;
+        by_id.slots.reserve(more, |&s| {
+            std::hash::BuildHasher::hash_one(hasher, &*by_ino.0[s as usize].id)
+        });
+    }
+
     /// The inode of `id`, if it has one.
     fn ino(&self, id: &str) -> Option<u64> {
         self.by_id.get(&self.by_ino, id)

@@ -420,11 +420,14 @@ impl HttpSource {
 impl Source for HttpSource {
     async fn list(&self) -> Result<Vec<Listed>, SourceError> {
         let mut listed = Vec::new();
-        self.list_inner(|page| listed.extend(page)).await?;
+        self.list_inner(|page, _| listed.extend(page)).await?;
         Ok(listed)
     }
 
-    async fn list_pages<F: FnMut(Vec<Listed>) + Send>(&self, page: F) -> Result<(), SourceError> {
+    async fn list_pages<F: FnMut(Vec<Listed>, Option<u64>) + Send>(
+        &self,
+        page: F,
+    ) -> Result<(), SourceError> {
         self.list_inner(page).await
     }
 

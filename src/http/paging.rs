@@ -146,7 +146,7 @@ impl HttpSource {
     /// Every Binary, a page at a time, each given to `each` as it arrives.
     pub(super) async fn list_inner(
         &self,
-        mut each: impl FnMut(Vec<Listed>) + Send,
+        mut each: impl FnMut(Vec<Listed>, Option<u64>) + Send,
     ) -> Result<(), SourceError> {
         let mut url = self.search_url("Binary")?;
         url.query_pairs_mut()
@@ -155,7 +155,7 @@ impl HttpSource {
         let asked = SystemTime::now();
         let date = self
             .pages(url, true, |page| {
-                each(page.entries);
+                each(page.entries, page.total);
                 true
             })
             .await?;

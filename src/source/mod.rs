@@ -172,15 +172,18 @@ pub trait Source: Send + Sync + 'static {
     /// Lists every Binary, all pages followed.
     fn list(&self) -> impl Future<Output = Result<Vec<Listed>, SourceError>> + Send;
 
-    /// Lists every Binary, giving each page to `page` as it arrives, so that a large folder
-    /// shows its first entries long before its last page (a source without pages gives one).
-    /// On an error, the pages given before it stand.
-    fn list_pages<F: FnMut(Vec<Listed>) + Send>(
+    /// Lists every Binary, giving each page to `page` as it arrives, with how many there are
+    /// in all when the source knows (`Bundle.total`), so that a large folder shows its first
+    /// entries long before its last page (a source without pages gives one). On an error, the
+    /// pages given before it stand.
+    fn list_pages<F: FnMut(Vec<Listed>, Option<u64>) + Send>(
         &self,
         mut page: F,
     ) -> impl Future<Output = Result<(), SourceError>> + Send {
         async move {
-            page(self.list().await?);
+            let listed = self.list().await?;
+            let total = listed.len() as u64;
+            page(listed, Some(total));
             Ok(())
         }
     }
