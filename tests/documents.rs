@@ -313,8 +313,13 @@ fn a_mount_of_one_patients_documents_shows_names_sizes_bytes_and_xattrs() {
     assert_eq!(get("user.mime_type").as_deref(), Some("application/pdf"));
     assert_eq!(get("user.fhir.source").as_deref(), Some("DocumentReference/d1"));
     assert_eq!(get("user.fhir.hash_match").as_deref(), Some("yes"));
-    // A name that is no document's, even one shaped like an id: no such file.
-    for missing in ["2024-05-06 Nothing ~00000000.pdf", "b1", "DocumentReference.d2.0"] {
+    // A name that is no document's, even one shaped like an id or a file's key: no such file.
+    for missing in [
+        "2024-05-06 Nothing ~00000000.pdf",
+        "b1",
+        "DocumentReference.d2.0",
+        "DocumentReference.d1.0",
+    ] {
         let error = std::fs::metadata(mount.path(missing)).unwrap_err();
         assert_eq!(errno(error), libc::ENOENT, "{missing}");
     }
@@ -485,4 +490,37 @@ fn the_demo_shows_its_documents_by_patient() {
         assert_eq!(std::fs::metadata(mount.path(path)).unwrap().len(), expected.len() as u64);
         assert_eq!(std::fs::read(mount.path(path)).unwrap(), expected, "{path}");
     }
+}
+
+#[tokio::test]
+async fn named_files_are_found_by_name_before_any_listing_and_never_by_id() {
+    let source = MemorySource::new();
+    source.put("a", "application/pdf", "aaa");
+    source.place("a", None, "2024-05-06 Report ~1.pdf");
+    source.put("b", "text/plain", "unplaced");
+    let fs = FhirFs::new(source, FsConfig::default());
+    // The first lookup lists: a program may open a path it knows without listing the folder.
+    let found = fs.lookup(ROOT_INO, OsStr::new("2024-05-06 Report ~1.pdf")).await.unwrap();
+    assert_eq!((found.kind, found.size), (Kind::File, 3));
+    assert_eq!(fs.source().list_count(), 1);
+    for name in ["a", "b", "2024-05-06 Other ~2.pdf"] {
+        let error = fs.lookup(ROOT_INO, OsStr::new(name)).await.unwrap_err();
+        assert_eq!(error.errno(), libc::ENOENT, "{name}");
+    }
+    assert_eq!(fs.source().fetch_count(), 0, "the listing gave the size; no id was tried");
+    let root = entries_of(&fs, ROOT_INO).await;
+    assert_eq!(root.last(), Some(&entry("2024-05-06 Report ~1.pdf", Kind::File)));
+    assert_eq!(root.len(), 3);
+}
+
+/// A viewer opens a path it was given, before anything listed the folder.
+#[test]
+fn a_known_name_opens_without_listing_the_folder_first() {
+    let mount = Mount::builder().args(&["--demo", "--view", "documents", "--patient", "demo-1"]);
+    let mount = mount.mount_demo();
+    let png = std::fs::read(format!("{}/assets/demo/scan.png", env!("CARGO_MANIFEST_DIR")));
+    let bytes = std::fs::read(mount.path("2024-05-07 CT chest ~751438ee.png")).unwrap();
+    assert_eq!(bytes, png.unwrap());
+    let error = std::fs::metadata(mount.path("2024-05-07 CT chest ~00000000.png")).unwrap_err();
+    assert_eq!(errno(error), libc::ENOENT);
 }

@@ -305,6 +305,11 @@ impl Source for DocumentsSource {
         Ok(Fetched::Content { meta, bytes })
     }
 
+    /// Files are named after their documents; keys are not names.
+    fn names_files(&self) -> bool {
+        true
+    }
+
     /// A folder per subject; with `--patient`, the root is that patient's folder.
     fn folders(&self) -> bool {
         self.config.patient.is_none()
