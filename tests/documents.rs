@@ -524,3 +524,64 @@ fn a_known_name_opens_without_listing_the_folder_first() {
     let error = std::fs::metadata(mount.path("2024-05-07 CT chest ~00000000.png")).unwrap_err();
     assert_eq!(errno(error), libc::ENOENT);
 }
+
+/// Through a real mount: presigned storage on another origin never sees the token; an expired
+/// URL is renewed once, and when the renewal does not help the file is EACCES; a Binary that is
+/// gone is ENOENT, one the token may not read EACCES, a server error EIO.
+#[test]
+fn a_mount_reads_storage_without_the_token_and_maps_errors_to_errno() {
+    let server = Server::start();
+    let storage = Server::start();
+    let (fhir, blobs) = (&server.server, &storage.server);
+    fhir.set_token(Some("secret"));
+    blobs.put_blob("scan", "application/dicom", b"DICM scan".to_vec(), "s1");
+    fhir.put("locked", "application/pdf", b"%PDF locked".to_vec());
+    fhir.set_fault("locked", Some(fhirfs_testserver::loopback::Fault::Status(403)));
+    fhir.put("broken", "application/pdf", b"%PDF broken".to_vec());
+    fhir.set_fault("broken", Some(fhirfs_testserver::loopback::Fault::Status(500)));
+    let doc = |scan_url: String| {
+        json!({"resourceType": "DocumentReference", "id": "d1",
+        "subject": {"reference": "Patient/p1"}, "date": "2024-05-06",
+        "content": [
+            {"attachment": {"contentType": "application/dicom", "title": "scan", "url": scan_url}},
+            {"attachment": {"contentType": "application/pdf", "title": "gone", "url": "Binary/gone"}},
+            {"attachment": {"contentType": "application/pdf", "title": "locked", "url": "Binary/locked"}},
+            {"attachment": {"contentType": "application/pdf", "title": "broken", "url": "Binary/broken"}}
+        ]})
+    };
+    fhir.put_document(doc(blobs.blob_url("scan", "s1")));
+    let mount = Mount::builder()
+        .args(&["--view", "documents", "--patient", "p1", "--cache-ttl", "0", "--dir-ttl", "0"])
+        .env("FHIRFS_TOKEN", "secret")
+        .mount(&server.base_url());
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    for entry in std::fs::read_dir(&mount.mountpoint).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let title = name["2024-05-06 ".len()..name.find(" ~").unwrap()].to_owned();
+        names.insert(title, name);
+    }
+    let path = |title: &str| mount.path(&names[title]);
+    assert_eq!(std::fs::read(path("scan")).unwrap(), b"DICM scan");
+    for (title, expected) in
+        [("gone", libc::ENOENT), ("locked", libc::EACCES), ("broken", libc::EIO)]
+    {
+        let error = std::fs::read(path(title)).unwrap_err();
+        assert_eq!(errno(error), expected, "{title}");
+    }
+    // A fresh URL (the listing, with --dir-ttl 0, brings it).
+    blobs.put_blob("scan", "application/dicom", b"DICM scan v2".to_vec(), "s2");
+    fhir.resign_document(doc(blobs.blob_url("scan", "s2")));
+    assert_eq!(std::fs::read(path("scan")).unwrap(), b"DICM scan v2");
+    // Expired, and the document still names the old URL: read again once, then EACCES.
+    blobs.put_blob("scan", "application/dicom", b"DICM scan v3".to_vec(), "s3");
+    let (reads, tries) = (fhir.counts().document_reads, blobs.counts().blob_reads);
+    let error = std::fs::read(path("scan")).unwrap_err();
+    assert_eq!(errno(error), libc::EACCES);
+    // Each fetch (the kernel may look the file up more than once) tries the URL, reads the
+    // document again once, and tries the URL it names: two storage requests per renewal.
+    let renewals = fhir.counts().document_reads - reads;
+    assert!(renewals >= 1);
+    assert_eq!(blobs.counts().blob_reads - tries, 2 * renewals, "one renewal per fetch");
+    assert!(blobs.counts().blob_reads >= 4);
+    assert_eq!(blobs.counts().blob_reads_with_authorization, 0, "never a token to storage");
+}
