@@ -585,3 +585,38 @@ fn a_mount_reads_storage_without_the_token_and_maps_errors_to_errno() {
     assert!(blobs.counts().blob_reads >= 4);
     assert_eq!(blobs.counts().blob_reads_with_authorization, 0, "never a token to storage");
 }
+
+/// Backups: `rsync -a` copies every folder, and a second run after the TTLs changes nothing
+/// and fetches no content: the listing confirms each document's version.
+#[test]
+fn a_second_rsync_of_the_documents_changes_nothing_and_fetches_no_content() {
+    let server = Server::start();
+    seed(&server.server);
+    let mount = Mount::builder()
+        .args(&["--view", "documents", "--dir-ttl", "0.3", "--cache-ttl", "0.3"])
+        .mount(&server.base_url());
+    let out = tempfile::tempdir().unwrap();
+    let dst = out.path().join("copy");
+    let src = format!("{}/", mount.mountpoint.display());
+    let rsync = |extra: &[&str]| {
+        let output = std::process::Command::new("rsync")
+            .arg("-a")
+            .args(extra)
+            .arg(&src)
+            .arg(&dst)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    rsync(&[]);
+    let p1 = std::fs::read_dir(dst.join("Patient-p1")).unwrap().count();
+    assert_eq!(p1, 3);
+    // Both TTLs run out; counted after the wait, so no late request of the first run counts.
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let counts = server.server.counts();
+    assert_eq!(rsync(&["--itemize-changes"]), "", "the second rsync changes nothing");
+    let after = server.server.counts();
+    assert_eq!(after.reads, counts.reads, "no content GET (not even a 304)");
+    assert!(after.document_searches > counts.document_searches, "the listing was revalidated");
+}
