@@ -620,3 +620,34 @@ fn a_second_rsync_of_the_documents_changes_nothing_and_fetches_no_content() {
     assert_eq!(after.reads, counts.reads, "no content GET (not even a 304)");
     assert!(after.document_searches > counts.document_searches, "the listing was revalidated");
 }
+
+#[tokio::test]
+async fn unchanged_documents_revalidate_without_downloading_again() {
+    let server = LoopbackServer::start().await.unwrap();
+    seed(&server);
+    let source = documents(&server, None, Some("p1"));
+    let names = listing(&source).await;
+    let (_, (pdf, _)) = named(&names, "2024-05-06 Discharge summary", ".pdf");
+    let (_, (note, _)) = named(&names, "2024-05-06 Note", ".txt");
+    let (_, (ct, _)) = named(&names, "2024-05-07 CT chest", ".txt");
+    for key in [pdf, note, ct] {
+        read(&source, key).await.unwrap();
+    }
+    let before = server.counts();
+    // The core holds the bytes of document version 1, which the listing still names.
+    for key in [pdf, note, ct] {
+        let fetched = source.fetch(key, Some("1")).await.unwrap();
+        assert_eq!(fetched, Fetched::NotModified, "{key}");
+    }
+    let after = server.counts();
+    assert_eq!(after.reads - before.reads, 2, "inline data asks nothing; each Binary once");
+    assert_eq!(after.not_modified - before.not_modified, 2, "both Binaries answered 304");
+    // The Binary changes under the same document version: its new bytes.
+    server.put("b1", "application/pdf", b"%PDF-1.4 amended".to_vec());
+    let Fetched::Content { bytes, meta } = source.fetch(pdf, Some("1")).await.unwrap() else {
+        panic!("the new bytes")
+    };
+    assert_eq!((&bytes[..], meta.version_id.as_deref()), (&b"%PDF-1.4 amended"[..], Some("1")));
+    // Bytes held for an older document version are fetched again.
+    assert!(matches!(source.fetch(note, Some("0")).await.unwrap(), Fetched::Content { .. }));
+}

@@ -88,6 +88,26 @@ struct File {
     attachment: usize,
     /// The hash check of the bytes last fetched.
     hash: Option<HashCheck>,
+    /// The Binary's version of the bytes last fetched, for a `Binary/[id]` url: the next
+    /// fetch of the same document version asks whether it is still current (304).
+    binary_version: Option<String>,
+}
+
+/// The bytes of an attachment, as fetched.
+struct Got {
+    bytes: Bytes,
+    /// The media type the answer gave (empty when none).
+    kind: String,
+    /// The Binary's version, for a `Binary/[id]` url.
+    binary_version: Option<String>,
+}
+
+/// Decodes inline `data`.
+fn inline(key: &str, att: &Attachment, data: &str) -> Result<Got, SourceError> {
+    let bytes = base64_simd::forgiving_decode_to_vec(data.as_bytes())
+        .map_err(|_| SourceError::BadBody(format!("{key}: attachment data is not base64")))?;
+    let kind = att.content_type.clone().unwrap_or_default();
+    Ok(Got { bytes: Bytes::from(bytes), kind, binary_version: None })
 }
 
 impl File {
@@ -151,42 +171,51 @@ impl DocumentsSource {
         Ok(all)
     }
 
-    /// The bytes at an attachment's url, and the media type the answer gave.
-    async fn fetch_url(&self, url: &str, att: &Attachment) -> Result<(Bytes, String), SourceError> {
+    /// The bytes at an attachment's url. A `Binary/[id]` url with `held` (the Binary's
+    /// version the caller holds) may answer `None`: still current.
+    async fn fetch_url(
+        &self,
+        url: &str,
+        att: &Attachment,
+        held: Option<&str>,
+    ) -> Result<Option<Got>, SourceError> {
         let kind = att.content_type.as_deref();
         match self.http.attachment_target(url)? {
             Target::Binary(id) => {
                 self.http.expect_content_type(&id, kind);
-                match self.http.fetch(&id, None).await? {
-                    Fetched::Content { meta, bytes } => {
-                        Ok((bytes, meta.content_type.unwrap_or_default()))
-                    }
-                    Fetched::NotModified => {
-                        Err(SourceError::BadBody("304 to a request without a version".into()))
-                    }
+                match self.http.fetch(&id, held).await? {
+                    Fetched::Content { meta, bytes } => Ok(Some(Got {
+                        bytes,
+                        kind: meta.content_type.unwrap_or_default(),
+                        binary_version: meta.version_id,
+                    })),
+                    Fetched::NotModified => Ok(None),
                 }
             }
-            target => self.http.fetch_url(&target, kind).await,
+            target => {
+                let (bytes, kind) = self.http.fetch_url(&target, kind).await?;
+                Ok(Some(Got { bytes, kind, binary_version: None }))
+            }
         }
     }
 
     /// The bytes of `file`: its `data`, or its `url` (renewed once when another origin
-    /// refuses it). Gives the file as it stands after a renewal.
+    /// refuses it). With `held` (the Binary's version of the bytes the caller holds, for the
+    /// same document version), `None` when they are still current. Gives the file as it
+    /// stands after a renewal.
     async fn content(
         &self,
         key: &str,
         mut file: File,
-    ) -> Result<(Bytes, String, File), SourceError> {
+        held: Option<&str>,
+    ) -> Result<(Option<Got>, File), SourceError> {
         let att = file.attachment().clone();
         if let Some(data) = &att.data {
-            let bytes = base64_simd::forgiving_decode_to_vec(data.as_bytes()).map_err(|_| {
-                SourceError::BadBody(format!("{key}: attachment data is not base64"))
-            })?;
-            return Ok((Bytes::from(bytes), att.content_type.clone().unwrap_or_default(), file));
+            return Ok((Some(inline(key, &att, data)?), file));
         }
         let Some(url) = att.url.clone() else { return Err(SourceError::NotFound) };
         let other_origin = matches!(self.http.attachment_target(&url)?, Target::OtherOrigin(_));
-        match self.fetch_url(&url, &att).await {
+        match self.fetch_url(&url, &att, held).await {
             Err(SourceError::Unauthorized | SourceError::Forbidden | SourceError::NotFound)
                 if other_origin =>
             {
@@ -198,22 +227,25 @@ impl DocumentsSource {
                     return Err(SourceError::NotFound);
                 };
                 debug!(key, "renewed the attachment url by reading the document again");
-                file = File { document: Arc::new(fresh), attachment: index, hash: None };
+                file = File {
+                    document: Arc::new(fresh),
+                    attachment: index,
+                    hash: None,
+                    binary_version: None,
+                };
                 let att = file.attachment().clone();
-                let (bytes, kind) = match (&att.data, &att.url) {
-                    (Some(data), _) => {
-                        let bytes = base64_simd::forgiving_decode_to_vec(data.as_bytes()).map_err(
-                            |_| SourceError::BadBody("attachment data is not base64".into()),
-                        )?;
-                        (Bytes::from(bytes), att.content_type.clone().unwrap_or_default())
-                    }
-                    (None, Some(url)) => self.fetch_url(url, &att).await?,
+                let got = match (&att.data, &att.url) {
+                    (Some(data), _) => inline(key, &att, data)?,
+                    (None, Some(url)) => match self.fetch_url(url, &att, None).await? {
+                        Some(got) => got,
+                        None => return Err(SourceError::BadBody("304 to a plain GET".into())),
+                    },
                     (None, None) => return Err(SourceError::NotFound),
                 };
                 self.files().insert(key.to_owned(), file.clone());
-                Ok((bytes, kind, file))
+                Ok((Some(got), file))
             }
-            other => other.map(|(bytes, kind)| (bytes, kind, file)),
+            other => other.map(|got| (got, file)),
         }
     }
 }
@@ -244,9 +276,11 @@ impl Source for DocumentsSource {
                 security_context: None,
                 size,
             };
-            let old =
-                self.files().get(&key).and_then(|f| f.hash.filter(|_| same(&f.document, doc)));
-            files.insert(key.clone(), File { document: Arc::clone(doc), attachment, hash: old });
+            // What was learnt from the bytes holds while the document is the same version.
+            let old = self.files().get(&key).filter(|f| same(&f.document, doc)).cloned();
+            let (hash, binary_version) = old.map_or((None, None), |f| (f.hash, f.binary_version));
+            let file = File { document: Arc::clone(doc), attachment, hash, binary_version };
+            files.insert(key.clone(), file);
             let folder = folders.then_some(folder);
             listed.push(Listed { id: key, meta, name: Some(name), folder });
         }
@@ -254,18 +288,30 @@ impl Source for DocumentsSource {
         Ok(listed)
     }
 
-    async fn fetch(
-        &self,
-        key: &str,
-        _cached_version: Option<&str>,
-    ) -> Result<Fetched, SourceError> {
+    /// With `cached_version` (the document's version of the bytes the core holds) of the
+    /// document as listed: inline `data` is still current, and a `Binary/[id]` url is asked
+    /// whether its Binary is (`If-None-Match`); any other url is fetched again.
+    async fn fetch(&self, key: &str, cached_version: Option<&str>) -> Result<Fetched, SourceError> {
         let Some(file) = self.files().get(key).cloned() else {
             return Err(SourceError::NotFound);
         };
+        let current =
+            cached_version.is_some() && cached_version == file.document.version_id.as_deref();
+        if current && file.attachment().data.is_some() {
+            return Ok(Fetched::NotModified);
+        }
+        let held = file.binary_version.clone().filter(|_| current);
         let timeout = self.http.timeout();
-        let (bytes, kind, file) = tokio::time::timeout(timeout, self.content(key, file))
+        let content = self.content(key, file, held.as_deref());
+        let (got, file) = tokio::time::timeout(timeout, content)
             .await
             .map_err(|_| SourceError::Timeout(timeout))??;
+        let Some(Got { bytes, kind, binary_version }) = got else {
+            return Ok(Fetched::NotModified);
+        };
+        if let Some(entry) = self.files().get_mut(key) {
+            entry.binary_version = binary_version;
+        }
         let att = file.attachment();
         let check = att.hash.as_deref().map(|hash| check_hash(hash, &bytes));
         if let Some(check) = check {
