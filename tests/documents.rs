@@ -10,7 +10,9 @@ use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 
 use bytes::Bytes;
-use fhirfs::{DocumentsConfig, DocumentsSource, Fetched, Source, SourceError, VerifyHash};
+use fhirfs::{
+    DocumentsConfig, DocumentsSource, Fetched, Source, SourceError, Streamed, VerifyHash,
+};
 use fhirfs::{FhirFs, FsConfig, FsError, Kind, MemorySource, ROOT_INO};
 use fhirfs::{HttpConfig, HttpSource, Secret, TokenSource};
 use fhirfs_testserver::loopback::LoopbackServer;
@@ -650,4 +652,42 @@ async fn unchanged_documents_revalidate_without_downloading_again() {
     assert_eq!((&bytes[..], meta.version_id.as_deref()), (&b"%PDF-1.4 amended"[..], Some("1")));
     // Bytes held for an older document version are fetched again.
     assert!(matches!(source.fetch(note, Some("0")).await.unwrap(), Fetched::Content { .. }));
+}
+
+#[tokio::test]
+async fn a_binary_without_a_hash_streams_with_its_size_before_its_bytes() {
+    let server = LoopbackServer::start().await.unwrap();
+    let big = fhirfs_testserver::noise(4 << 20, 9);
+    server.put("big", "application/dicom", big.clone());
+    server.put_document(json!({
+        "resourceType": "DocumentReference", "id": "s", "subject": {"reference": "Patient/p1"},
+        "date": "2024-05-06", "description": "Scan",
+        "content": [{"attachment": {"contentType": "application/dicom", "url": "Binary/big"}}]
+    }));
+    let source = Arc::new(documents(&server, None, Some("p1")));
+    let names = listing(&source).await;
+    let (_, (key, _)) = named(&names, "2024-05-06 Scan", ".dcm");
+    let gate = server.hold_body("big", 1 << 20);
+    // Bounded: a source that waited for the whole body would wait for the gate forever.
+    let streamed = source.fetch_streaming(key, None, &|_| {});
+    let streamed = tokio::time::timeout(common::PATIENCE, streamed).await;
+    let Streamed::Content { meta, body } = streamed.expect("streamed").unwrap() else {
+        panic!("content")
+    };
+    assert_eq!((meta.size, body.len()), (Some(big.len() as u64), big.len() as u64));
+    assert_eq!(meta.version_id.as_deref(), Some("1"), "the document's version");
+    assert!(!body.is_complete(), "the size and the first bytes come before the rest");
+    assert_eq!(&body.read(0, 4096).await.unwrap()[..], &big[..4096]);
+    gate.release();
+    body.outcome().await.unwrap();
+    let mut all = Vec::new();
+    while (all.len() as u64) < body.len() {
+        all.extend_from_slice(&body.read(all.len() as u64, 1 << 20).await.unwrap());
+    }
+    assert!(all == big);
+    assert_eq!(server.counts().per_id.get("big"), Some(&1));
+    // Revalidated as the same document version: a 304, nothing downloaded.
+    let again = source.fetch_streaming(key, Some("1"), &|_| {}).await.unwrap();
+    assert!(matches!(again, Streamed::NotModified));
+    assert_eq!(server.counts().not_modified, 1);
 }

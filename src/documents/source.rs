@@ -16,7 +16,7 @@ use super::names::{self, Named};
 use crate::error::SourceError;
 use crate::fhir::documents::{Attachment, DocKind, Document};
 use crate::http::{HttpSource, Target};
-use crate::source::{Fetched, Listed, Meta, Source};
+use crate::source::{Fetched, Listed, Meta, Reserve, Source, Streamed};
 
 /// What to do when an attachment's hash does not match its bytes (`--verify-hash`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -359,6 +359,53 @@ impl Source for DocumentsSource {
     /// A folder per subject; with `--patient`, the root is that patient's folder.
     fn folders(&self) -> bool {
         self.config.patient.is_none()
+    }
+
+    /// A `Binary/[id]` url without a `hash` to check streams as a Binary does: the size
+    /// from the headers, the bytes readable as they arrive. Anything else (inline data, other
+    /// urls, a hash to check before the bytes are served) comes whole, through `fetch`.
+    async fn fetch_streaming(
+        self: &Arc<Self>,
+        key: &str,
+        cached_version: Option<&str>,
+        reserve: &Reserve<'_>,
+    ) -> Result<Streamed, SourceError> {
+        let Some(file) = self.files().get(key).cloned() else {
+            return Err(SourceError::NotFound);
+        };
+        let att = file.attachment();
+        let target = match (&att.data, &att.url, &att.hash) {
+            (None, Some(url), None) => Some(self.http.attachment_target(url)?),
+            _ => None,
+        };
+        let Some(Target::Binary(id)) = target else {
+            return Ok(match self.fetch(key, cached_version).await? {
+                Fetched::NotModified => Streamed::NotModified,
+                Fetched::Content { meta, bytes } => {
+                    Streamed::Content { meta, body: crate::buffer::body::Body::whole(bytes) }
+                }
+            });
+        };
+        let current =
+            cached_version.is_some() && cached_version == file.document.version_id.as_deref();
+        let held = file.binary_version.clone().filter(|_| current);
+        self.http.expect_content_type(&id, att.content_type.as_deref());
+        match self.http.fetch_streaming(&id, held.as_deref(), reserve).await? {
+            Streamed::NotModified => Ok(Streamed::NotModified),
+            Streamed::Content { meta, body } => {
+                if let Some(entry) = self.files().get_mut(key) {
+                    entry.binary_version = meta.version_id;
+                }
+                let meta = Meta {
+                    version_id: file.document.version_id.clone(),
+                    last_updated: file.document.last_updated,
+                    content_type: att.content_type.clone().or(meta.content_type),
+                    security_context: None,
+                    size: Some(body.len()),
+                };
+                Ok(Streamed::Content { meta, body })
+            }
+        }
     }
 
     fn xattrs(&self, key: &str) -> Vec<(&'static str, Vec<u8>)> {
