@@ -586,6 +586,9 @@ fn a_mount_reads_storage_without_the_token_and_maps_errors_to_errno() {
     assert_eq!(blobs.counts().blob_reads - tries, 2 * renewals, "one renewal per fetch");
     assert!(blobs.counts().blob_reads >= 4);
     assert_eq!(blobs.counts().blob_reads_with_authorization, 0, "never a token to storage");
+    // A presigned URL's signature is a secret too: not in the log (which is at debug level).
+    let log = mount.log();
+    assert!(!log.contains("sig=") && !log.contains("secret"), "{log}");
 }
 
 /// Backups: `rsync -a` copies every folder, and a second run after the TTLs changes nothing

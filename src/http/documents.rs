@@ -24,7 +24,8 @@ impl HttpSource {
             .map_err(|e| SourceError::Config(format!("bad base URL: {e}")))?;
         let resolved = base
             .join(url.trim())
-            .map_err(|e| SourceError::BadBody(format!("bad attachment url {url:?}: {e}")))?;
+            // Not the url itself: a presigned one carries its signature.
+            .map_err(|e| SourceError::BadBody(format!("bad attachment url: {e}")))?;
         if !self.same_origin(&resolved) {
             return Ok(Target::OtherOrigin(resolved));
         }
@@ -130,6 +131,18 @@ impl HttpSource {
         Ok((Bytes::from(answer.body), kind))
     }
 
+    /// `url` as logs may show it: on another origin without its query and fragment, since a
+    /// presigned storage URL carries its signature there.
+    pub(super) fn shown(&self, url: &Url) -> String {
+        if self.same_origin(url) {
+            return url.to_string();
+        }
+        let mut shown = url.clone();
+        shown.set_query(None);
+        shown.set_fragment(None);
+        format!("{shown} (query left out)")
+    }
+
     /// The deadline of one fetch as a whole (`--timeout`).
     pub fn timeout(&self) -> Duration {
         self.config.timeout
@@ -169,5 +182,16 @@ mod tests {
         assert_eq!(t("http://h:2/fhir/r4/Binary/b1"), other("http://h:2/fhir/r4/Binary/b1"));
         assert_eq!(t("https://s3.example/b?X-Sig=1"), other("https://s3.example/b?X-Sig=1"));
         assert_eq!(t("//evil.example/x"), other("http://evil.example/x"));
+    }
+
+    #[test]
+    fn logs_show_other_origins_without_their_signature() {
+        let s = source("http://h:1/fhir");
+        let presigned = Url::parse("https://s3.example/b/x.pdf?X-Amz-Signature=abc#f").unwrap();
+        assert_eq!(s.shown(&presigned), "https://s3.example/b/x.pdf (query left out)");
+        let own = Url::parse("http://h:1/fhir/Binary?_cursor=q").unwrap();
+        assert_eq!(s.shown(&own), "http://h:1/fhir/Binary?_cursor=q");
+        let bad = s.attachment_target("http://[::1").unwrap_err().to_string();
+        assert!(!bad.contains("::1"), "{bad}");
     }
 }
