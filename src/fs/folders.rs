@@ -110,7 +110,7 @@ impl<S: Source> FhirFs<S> {
 
     /// Looks up `name` in the root of a source that names its files (no folders): the file's
     /// id, from the listing (made first when there is none, or it is older than `--dir-ttl`).
-    pub(super) async fn lookup_named(&self, name: &OsStr) -> Result<String, FsError> {
+    pub(super) async fn lookup_named(self: &Arc<Self>, name: &OsStr) -> Result<String, FsError> {
         self.listing().await?;
         let name = name.to_str().ok_or(FsError::NoEntry)?;
         let nodes = lock(&self.nodes);
