@@ -269,6 +269,11 @@ pub struct Args {
     #[arg(long, value_name = "ID")]
     pub patient: Option<String>,
 
+    /// The documents view: name each patient's folder after the patient too (`Doe, Jane
+    /// (Patient-123)`), from one read of each Patient. Names are PHI: off by default.
+    #[arg(long)]
+    pub patient_names: bool,
+
     /// The documents view: what an attachment whose `hash` does not match its bytes gives:
     /// `warn`, the bytes, one warning and `user.fhir.hash_match=no`; `strict`, EIO.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = VerifyHash::Warn)]
@@ -312,6 +317,9 @@ impl Args {
     fn check_view(&self) -> anyhow::Result<()> {
         match (self.view, &self.patient) {
             (View::Binary, Some(_)) => bail!("--patient needs --view documents"),
+            (View::Binary, None) if self.patient_names => {
+                bail!("--patient-names needs --view documents")
+            }
             (View::Binary, None) if self.verify_hash != VerifyHash::Warn => {
                 bail!("--verify-hash needs --view documents")
             }
@@ -324,7 +332,11 @@ impl Args {
 
     /// The settings of the documents view.
     pub fn documents_config(&self) -> DocumentsConfig {
-        DocumentsConfig { patient: self.patient.clone(), verify_hash: self.verify_hash }
+        DocumentsConfig {
+            patient: self.patient.clone(),
+            verify_hash: self.verify_hash,
+            patient_names: self.patient_names,
+        }
     }
 
     /// The server (or demo) and the mountpoint, checked.

@@ -56,7 +56,8 @@ fn documents_with(
     let mut config = HttpConfig::new(Url::parse(&server.base_url()).unwrap());
     config.token = token.and_then(Secret::new).map_or(TokenSource::None, TokenSource::Static);
     let http = Arc::new(HttpSource::new(config).unwrap());
-    let config = DocumentsConfig { patient: patient.map(str::to_owned), verify_hash };
+    let config =
+        DocumentsConfig { patient: patient.map(str::to_owned), verify_hash, patient_names: false };
     DocumentsSource::new(http, config)
 }
 
@@ -693,4 +694,45 @@ async fn a_binary_without_a_hash_streams_with_its_size_before_its_bytes() {
     let again = source.fetch_streaming(key, Some("1"), &|_| {}).await.unwrap();
     assert!(matches!(again, Streamed::NotModified));
     assert_eq!(server.counts().not_modified, 1);
+}
+
+/// `--patient-names`: a patient's folder shows the name, read once per mount; a Patient that
+/// cannot be read keeps the plain folder; file names do not change.
+#[test]
+fn patient_names_label_folders_only_when_asked() {
+    let server = Server::start();
+    seed(&server.server);
+    server.server.put_patient(json!({"resourceType": "Patient", "id": "p1",
+        "name": [{"use": "official", "family": "Doe", "given": ["Jane"]}]}));
+    // p2 has no Patient resource: 404, the folder keeps its id.
+    let plain = Mount::builder().args(&["--view", "documents"]).mount(&server.base_url());
+    let mut folders: Vec<String> = std::fs::read_dir(&plain.mountpoint)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    folders.sort();
+    assert_eq!(folders, ["Patient-p1", "Patient-p2"], "no names without --patient-names");
+    let files_of = |path: std::path::PathBuf| {
+        let mut names: Vec<String> = std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let plain_files = files_of(plain.path("Patient-p1"));
+    let reads = server.server.counts().document_reads;
+    let named = Mount::builder()
+        .args(&["--view", "documents", "--patient-names", "--dir-ttl", "0"])
+        .mount(&server.base_url());
+    let mut folders: Vec<String> = std::fs::read_dir(&named.mountpoint)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    folders.sort();
+    assert_eq!(folders, ["Doe, Jane (Patient-p1)", "Patient-p2"]);
+    assert_eq!(files_of(named.path("Doe, Jane (Patient-p1)")), plain_files);
+    // Listed again (--dir-ttl 0): the names are not read again.
+    std::fs::read_dir(&named.mountpoint).unwrap().for_each(drop);
+    assert_eq!(server.server.counts().document_reads - reads, 2, "p1 and p2, once each");
 }

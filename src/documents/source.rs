@@ -78,7 +78,12 @@ pub struct DocumentsConfig {
     pub patient: Option<String>,
     /// `--verify-hash`.
     pub verify_hash: VerifyHash,
+    /// `--patient-names`: a patient's folder shows their name (PHI: only when asked).
+    pub patient_names: bool,
 }
+
+/// Patients whose names are read at once for `--patient-names`.
+const LABEL_READS: usize = 8;
 
 /// One file of the view.
 #[derive(Debug, Clone)]
@@ -122,6 +127,9 @@ pub struct DocumentsSource {
     config: DocumentsConfig,
     /// The files of the last listing, by key.
     files: Mutex<HashMap<String, File>>,
+    /// Folder labels for `--patient-names`, by `Patient/id`, read once per mount (`None`: the
+    /// Patient could not be read, or has no name).
+    labels: Mutex<HashMap<String, Option<String>>>,
 }
 
 /// The core's key of a file: `Type.id.index` (the characters of a FHIR id, so it can be
@@ -133,7 +141,7 @@ pub fn file_key(document: &Document, attachment: &Attachment) -> String {
 impl DocumentsSource {
     /// The documents view over `http`.
     pub fn new(http: Arc<HttpSource>, config: DocumentsConfig) -> Self {
-        Self { http, config, files: Mutex::default() }
+        Self { http, config, files: Mutex::default(), labels: Mutex::default() }
     }
 
     fn files(&self) -> std::sync::MutexGuard<'_, HashMap<String, File>> {
@@ -169,6 +177,39 @@ impl DocumentsSource {
             }
         }
         Ok(all)
+    }
+
+    /// The labels of the patients among `documents`' subjects, for `--patient-names`: read
+    /// once per mount, a few at a time; a Patient that cannot be read keeps its plain folder.
+    async fn labels(&self, documents: &[Document]) -> HashMap<String, String> {
+        use futures::StreamExt;
+        let unknown: std::collections::BTreeSet<String> = {
+            let known = self.labels.lock().unwrap_or_else(|e| e.into_inner());
+            documents
+                .iter()
+                .filter_map(|d| d.subject.as_deref().map(names::subject_reference))
+                .filter(|s| s.starts_with("Patient/") && !known.contains_key(*s))
+                .map(str::to_owned)
+                .collect()
+        };
+        let reads = futures::stream::iter(unknown).map(|subject| async move {
+            let id = &subject["Patient/".len()..];
+            let label = match self.http.read_resource("Patient", id).await {
+                Ok(body) => serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|patient| names::person_label(&patient["name"])),
+                Err(e) => {
+                    debug!(error = %e, "cannot read a patient's name; the folder keeps its id");
+                    None
+                }
+            };
+            (subject, label)
+        });
+        let read: Vec<(String, Option<String>)> =
+            reads.buffer_unordered(LABEL_READS).collect().await;
+        let mut known = self.labels.lock().unwrap_or_else(|e| e.into_inner());
+        known.extend(read);
+        known.iter().filter_map(|(s, l)| Some((s.clone(), l.clone()?))).collect()
     }
 
     /// The bytes at an attachment's url. A `Binary/[id]` url with `held` (the Binary's
@@ -255,7 +296,12 @@ impl Source for DocumentsSource {
         let documents: Vec<Arc<Document>> =
             self.documents().await?.into_iter().map(Arc::new).collect();
         let plain: Vec<Document> = documents.iter().map(|d| (**d).clone()).collect();
-        let mut named = names::name_files(&plain);
+        let labels = if self.config.patient_names && self.folders() {
+            self.labels(&plain).await
+        } else {
+            HashMap::new()
+        };
+        let mut named = names::name_files_labelled(&plain, &labels);
         // Folder by folder, by name: the order `ls`, `cp -r` and `rsync` walk in, so that the
         // core's read-ahead follows them.
         named.sort_unstable_by(|a, b| (&a.folder, &a.name).cmp(&(&b.folder, &b.name)));

@@ -75,13 +75,22 @@ impl HttpSource {
 
     /// Reads `Type/id` again (for a fresh attachment `url`).
     pub async fn read_document(&self, kind: DocKind, id: &str) -> Result<Document, SourceError> {
-        let mut url = self.search_url(kind.as_str())?;
+        Ok(documents::parse_document(&self.read_resource(kind.as_str(), id).await?)?)
+    }
+
+    /// The FHIR JSON of `Type/id` (`GET [base]/Type/id`, with the token), within the deadline.
+    pub async fn read_resource(&self, kind: &str, id: &str) -> Result<Vec<u8>, SourceError> {
+        let mut url = self.search_url(kind)?;
         url.path_segments_mut()
             .map_err(|()| SourceError::Config("base URL cannot have a path".into()))?
             .push(id);
         let deadline = Instant::now() + self.config.timeout;
-        let answer = self.get(&Get::json(&url, self.json_limit()), deadline).await?;
-        Ok(documents::parse_document(&answer.body)?)
+        let get = Get::json(&url, self.json_limit());
+        let read = self.get(&get, deadline);
+        let answer = tokio::time::timeout(self.config.timeout, read)
+            .await
+            .map_err(|_| SourceError::Timeout(self.config.timeout))??;
+        Ok(answer.body)
     }
 
     /// GETs an attachment's content at `target` (not [`Target::Binary`]: that goes through

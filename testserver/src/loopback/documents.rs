@@ -1,5 +1,5 @@
 //! DocumentReference and DiagnosticReport, and storage with presigned URLs, for the documents
-//! view: searches by `patient` (paged by offset), reads by id, and blobs served at
+//! view: searches by `patient` (paged by offset), reads by id (Patients too), and blobs at
 //! `/storage/{name}?sig=...` that answer 403 once their signature changed, as an expired
 //! presigned URL of Medplum or S3 does. Two quirks: a server that ignores `patient` and says
 //! so in an OperationOutcome entry (HFS 0.2.7), and one that refuses a search without it
@@ -35,6 +35,9 @@ struct Blob {
 /// The types of resources that point at documents.
 const DOCUMENT_TYPES: [&str; 2] = ["DocumentReference", "DiagnosticReport"];
 
+/// The types that can be read by id: the documents, and the patients they are about.
+const READABLE_TYPES: [&str; 3] = ["DocumentReference", "DiagnosticReport", "Patient"];
+
 impl LoopbackServer {
     /// Creates or replaces a DocumentReference or DiagnosticReport (its `resourceType` and
     /// `id` say which): `meta.versionId` counts up from "1", `meta.lastUpdated` is now.
@@ -48,6 +51,20 @@ impl LoopbackServer {
         });
         stored.version += 1;
         stored.last_updated = now_millis();
+        stored.resource = Some(resource);
+    }
+
+    /// Creates or replaces a Patient (read by id only; the names of `--patient-names`).
+    pub fn put_patient(&self, resource: Value) {
+        let id = resource["id"].as_str().unwrap_or_default().to_owned();
+        let mut state = self.inner.lock();
+        let key = ("Patient".to_owned(), id);
+        let stored = state.docs.resources.entry(key).or_insert(StoredDoc {
+            version: 0,
+            last_updated: now_millis(),
+            resource: None,
+        });
+        stored.version += 1;
         stored.resource = Some(resource);
     }
 
@@ -199,7 +216,7 @@ pub(super) async fn document_search(
     inner.answered(response)
 }
 
-/// `GET /fhir/{DocumentReference|DiagnosticReport}/{id}`.
+/// `GET /fhir/{DocumentReference|DiagnosticReport|Patient}/{id}`.
 pub(super) async fn document_read(
     State(inner): State<Arc<Inner>>,
     Path((kind, id)): Path<(String, String)>,
@@ -208,7 +225,7 @@ pub(super) async fn document_read(
     inner.counts.send_modify(|c| c.document_reads += 1);
     let response = match inner.deny(&headers) {
         Some(refused) => refused,
-        None if DOCUMENT_TYPES.contains(&kind.as_str()) => inner.document_read(&kind, &id),
+        None if READABLE_TYPES.contains(&kind.as_str()) => inner.document_read(&kind, &id),
         None => outcome(404, &format!("no route for {kind}/{id}")),
     };
     inner.answered(response)
