@@ -461,6 +461,42 @@ mod tests {
     }
 
     #[test]
+    fn the_documents_views_options_go_with_it() {
+        let base = ["http://h/fhir", "/mnt"];
+        let args = parse(&base);
+        assert_eq!(
+            (args.view, args.verify_hash, args.patient_names),
+            (View::Binary, VerifyHash::Warn, false)
+        );
+        let with = |extra: &[&str]| parse(&[extra, &base[..]].concat()).target().map(|_| ());
+        assert!(with(&["--view", "documents"]).is_ok(), "a folder per subject");
+        assert!(with(&["--view", "documents", "--patient", "p-1.2"]).is_ok());
+        let config = parse(&[
+            "--view",
+            "documents",
+            "--patient",
+            "p1",
+            "--verify-hash",
+            "strict",
+            "--patient-names",
+            "http://h/fhir",
+            "/mnt",
+        ])
+        .documents_config();
+        assert_eq!(config.patient.as_deref(), Some("p1"));
+        assert_eq!((config.verify_hash, config.patient_names), (VerifyHash::Strict, true));
+        for (extra, message) in [
+            (&["--patient", "p1"][..], "--patient needs --view documents"),
+            (&["--verify-hash", "strict"][..], "--verify-hash needs --view documents"),
+            (&["--patient-names"][..], "--patient-names needs --view documents"),
+            (&["--view", "documents", "--patient", "../p"][..], "is not a FHIR id"),
+        ] {
+            let error = with(extra).unwrap_err().to_string();
+            assert!(error.contains(message), "{extra:?}: {error}");
+        }
+    }
+
+    #[test]
     fn defaults_are_the_documented_ones() {
         let args = parse(&["https://h/fhir", "/mnt"]);
         assert_eq!(args.dir_ttl, Duration::from_secs(60));
