@@ -184,9 +184,11 @@ pub struct Args {
     #[arg(long, value_name = "URL", requires = "smart_client_id")]
     pub smart_token_url: Option<Url>,
 
-    /// SMART Backend Services: the scopes asked for.
-    #[arg(long, value_name = "SCOPES", default_value = "system/Binary.read")]
-    pub smart_scope: String,
+    /// SMART Backend Services: the scopes asked for [default: system/Binary.read; with --view
+    /// documents also system/DocumentReference.read and system/DiagnosticReport.read, and
+    /// system/Patient.read with --patient-names].
+    #[arg(long, value_name = "SCOPES")]
+    pub smart_scope: Option<String>,
 
     /// SMART Backend Services: the `kid` of the key, if the server wants one.
     #[arg(long, value_name = "KID", requires = "smart_client_id")]
@@ -330,6 +332,21 @@ impl Args {
         }
     }
 
+    /// The SMART scopes to ask for: `--smart-scope`, else what the view reads.
+    pub fn smart_scope(&self) -> String {
+        if let Some(scope) = &self.smart_scope {
+            return scope.clone();
+        }
+        let mut scope = String::from("system/Binary.read");
+        if self.view == View::Documents {
+            scope.push_str(" system/DocumentReference.read system/DiagnosticReport.read");
+            if self.patient_names {
+                scope.push_str(" system/Patient.read");
+            }
+        }
+        scope
+    }
+
     /// The settings of the documents view.
     pub fn documents_config(&self) -> DocumentsConfig {
         DocumentsConfig {
@@ -378,7 +395,7 @@ impl Args {
                 client_id: client_id.clone(),
                 key_pem,
                 token_url: self.smart_token_url.clone(),
-                scope: self.smart_scope.clone(),
+                scope: self.smart_scope(),
                 kid: self.smart_kid.clone(),
             };
             let client = SmartClient::new(config)?;
@@ -485,6 +502,16 @@ mod tests {
         .documents_config();
         assert_eq!(config.patient.as_deref(), Some("p1"));
         assert_eq!((config.verify_hash, config.patient_names), (VerifyHash::Strict, true));
+        // SMART scopes follow what the view reads, unless given.
+        assert_eq!(parse(&base).smart_scope(), "system/Binary.read");
+        let documents = parse(&["--view", "documents", "--patient-names", "http://h/fhir", "/mnt"]);
+        assert_eq!(
+            documents.smart_scope(),
+            "system/Binary.read system/DocumentReference.read system/DiagnosticReport.read \
+             system/Patient.read"
+        );
+        let given = parse(&["--view", "documents", "--smart-scope", "x", "http://h/fhir", "/mnt"]);
+        assert_eq!(given.smart_scope(), "x");
         for (extra, message) in [
             (&["--patient", "p1"][..], "--patient needs --view documents"),
             (&["--verify-hash", "strict"][..], "--verify-hash needs --view documents"),

@@ -736,3 +736,30 @@ fn patient_names_label_folders_only_when_asked() {
     std::fs::read_dir(&named.mountpoint).unwrap().for_each(drop);
     assert_eq!(server.server.counts().document_reads - reads, 2, "p1 and p2, once each");
 }
+
+#[tokio::test]
+async fn a_kind_the_token_may_not_search_is_left_out_and_neither_is_eacces() {
+    let server = LoopbackServer::start().await.unwrap();
+    seed(&server);
+    server.set_document_search_status("DiagnosticReport", Some(403));
+    let source = documents(&server, None, Some("p1"));
+    let names = listing(&source).await;
+    assert_eq!(names.len(), 2, "the DocumentReference's two files: {names:?}");
+    server.set_document_search_status("DocumentReference", Some(403));
+    assert_eq!(source.list().await.unwrap_err(), SourceError::Forbidden);
+}
+
+/// A server that wants a patient (Epic, Cerner), mounted without --patient: an empty folder,
+/// and one warning that says what to do.
+#[test]
+fn a_server_that_needs_a_patient_hints_at_patient() {
+    let server = Server::start();
+    server.server.set_documents_require_patient(true);
+    seed(&server.server);
+    let mount =
+        Mount::builder().args(&["--view", "documents", "--dir-ttl", "0"]).mount(&server.base_url());
+    for _ in 0..2 {
+        assert_eq!(std::fs::read_dir(&mount.mountpoint).unwrap().count(), 0);
+    }
+    assert_eq!(mount.log().matches("try --patient ID").count(), 1, "{}", mount.log());
+}

@@ -7,6 +7,8 @@
 //! again. The SHA-1 in `attachment.hash` is checked once the bytes are in.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -130,6 +132,8 @@ pub struct DocumentsSource {
     /// Folder labels for `--patient-names`, by `Patient/id`, read once per mount (`None`: the
     /// Patient could not be read, or has no name).
     labels: Mutex<HashMap<String, Option<String>>>,
+    /// The hint to use `--patient` was logged.
+    hinted: AtomicBool,
 }
 
 /// The core's key of a file: `Type.id.index` (the characters of a FHIR id, so it can be
@@ -141,7 +145,8 @@ pub fn file_key(document: &Document, attachment: &Attachment) -> String {
 impl DocumentsSource {
     /// The documents view over `http`.
     pub fn new(http: Arc<HttpSource>, config: DocumentsConfig) -> Self {
-        Self { http, config, files: Mutex::default(), labels: Mutex::default() }
+        let (files, labels, hinted) = (Mutex::default(), Mutex::default(), AtomicBool::new(false));
+        Self { http, config, files, labels, hinted }
     }
 
     fn files(&self) -> std::sync::MutexGuard<'_, HashMap<String, File>> {
@@ -153,17 +158,34 @@ impl DocumentsSource {
     async fn documents(&self) -> Result<Vec<Document>, SourceError> {
         let patient = self.config.patient.as_deref();
         let mut all = Vec::new();
+        let mut refused = Vec::new();
         for kind in [DocKind::DocumentReference, DocKind::DiagnosticReport] {
             match self.http.search_documents(kind, patient).await {
                 Ok(found) => all.extend(found),
+                // A token may read one kind and not the other: none of that kind, then.
+                Err(e @ (SourceError::Unauthorized | SourceError::Forbidden)) => {
+                    debug!(kind = kind.as_str(), error = %e, "this search is not allowed");
+                    refused.push(e);
+                }
                 Err(SourceError::Status(status)) if (400..500).contains(&status) => {
                     debug!(kind = kind.as_str(), status, "the server refuses this search");
+                    if patient.is_none() && status == 400 && !self.hinted.swap(true, Relaxed) {
+                        warn!(
+                            kind = kind.as_str(),
+                            "the server refuses to search documents (400); servers such as \
+                             Epic and Cerner want a patient: try --patient ID"
+                        );
+                    }
                 }
                 Err(SourceError::NotFound | SourceError::Gone) => {
                     debug!(kind = kind.as_str(), "the server has no such search");
                 }
                 Err(e) => return Err(e),
             }
+        }
+        // Neither kind allowed: the folder is not readable (EACCES), not empty.
+        if refused.len() == 2 {
+            return Err(refused.swap_remove(0));
         }
         if let Some(patient) = patient {
             let wanted = format!("Patient/{patient}");

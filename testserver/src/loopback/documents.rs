@@ -17,6 +17,8 @@ pub(super) struct DocState {
     requires_patient: bool,
     /// Searches ignore `patient` and `subject` and add an OperationOutcome entry (HFS 0.2.7).
     ignores_patient: bool,
+    /// Searches of these types answer this status (a token without their scope: 403).
+    search_status: HashMap<String, u16>,
 }
 
 struct StoredDoc {
@@ -108,6 +110,16 @@ impl LoopbackServer {
         format!("http://{}/storage/{name}?sig={signature}", self.inner.addr)
     }
 
+    /// Searches of `kind` answer `status` (None: as usual), e.g. 403 for a token without
+    /// that type's scope.
+    pub fn set_document_search_status(&self, kind: &str, status: Option<u16>) {
+        let mut state = self.inner.lock();
+        match status {
+            Some(status) => state.docs.search_status.insert(kind.to_owned(), status),
+            None => state.docs.search_status.remove(kind),
+        };
+    }
+
     /// Document searches without `patient` answer 400, as Cerner and Epic do.
     pub fn set_documents_require_patient(&self, requires: bool) {
         self.inner.lock().docs.requires_patient = requires;
@@ -143,6 +155,9 @@ impl Inner {
         let patient = param(params, "patient")
             .map(|p| format!("Patient/{p}"))
             .or_else(|| param(params, "subject").map(str::to_owned));
+        if let Some(&status) = state.docs.search_status.get(kind) {
+            return outcome(status, &format!("{kind} search refused"));
+        }
         if state.docs.requires_patient && patient.is_none() {
             return outcome(400, "a patient is required for this search");
         }
