@@ -184,9 +184,9 @@ pub struct Args {
     #[arg(long, value_name = "URL", requires = "smart_client_id")]
     pub smart_token_url: Option<Url>,
 
-    /// SMART Backend Services: the scopes asked for [default: system/Binary.read; with --view
-    /// documents also system/DocumentReference.read and system/DiagnosticReport.read, and
-    /// system/Patient.read with --patient-names].
+    /// SMART Backend Services: the scopes asked for; with --view documents, the default also
+    /// asks for system/DocumentReference.read and system/DiagnosticReport.read (and
+    /// system/Patient.read with --patient-names) [default: system/Binary.read]
     #[arg(long, value_name = "SCOPES")]
     pub smart_scope: Option<String>,
 
