@@ -175,7 +175,17 @@ pub fn folder_name(subject: Option<&str>) -> String {
     let Some(subject) = subject.map(str::trim).filter(|s| !s.is_empty()) else {
         return NO_SUBJECT.to_owned();
     };
-    let name = clean(&subject_reference(subject).replace('/', "-"));
+    let mut name = clean(&subject_reference(subject).replace('/', "-"));
+    // A reference is short (`Type/id`, an id of at most 64), but a contained or logical one
+    // may be anything.
+    if name.len() > MAX_NAME_BYTES {
+        let mut cut = MAX_NAME_BYTES;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        name.truncate(cut);
+        name = clean(&name);
+    }
     if name.is_empty() { NO_SUBJECT.to_owned() } else { name }
 }
 
@@ -434,6 +444,8 @@ mod tests {
         assert_eq!(folder_name(Some("#contained")), "#contained");
         assert_eq!(folder_name(Some("..")), NO_SUBJECT);
         assert_eq!(folder_name(None), NO_SUBJECT);
+        let long = format!("#{}", "ü".repeat(200));
+        assert!(folder_name(Some(&long)).len() <= MAX_NAME_BYTES);
         assert_eq!(subject_reference("Patient/1"), "Patient/1");
         assert_eq!(subject_reference("http://x/fhir/Patient/1"), "Patient/1");
     }
