@@ -184,9 +184,11 @@ pub struct Args {
     #[arg(long, value_name = "URL", requires = "smart_client_id")]
     pub smart_token_url: Option<Url>,
 
-    /// SMART Backend Services: the scopes asked for.
-    #[arg(long, value_name = "SCOPES", default_value = "system/Binary.read")]
-    pub smart_scope: String,
+    /// SMART Backend Services: the scopes asked for; with --view documents, the default also
+    /// asks for system/DocumentReference.read and system/DiagnosticReport.read (and
+    /// system/Patient.read with --patient-names) [default: system/Binary.read]
+    #[arg(long, value_name = "SCOPES")]
+    pub smart_scope: Option<String>,
 
     /// SMART Backend Services: the `kid` of the key, if the server wants one.
     #[arg(long, value_name = "KID", requires = "smart_client_id")]
@@ -269,6 +271,11 @@ pub struct Args {
     #[arg(long, value_name = "ID")]
     pub patient: Option<String>,
 
+    /// The documents view: name each patient's folder after the patient too (`Doe, Jane
+    /// (Patient-123)`), from one read of each Patient. Names are PHI: off by default.
+    #[arg(long)]
+    pub patient_names: bool,
+
     /// The documents view: what an attachment whose `hash` does not match its bytes gives:
     /// `warn`, the bytes, one warning and `user.fhir.hash_match=no`; `strict`, EIO.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = VerifyHash::Warn)]
@@ -312,6 +319,9 @@ impl Args {
     fn check_view(&self) -> anyhow::Result<()> {
         match (self.view, &self.patient) {
             (View::Binary, Some(_)) => bail!("--patient needs --view documents"),
+            (View::Binary, None) if self.patient_names => {
+                bail!("--patient-names needs --view documents")
+            }
             (View::Binary, None) if self.verify_hash != VerifyHash::Warn => {
                 bail!("--verify-hash needs --view documents")
             }
@@ -322,9 +332,28 @@ impl Args {
         }
     }
 
+    /// The SMART scopes to ask for: `--smart-scope`, else what the view reads.
+    pub fn smart_scope(&self) -> String {
+        if let Some(scope) = &self.smart_scope {
+            return scope.clone();
+        }
+        let mut scope = String::from("system/Binary.read");
+        if self.view == View::Documents {
+            scope.push_str(" system/DocumentReference.read system/DiagnosticReport.read");
+            if self.patient_names {
+                scope.push_str(" system/Patient.read");
+            }
+        }
+        scope
+    }
+
     /// The settings of the documents view.
     pub fn documents_config(&self) -> DocumentsConfig {
-        DocumentsConfig { patient: self.patient.clone(), verify_hash: self.verify_hash }
+        DocumentsConfig {
+            patient: self.patient.clone(),
+            verify_hash: self.verify_hash,
+            patient_names: self.patient_names,
+        }
     }
 
     /// The server (or demo) and the mountpoint, checked.
@@ -366,7 +395,7 @@ impl Args {
                 client_id: client_id.clone(),
                 key_pem,
                 token_url: self.smart_token_url.clone(),
-                scope: self.smart_scope.clone(),
+                scope: self.smart_scope(),
                 kid: self.smart_kid.clone(),
             };
             let client = SmartClient::new(config)?;
@@ -446,6 +475,52 @@ mod tests {
 
     fn parse(args: &[&str]) -> Args {
         Args::try_parse_from(std::iter::once("fhirfs").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn the_documents_views_options_go_with_it() {
+        let base = ["http://h/fhir", "/mnt"];
+        let args = parse(&base);
+        assert_eq!(
+            (args.view, args.verify_hash, args.patient_names),
+            (View::Binary, VerifyHash::Warn, false)
+        );
+        let with = |extra: &[&str]| parse(&[extra, &base[..]].concat()).target().map(|_| ());
+        assert!(with(&["--view", "documents"]).is_ok(), "a folder per subject");
+        assert!(with(&["--view", "documents", "--patient", "p-1.2"]).is_ok());
+        let config = parse(&[
+            "--view",
+            "documents",
+            "--patient",
+            "p1",
+            "--verify-hash",
+            "strict",
+            "--patient-names",
+            "http://h/fhir",
+            "/mnt",
+        ])
+        .documents_config();
+        assert_eq!(config.patient.as_deref(), Some("p1"));
+        assert_eq!((config.verify_hash, config.patient_names), (VerifyHash::Strict, true));
+        // SMART scopes follow what the view reads, unless given.
+        assert_eq!(parse(&base).smart_scope(), "system/Binary.read");
+        let documents = parse(&["--view", "documents", "--patient-names", "http://h/fhir", "/mnt"]);
+        assert_eq!(
+            documents.smart_scope(),
+            "system/Binary.read system/DocumentReference.read system/DiagnosticReport.read \
+             system/Patient.read"
+        );
+        let given = parse(&["--view", "documents", "--smart-scope", "x", "http://h/fhir", "/mnt"]);
+        assert_eq!(given.smart_scope(), "x");
+        for (extra, message) in [
+            (&["--patient", "p1"][..], "--patient needs --view documents"),
+            (&["--verify-hash", "strict"][..], "--verify-hash needs --view documents"),
+            (&["--patient-names"][..], "--patient-names needs --view documents"),
+            (&["--view", "documents", "--patient", "../p"][..], "is not a FHIR id"),
+        ] {
+            let error = with(extra).unwrap_err().to_string();
+            assert!(error.contains(message), "{extra:?}: {error}");
+        }
     }
 
     #[test]

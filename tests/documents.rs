@@ -10,7 +10,9 @@ use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 
 use bytes::Bytes;
-use fhirfs::{DocumentsConfig, DocumentsSource, Fetched, Source, SourceError, VerifyHash};
+use fhirfs::{
+    DocumentsConfig, DocumentsSource, Fetched, Source, SourceError, Streamed, VerifyHash,
+};
 use fhirfs::{FhirFs, FsConfig, FsError, Kind, MemorySource, ROOT_INO};
 use fhirfs::{HttpConfig, HttpSource, Secret, TokenSource};
 use fhirfs_testserver::loopback::LoopbackServer;
@@ -54,7 +56,8 @@ fn documents_with(
     let mut config = HttpConfig::new(Url::parse(&server.base_url()).unwrap());
     config.token = token.and_then(Secret::new).map_or(TokenSource::None, TokenSource::Static);
     let http = Arc::new(HttpSource::new(config).unwrap());
-    let config = DocumentsConfig { patient: patient.map(str::to_owned), verify_hash };
+    let config =
+        DocumentsConfig { patient: patient.map(str::to_owned), verify_hash, patient_names: false };
     DocumentsSource::new(http, config)
 }
 
@@ -313,8 +316,13 @@ fn a_mount_of_one_patients_documents_shows_names_sizes_bytes_and_xattrs() {
     assert_eq!(get("user.mime_type").as_deref(), Some("application/pdf"));
     assert_eq!(get("user.fhir.source").as_deref(), Some("DocumentReference/d1"));
     assert_eq!(get("user.fhir.hash_match").as_deref(), Some("yes"));
-    // A name that is no document's, even one shaped like an id: no such file.
-    for missing in ["2024-05-06 Nothing ~00000000.pdf", "b1", "DocumentReference.d2.0"] {
+    // A name that is no document's, even one shaped like an id or a file's key: no such file.
+    for missing in [
+        "2024-05-06 Nothing ~00000000.pdf",
+        "b1",
+        "DocumentReference.d2.0",
+        "DocumentReference.d1.0",
+    ] {
         let error = std::fs::metadata(mount.path(missing)).unwrap_err();
         assert_eq!(errno(error), libc::ENOENT, "{missing}");
     }
@@ -485,4 +493,273 @@ fn the_demo_shows_its_documents_by_patient() {
         assert_eq!(std::fs::metadata(mount.path(path)).unwrap().len(), expected.len() as u64);
         assert_eq!(std::fs::read(mount.path(path)).unwrap(), expected, "{path}");
     }
+}
+
+#[tokio::test]
+async fn named_files_are_found_by_name_before_any_listing_and_never_by_id() {
+    let source = MemorySource::new();
+    source.put("a", "application/pdf", "aaa");
+    source.place("a", None, "2024-05-06 Report ~1.pdf");
+    source.put("b", "text/plain", "unplaced");
+    let fs = FhirFs::new(source, FsConfig::default());
+    // The first lookup lists: a program may open a path it knows without listing the folder.
+    let found = fs.lookup(ROOT_INO, OsStr::new("2024-05-06 Report ~1.pdf")).await.unwrap();
+    assert_eq!((found.kind, found.size), (Kind::File, 3));
+    assert_eq!(fs.source().list_count(), 1);
+    for name in ["a", "b", "2024-05-06 Other ~2.pdf"] {
+        let error = fs.lookup(ROOT_INO, OsStr::new(name)).await.unwrap_err();
+        assert_eq!(error.errno(), libc::ENOENT, "{name}");
+    }
+    assert_eq!(fs.source().fetch_count(), 0, "the listing gave the size; no id was tried");
+    let root = entries_of(&fs, ROOT_INO).await;
+    assert_eq!(root.last(), Some(&entry("2024-05-06 Report ~1.pdf", Kind::File)));
+    assert_eq!(root.len(), 3);
+}
+
+/// A viewer opens a path it was given, before anything listed the folder.
+#[test]
+fn a_known_name_opens_without_listing_the_folder_first() {
+    let mount = Mount::builder().args(&["--demo", "--view", "documents", "--patient", "demo-1"]);
+    let mount = mount.mount_demo();
+    let png = std::fs::read(format!("{}/assets/demo/scan.png", env!("CARGO_MANIFEST_DIR")));
+    let bytes = std::fs::read(mount.path("2024-05-07 CT chest ~751438ee.png")).unwrap();
+    assert_eq!(bytes, png.unwrap());
+    let error = std::fs::metadata(mount.path("2024-05-07 CT chest ~00000000.png")).unwrap_err();
+    assert_eq!(errno(error), libc::ENOENT);
+}
+
+/// Through a real mount: presigned storage on another origin never sees the token; an expired
+/// URL is renewed once, and when the renewal does not help the file is EACCES; a Binary that is
+/// gone is ENOENT, one the token may not read EACCES, a server error EIO.
+#[test]
+fn a_mount_reads_storage_without_the_token_and_maps_errors_to_errno() {
+    let server = Server::start();
+    let storage = Server::start();
+    let (fhir, blobs) = (&server.server, &storage.server);
+    fhir.set_token(Some("secret"));
+    blobs.put_blob("scan", "application/dicom", b"DICM scan".to_vec(), "s1");
+    fhir.put("locked", "application/pdf", b"%PDF locked".to_vec());
+    fhir.set_fault("locked", Some(fhirfs_testserver::loopback::Fault::Status(403)));
+    fhir.put("broken", "application/pdf", b"%PDF broken".to_vec());
+    fhir.set_fault("broken", Some(fhirfs_testserver::loopback::Fault::Status(500)));
+    let doc = |scan_url: String| {
+        json!({"resourceType": "DocumentReference", "id": "d1",
+        "subject": {"reference": "Patient/p1"}, "date": "2024-05-06",
+        "content": [
+            {"attachment": {"contentType": "application/dicom", "title": "scan", "url": scan_url}},
+            {"attachment": {"contentType": "application/pdf", "title": "gone", "url": "Binary/gone"}},
+            {"attachment": {"contentType": "application/pdf", "title": "locked", "url": "Binary/locked"}},
+            {"attachment": {"contentType": "application/pdf", "title": "broken", "url": "Binary/broken"}}
+        ]})
+    };
+    fhir.put_document(doc(blobs.blob_url("scan", "s1")));
+    let mount = Mount::builder()
+        .args(&["--view", "documents", "--patient", "p1", "--cache-ttl", "0", "--dir-ttl", "0"])
+        .env("FHIRFS_TOKEN", "secret")
+        .mount(&server.base_url());
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    for entry in std::fs::read_dir(&mount.mountpoint).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let title = name["2024-05-06 ".len()..name.find(" ~").unwrap()].to_owned();
+        names.insert(title, name);
+    }
+    let path = |title: &str| mount.path(&names[title]);
+    assert_eq!(std::fs::read(path("scan")).unwrap(), b"DICM scan");
+    for (title, expected) in
+        [("gone", libc::ENOENT), ("locked", libc::EACCES), ("broken", libc::EIO)]
+    {
+        let error = std::fs::read(path(title)).unwrap_err();
+        assert_eq!(errno(error), expected, "{title}");
+    }
+    // A fresh URL (the listing, with --dir-ttl 0, brings it).
+    blobs.put_blob("scan", "application/dicom", b"DICM scan v2".to_vec(), "s2");
+    fhir.resign_document(doc(blobs.blob_url("scan", "s2")));
+    assert_eq!(std::fs::read(path("scan")).unwrap(), b"DICM scan v2");
+    // Expired, and the document still names the old URL: read again once, then EACCES.
+    blobs.put_blob("scan", "application/dicom", b"DICM scan v3".to_vec(), "s3");
+    let (reads, tries) = (fhir.counts().document_reads, blobs.counts().blob_reads);
+    let error = std::fs::read(path("scan")).unwrap_err();
+    assert_eq!(errno(error), libc::EACCES);
+    // Each fetch (the kernel may look the file up more than once) tries the URL, reads the
+    // document again once, and tries the URL it names: two storage requests per renewal.
+    let renewals = fhir.counts().document_reads - reads;
+    assert!(renewals >= 1);
+    assert_eq!(blobs.counts().blob_reads - tries, 2 * renewals, "one renewal per fetch");
+    assert!(blobs.counts().blob_reads >= 4);
+    assert_eq!(blobs.counts().blob_reads_with_authorization, 0, "never a token to storage");
+    // A presigned URL's signature is a secret too: not in the log (which is at debug level).
+    let log = mount.log();
+    assert!(!log.contains("sig=") && !log.contains("secret"), "{log}");
+}
+
+/// Backups: `rsync -a` copies every folder, and a second run after the TTLs changes nothing
+/// and fetches no content: the listing confirms each document's version.
+#[test]
+fn a_second_rsync_of_the_documents_changes_nothing_and_fetches_no_content() {
+    let server = Server::start();
+    seed(&server.server);
+    let mount = Mount::builder()
+        .args(&["--view", "documents", "--dir-ttl", "0.3", "--cache-ttl", "0.3"])
+        .mount(&server.base_url());
+    let out = tempfile::tempdir().unwrap();
+    let dst = out.path().join("copy");
+    let src = format!("{}/", mount.mountpoint.display());
+    let rsync = |extra: &[&str]| {
+        let output = std::process::Command::new("rsync")
+            .arg("-a")
+            .args(extra)
+            .arg(&src)
+            .arg(&dst)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    rsync(&[]);
+    let p1 = std::fs::read_dir(dst.join("Patient-p1")).unwrap().count();
+    assert_eq!(p1, 3);
+    // Both TTLs run out; counted after the wait, so no late request of the first run counts.
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let counts = server.server.counts();
+    assert_eq!(rsync(&["--itemize-changes"]), "", "the second rsync changes nothing");
+    let after = server.server.counts();
+    assert_eq!(after.reads, counts.reads, "no content GET (not even a 304)");
+    assert!(after.document_searches > counts.document_searches, "the listing was revalidated");
+}
+
+#[tokio::test]
+async fn unchanged_documents_revalidate_without_downloading_again() {
+    let server = LoopbackServer::start().await.unwrap();
+    seed(&server);
+    let source = documents(&server, None, Some("p1"));
+    let names = listing(&source).await;
+    let (_, (pdf, _)) = named(&names, "2024-05-06 Discharge summary", ".pdf");
+    let (_, (note, _)) = named(&names, "2024-05-06 Note", ".txt");
+    let (_, (ct, _)) = named(&names, "2024-05-07 CT chest", ".txt");
+    for key in [pdf, note, ct] {
+        read(&source, key).await.unwrap();
+    }
+    let before = server.counts();
+    // The core holds the bytes of document version 1, which the listing still names.
+    for key in [pdf, note, ct] {
+        let fetched = source.fetch(key, Some("1")).await.unwrap();
+        assert_eq!(fetched, Fetched::NotModified, "{key}");
+    }
+    let after = server.counts();
+    assert_eq!(after.reads - before.reads, 2, "inline data asks nothing; each Binary once");
+    assert_eq!(after.not_modified - before.not_modified, 2, "both Binaries answered 304");
+    // The Binary changes under the same document version: its new bytes.
+    server.put("b1", "application/pdf", b"%PDF-1.4 amended".to_vec());
+    let Fetched::Content { bytes, meta } = source.fetch(pdf, Some("1")).await.unwrap() else {
+        panic!("the new bytes")
+    };
+    assert_eq!((&bytes[..], meta.version_id.as_deref()), (&b"%PDF-1.4 amended"[..], Some("1")));
+    // Bytes held for an older document version are fetched again.
+    assert!(matches!(source.fetch(note, Some("0")).await.unwrap(), Fetched::Content { .. }));
+}
+
+#[tokio::test]
+async fn a_binary_without_a_hash_streams_with_its_size_before_its_bytes() {
+    let server = LoopbackServer::start().await.unwrap();
+    let big = fhirfs_testserver::noise(4 << 20, 9);
+    server.put("big", "application/dicom", big.clone());
+    server.put_document(json!({
+        "resourceType": "DocumentReference", "id": "s", "subject": {"reference": "Patient/p1"},
+        "date": "2024-05-06", "description": "Scan",
+        "content": [{"attachment": {"contentType": "application/dicom", "url": "Binary/big"}}]
+    }));
+    let source = Arc::new(documents(&server, None, Some("p1")));
+    let names = listing(&source).await;
+    let (_, (key, _)) = named(&names, "2024-05-06 Scan", ".dcm");
+    let gate = server.hold_body("big", 1 << 20);
+    // Bounded: a source that waited for the whole body would wait for the gate forever.
+    let streamed = source.fetch_streaming(key, None, &|_| {});
+    let streamed = tokio::time::timeout(common::PATIENCE, streamed).await;
+    let Streamed::Content { meta, body } = streamed.expect("streamed").unwrap() else {
+        panic!("content")
+    };
+    assert_eq!((meta.size, body.len()), (Some(big.len() as u64), big.len() as u64));
+    assert_eq!(meta.version_id.as_deref(), Some("1"), "the document's version");
+    assert!(!body.is_complete(), "the size and the first bytes come before the rest");
+    assert_eq!(&body.read(0, 4096).await.unwrap()[..], &big[..4096]);
+    gate.release();
+    body.outcome().await.unwrap();
+    let mut all = Vec::new();
+    while (all.len() as u64) < body.len() {
+        all.extend_from_slice(&body.read(all.len() as u64, 1 << 20).await.unwrap());
+    }
+    assert!(all == big);
+    assert_eq!(server.counts().per_id.get("big"), Some(&1));
+    // Revalidated as the same document version: a 304, nothing downloaded.
+    let again = source.fetch_streaming(key, Some("1"), &|_| {}).await.unwrap();
+    assert!(matches!(again, Streamed::NotModified));
+    assert_eq!(server.counts().not_modified, 1);
+}
+
+/// `--patient-names`: a patient's folder shows the name, read once per mount; a Patient that
+/// cannot be read keeps the plain folder; file names do not change.
+#[test]
+fn patient_names_label_folders_only_when_asked() {
+    let server = Server::start();
+    seed(&server.server);
+    server.server.put_patient(json!({"resourceType": "Patient", "id": "p1",
+        "name": [{"use": "official", "family": "Doe", "given": ["Jane"]}]}));
+    // p2 has no Patient resource: 404, the folder keeps its id.
+    let plain = Mount::builder().args(&["--view", "documents"]).mount(&server.base_url());
+    let mut folders: Vec<String> = std::fs::read_dir(&plain.mountpoint)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    folders.sort();
+    assert_eq!(folders, ["Patient-p1", "Patient-p2"], "no names without --patient-names");
+    let files_of = |path: std::path::PathBuf| {
+        let mut names: Vec<String> = std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let plain_files = files_of(plain.path("Patient-p1"));
+    let reads = server.server.counts().document_reads;
+    let named = Mount::builder()
+        .args(&["--view", "documents", "--patient-names", "--dir-ttl", "0"])
+        .mount(&server.base_url());
+    let mut folders: Vec<String> = std::fs::read_dir(&named.mountpoint)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    folders.sort();
+    assert_eq!(folders, ["Doe, Jane (Patient-p1)", "Patient-p2"]);
+    assert_eq!(files_of(named.path("Doe, Jane (Patient-p1)")), plain_files);
+    // Listed again (--dir-ttl 0): the names are not read again.
+    std::fs::read_dir(&named.mountpoint).unwrap().for_each(drop);
+    assert_eq!(server.server.counts().document_reads - reads, 2, "p1 and p2, once each");
+}
+
+#[tokio::test]
+async fn a_kind_the_token_may_not_search_is_left_out_and_neither_is_eacces() {
+    let server = LoopbackServer::start().await.unwrap();
+    seed(&server);
+    server.set_document_search_status("DiagnosticReport", Some(403));
+    let source = documents(&server, None, Some("p1"));
+    let names = listing(&source).await;
+    assert_eq!(names.len(), 2, "the DocumentReference's two files: {names:?}");
+    server.set_document_search_status("DocumentReference", Some(403));
+    assert_eq!(source.list().await.unwrap_err(), SourceError::Forbidden);
+}
+
+/// A server that wants a patient (Epic, Cerner), mounted without --patient: an empty folder,
+/// and one warning that says what to do.
+#[test]
+fn a_server_that_needs_a_patient_hints_at_patient() {
+    let server = Server::start();
+    server.server.set_documents_require_patient(true);
+    seed(&server.server);
+    let mount =
+        Mount::builder().args(&["--view", "documents", "--dir-ttl", "0"]).mount(&server.base_url());
+    for _ in 0..2 {
+        assert_eq!(std::fs::read_dir(&mount.mountpoint).unwrap().count(), 0);
+    }
+    assert_eq!(mount.log().matches("try --patient ID").count(), 1, "{}", mount.log());
 }

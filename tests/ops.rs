@@ -45,6 +45,10 @@ fn help_lists_every_option_with_its_default() {
         "--gid",
         "--ca-file",
         "--extensions",
+        "--view",
+        "--patient",
+        "--patient-names",
+        "--verify-hash",
         "--allow-other",
         "--log-level",
         "--foreground",
@@ -63,6 +67,8 @@ fn help_lists_every_option_with_its_default() {
         "[default: 32]",
         "[default: info]",
         "[default: system/Binary.read]",
+        "[default: binary]",
+        "[default: warn]",
     ] {
         assert!(help.contains(default), "{default} missing from --help:\n{help}");
     }

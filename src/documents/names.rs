@@ -49,8 +49,10 @@ pub struct Named {
 }
 
 /// Names every attachment of `documents` that has content (a `url` or `data`). A document
-/// given twice (pages that shifted) is named once.
-pub fn name_files(documents: &[Document]) -> Vec<Named> {
+/// given twice (pages that shifted) is named once. Subjects with a label (`Patient/1` →
+/// `Doe, Jane`, for `--patient-names`) have the folder `<label> (<subject folder>)`, the
+/// subject kept so that two patients of one name stay apart.
+pub fn name_files_labelled(documents: &[Document], labels: &HashMap<String, String>) -> Vec<Named> {
     // (folder, base, ext) of each attachment, with its key.
     struct Draft {
         folder: String,
@@ -87,7 +89,12 @@ pub fn name_files(documents: &[Document]) -> Vec<Named> {
                 Some(date) => format!("{date} {title}"),
                 None => title,
             };
-            let folder = folder_name(doc.subject.as_deref());
+            let subject = doc.subject.as_deref();
+            let label = subject.and_then(|s| labels.get(subject_reference(s)));
+            let folder = match label.map(|l| clean(l)).filter(|l| !l.is_empty()) {
+                Some(label) => labelled_folder(&label, &folder_name(subject)),
+                None => folder_name(subject),
+            };
             drafts.push(Draft { folder, base, ext, key, document: d, attachment: a });
         }
     }
@@ -168,8 +175,52 @@ pub fn folder_name(subject: Option<&str>) -> String {
     let Some(subject) = subject.map(str::trim).filter(|s| !s.is_empty()) else {
         return NO_SUBJECT.to_owned();
     };
-    let name = clean(&subject_reference(subject).replace('/', "-"));
+    let mut name = clean(&subject_reference(subject).replace('/', "-"));
+    // A reference is short (`Type/id`, an id of at most 64), but a contained or logical one
+    // may be anything.
+    if name.len() > MAX_NAME_BYTES {
+        let mut cut = MAX_NAME_BYTES;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        name.truncate(cut);
+        name = clean(&name);
+    }
     if name.is_empty() { NO_SUBJECT.to_owned() } else { name }
+}
+
+/// `<label> (<folder>)`, the label cut (at a character) to fit [`MAX_NAME_BYTES`].
+fn labelled_folder(label: &str, folder: &str) -> String {
+    let tail = format!(" ({folder})");
+    let mut label = label.to_owned();
+    let mut room = MAX_NAME_BYTES.saturating_sub(tail.len()).min(label.len());
+    while !label.is_char_boundary(room) {
+        room -= 1;
+    }
+    label.truncate(room);
+    let label = clean(&label);
+    if label.is_empty() { folder.to_owned() } else { format!("{label}{tail}") }
+}
+
+/// A person's name as a folder label: the `text` of the first official (else usual, else
+/// any) HumanName, else `family, given given`.
+pub fn person_label(names: &serde_json::Value) -> Option<String> {
+    let names = names.as_array()?;
+    let by_use = |wanted: &str| names.iter().find(|n| n["use"].as_str() == Some(wanted));
+    let name = by_use("official").or_else(|| by_use("usual")).or_else(|| names.first())?;
+    if let Some(text) = name["text"].as_str().filter(|t| !t.trim().is_empty()) {
+        return Some(text.trim().to_owned());
+    }
+    let family = name["family"].as_str().unwrap_or("").trim();
+    let given: Vec<&str> =
+        name["given"].as_array().into_iter().flatten().filter_map(|g| g.as_str()).collect();
+    let given = given.join(" ");
+    match (family.is_empty(), given.trim().is_empty()) {
+        (true, true) => None,
+        (false, true) => Some(family.to_owned()),
+        (true, false) => Some(given.trim().to_owned()),
+        (false, false) => Some(format!("{family}, {}", given.trim())),
+    }
 }
 
 /// `Type/id` of a reference, relative or absolute (`https://h/fhir/Patient/1/_history/2` →
@@ -262,6 +313,11 @@ mod tests {
     use super::*;
     use crate::fhir::documents::{Coding, Concept, DocKind};
     use std::time::{Duration, UNIX_EPOCH};
+
+    /// The names without labels.
+    fn name_files(documents: &[Document]) -> Vec<Named> {
+        name_files_labelled(documents, &HashMap::new())
+    }
 
     fn doc(id: &str, date: Option<&str>, title: Option<&str>) -> Document {
         Document {
@@ -388,8 +444,41 @@ mod tests {
         assert_eq!(folder_name(Some("#contained")), "#contained");
         assert_eq!(folder_name(Some("..")), NO_SUBJECT);
         assert_eq!(folder_name(None), NO_SUBJECT);
+        let long = format!("#{}", "ü".repeat(200));
+        assert!(folder_name(Some(&long)).len() <= MAX_NAME_BYTES);
         assert_eq!(subject_reference("Patient/1"), "Patient/1");
         assert_eq!(subject_reference("http://x/fhir/Patient/1"), "Patient/1");
+    }
+
+    #[test]
+    fn patient_labels_name_folders_and_keep_the_subject() {
+        let d = doc("d1", Some("2024-05-06"), Some("t"));
+        let mut labels = HashMap::new();
+        labels.insert("Patient/p1".to_owned(), "Doe, Jane/Q".to_owned());
+        let named = name_files_labelled(std::slice::from_ref(&d), &labels);
+        assert_eq!(named[0].folder, "Doe, Jane_Q (Patient-p1)");
+        assert_eq!(
+            named[0].name,
+            name_files(std::slice::from_ref(&d))[0].name,
+            "file names do not change"
+        );
+        labels.insert("Patient/p1".to_owned(), "x".repeat(400));
+        let named = name_files_labelled(std::slice::from_ref(&d), &labels);
+        assert!(
+            named[0].folder.len() <= MAX_NAME_BYTES && named[0].folder.ends_with(" (Patient-p1)")
+        );
+        labels.insert("Patient/p1".to_owned(), " .. ".to_owned());
+        assert_eq!(name_files_labelled(&[d], &labels)[0].folder, "Patient-p1");
+        let names = serde_json::json!([
+            {"use": "old", "family": "Old"},
+            {"use": "official", "family": "Doe", "given": ["Jane", "Q"]}
+        ]);
+        assert_eq!(person_label(&names).as_deref(), Some("Doe, Jane Q"));
+        let text = serde_json::json!([{"text": "Dr. Jane Doe", "family": "Doe"}]);
+        assert_eq!(person_label(&text).as_deref(), Some("Dr. Jane Doe"));
+        assert_eq!(person_label(&serde_json::json!([{"given": ["Jo"]}])).as_deref(), Some("Jo"));
+        assert_eq!(person_label(&serde_json::json!([{}])), None);
+        assert_eq!(person_label(&serde_json::json!("x")), None);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Folders under the root, for sources that put their files in folders (the documents view:
-//! one folder per subject). A source that names no folder (the Binary view) leaves the root as
-//! it is: every file in it.
+//! one folder per subject), and lookups by name for sources that name their files. A source
+//! without folders (the Binary view) leaves the root as it is: every file in it.
 //!
 //! Folder inodes come from their own range ([`FOLDER_INO_BASE`] up), far above the files'
 //! dense inodes, one per folder name for the life of the mount. A folder's entries are a
@@ -108,6 +108,16 @@ impl<S: Source> FhirFs<S> {
             name.to_str().and_then(|n| names.get(n).copied()).ok_or(FsError::NoEntry)?
         };
         self.id_of(ino)
+    }
+
+    /// Looks up `name` in the root of a source that names its files (no folders): the file's
+    /// id, from the listing (made first when there is none, or it is older than `--dir-ttl`).
+    pub(super) async fn lookup_named(self: &Arc<Self>, name: &OsStr) -> Result<String, FsError> {
+        self.listing().await?;
+        let name = name.to_str().ok_or(FsError::NoEntry)?;
+        let nodes = lock(&self.nodes);
+        let ino = nodes.by_name.get(name).ok_or(FsError::NoEntry)?;
+        nodes.by_ino.get(ino).map(|node| node.id.to_string()).ok_or(FsError::NoEntry)
     }
 
     /// The entries of folder `ino`, listing again after `--dir-ttl`.

@@ -1168,6 +1168,10 @@ impl<S: Source> FhirFs<S> {
         if self.source.folders() {
             return self.lookup_folder(name).await;
         }
+        if self.source.names_files() {
+            let id = self.lookup_named(name).await?;
+            return self.attr_of_id(&id).await;
+        }
         let named = name.to_str().and_then(|n| {
             let nodes = lock(&self.nodes);
             let ino = nodes.by_name.get(n)?;

@@ -24,7 +24,8 @@ impl HttpSource {
             .map_err(|e| SourceError::Config(format!("bad base URL: {e}")))?;
         let resolved = base
             .join(url.trim())
-            .map_err(|e| SourceError::BadBody(format!("bad attachment url {url:?}: {e}")))?;
+            // Not the url itself: a presigned one carries its signature.
+            .map_err(|e| SourceError::BadBody(format!("bad attachment url: {e}")))?;
         if !self.same_origin(&resolved) {
             return Ok(Target::OtherOrigin(resolved));
         }
@@ -74,13 +75,22 @@ impl HttpSource {
 
     /// Reads `Type/id` again (for a fresh attachment `url`).
     pub async fn read_document(&self, kind: DocKind, id: &str) -> Result<Document, SourceError> {
-        let mut url = self.search_url(kind.as_str())?;
+        Ok(documents::parse_document(&self.read_resource(kind.as_str(), id).await?)?)
+    }
+
+    /// The FHIR JSON of `Type/id` (`GET [base]/Type/id`, with the token), within the deadline.
+    pub async fn read_resource(&self, kind: &str, id: &str) -> Result<Vec<u8>, SourceError> {
+        let mut url = self.search_url(kind)?;
         url.path_segments_mut()
             .map_err(|()| SourceError::Config("base URL cannot have a path".into()))?
             .push(id);
         let deadline = Instant::now() + self.config.timeout;
-        let answer = self.get(&Get::json(&url, self.json_limit()), deadline).await?;
-        Ok(documents::parse_document(&answer.body)?)
+        let get = Get::json(&url, self.json_limit());
+        let read = self.get(&get, deadline);
+        let answer = tokio::time::timeout(self.config.timeout, read)
+            .await
+            .map_err(|_| SourceError::Timeout(self.config.timeout))??;
+        Ok(answer.body)
     }
 
     /// GETs an attachment's content at `target` (not [`Target::Binary`]: that goes through
@@ -130,6 +140,18 @@ impl HttpSource {
         Ok((Bytes::from(answer.body), kind))
     }
 
+    /// `url` as logs may show it: on another origin without its query and fragment, since a
+    /// presigned storage URL carries its signature there.
+    pub(super) fn shown(&self, url: &Url) -> String {
+        if self.same_origin(url) {
+            return url.to_string();
+        }
+        let mut shown = url.clone();
+        shown.set_query(None);
+        shown.set_fragment(None);
+        format!("{shown} (query left out)")
+    }
+
     /// The deadline of one fetch as a whole (`--timeout`).
     pub fn timeout(&self) -> Duration {
         self.config.timeout
@@ -169,5 +191,16 @@ mod tests {
         assert_eq!(t("http://h:2/fhir/r4/Binary/b1"), other("http://h:2/fhir/r4/Binary/b1"));
         assert_eq!(t("https://s3.example/b?X-Sig=1"), other("https://s3.example/b?X-Sig=1"));
         assert_eq!(t("//evil.example/x"), other("http://evil.example/x"));
+    }
+
+    #[test]
+    fn logs_show_other_origins_without_their_signature() {
+        let s = source("http://h:1/fhir");
+        let presigned = Url::parse("https://s3.example/b/x.pdf?X-Amz-Signature=abc#f").unwrap();
+        assert_eq!(s.shown(&presigned), "https://s3.example/b/x.pdf (query left out)");
+        let own = Url::parse("http://h:1/fhir/Binary?_cursor=q").unwrap();
+        assert_eq!(s.shown(&own), "http://h:1/fhir/Binary?_cursor=q");
+        let bad = s.attachment_target("http://[::1").unwrap_err().to_string();
+        assert!(!bad.contains("::1"), "{bad}");
     }
 }

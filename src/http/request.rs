@@ -193,7 +193,7 @@ impl HttpSource {
                 (Instant::now() + wait < deadline).then_some(wait)
             })
             .notify(|failure: &Failure, wait| {
-                debug!(url = %get.url, error = %failure.error, ?wait, "retrying");
+                debug!(url = %self.shown(get.url), error = %failure.error, ?wait, "retrying");
             })
             .await
             .map_err(|failure| failure.error)

@@ -70,8 +70,9 @@ impl MemorySource {
         state.binaries.insert(id.to_owned(), (meta, bytes));
     }
 
-    /// Lists `id` as `name`, in `folder` (the source then puts files in folders: those without
-    /// a place are not listed).
+    /// Lists `id` as `name`, in `folder`. The source then names its files and finds them by
+    /// name only; Binaries without a place (or, once one has a folder, without a folder) are
+    /// not listed.
     pub fn place(&self, id: &str, folder: Option<&str>, name: &str) {
         let place = (folder.map(str::to_owned), name.to_owned());
         self.state().places.insert(id.to_owned(), place);
@@ -145,7 +146,8 @@ impl Source for MemorySource {
         let folders = self.folders_of(&state);
         let listed = state.binaries.iter().filter_map(|(id, (meta, _))| {
             let place = state.places.get(id);
-            if folders && place.is_none_or(|(folder, _)| folder.is_none()) {
+            let placed = place.is_some_and(|(folder, _)| folder.is_some() || !folders);
+            if !state.places.is_empty() && !placed {
                 return None;
             }
             Some(Listed {
@@ -156,6 +158,10 @@ impl Source for MemorySource {
             })
         });
         Ok(listed.collect())
+    }
+
+    fn names_files(&self) -> bool {
+        !self.state().places.is_empty()
     }
 
     fn folders(&self) -> bool {

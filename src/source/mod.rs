@@ -236,6 +236,13 @@ pub trait Source: Send + Sync + 'static {
         false
     }
 
+    /// True when the source names its files ([`Listed::name`]) and its ids are not names: a
+    /// name is then found through the listing only (listed first if need be), never taken
+    /// for an id.
+    fn names_files(&self) -> bool {
+        false
+    }
+
     /// Extended attributes of `id` beyond those the core derives from [`Meta`] (the
     /// documents view tells where a file comes from and whether its hash matched).
     fn xattrs(&self, id: &str) -> Vec<(&'static str, Vec<u8>)> {

@@ -1,5 +1,5 @@
 //! DocumentReference and DiagnosticReport, and storage with presigned URLs, for the documents
-//! view: searches by `patient` (paged by offset), reads by id, and blobs served at
+//! view: searches by `patient` (paged by offset), reads by id (Patients too), and blobs at
 //! `/storage/{name}?sig=...` that answer 403 once their signature changed, as an expired
 //! presigned URL of Medplum or S3 does. Two quirks: a server that ignores `patient` and says
 //! so in an OperationOutcome entry (HFS 0.2.7), and one that refuses a search without it
@@ -17,6 +17,8 @@ pub(super) struct DocState {
     requires_patient: bool,
     /// Searches ignore `patient` and `subject` and add an OperationOutcome entry (HFS 0.2.7).
     ignores_patient: bool,
+    /// Searches of these types answer this status (a token without their scope: 403).
+    search_status: HashMap<String, u16>,
 }
 
 struct StoredDoc {
@@ -35,6 +37,9 @@ struct Blob {
 /// The types of resources that point at documents.
 const DOCUMENT_TYPES: [&str; 2] = ["DocumentReference", "DiagnosticReport"];
 
+/// The types that can be read by id: the documents, and the patients they are about.
+const READABLE_TYPES: [&str; 3] = ["DocumentReference", "DiagnosticReport", "Patient"];
+
 impl LoopbackServer {
     /// Creates or replaces a DocumentReference or DiagnosticReport (its `resourceType` and
     /// `id` say which): `meta.versionId` counts up from "1", `meta.lastUpdated` is now.
@@ -48,6 +53,20 @@ impl LoopbackServer {
         });
         stored.version += 1;
         stored.last_updated = now_millis();
+        stored.resource = Some(resource);
+    }
+
+    /// Creates or replaces a Patient (read by id only; the names of `--patient-names`).
+    pub fn put_patient(&self, resource: Value) {
+        let id = resource["id"].as_str().unwrap_or_default().to_owned();
+        let mut state = self.inner.lock();
+        let key = ("Patient".to_owned(), id);
+        let stored = state.docs.resources.entry(key).or_insert(StoredDoc {
+            version: 0,
+            last_updated: now_millis(),
+            resource: None,
+        });
+        stored.version += 1;
         stored.resource = Some(resource);
     }
 
@@ -91,6 +110,16 @@ impl LoopbackServer {
         format!("http://{}/storage/{name}?sig={signature}", self.inner.addr)
     }
 
+    /// Searches of `kind` answer `status` (None: as usual), e.g. 403 for a token without
+    /// that type's scope.
+    pub fn set_document_search_status(&self, kind: &str, status: Option<u16>) {
+        let mut state = self.inner.lock();
+        match status {
+            Some(status) => state.docs.search_status.insert(kind.to_owned(), status),
+            None => state.docs.search_status.remove(kind),
+        };
+    }
+
     /// Document searches without `patient` answer 400, as Cerner and Epic do.
     pub fn set_documents_require_patient(&self, requires: bool) {
         self.inner.lock().docs.requires_patient = requires;
@@ -126,6 +155,9 @@ impl Inner {
         let patient = param(params, "patient")
             .map(|p| format!("Patient/{p}"))
             .or_else(|| param(params, "subject").map(str::to_owned));
+        if let Some(&status) = state.docs.search_status.get(kind) {
+            return outcome(status, &format!("{kind} search refused"));
+        }
         if state.docs.requires_patient && patient.is_none() {
             return outcome(400, "a patient is required for this search");
         }
@@ -199,7 +231,7 @@ pub(super) async fn document_search(
     inner.answered(response)
 }
 
-/// `GET /fhir/{DocumentReference|DiagnosticReport}/{id}`.
+/// `GET /fhir/{DocumentReference|DiagnosticReport|Patient}/{id}`.
 pub(super) async fn document_read(
     State(inner): State<Arc<Inner>>,
     Path((kind, id)): Path<(String, String)>,
@@ -208,7 +240,7 @@ pub(super) async fn document_read(
     inner.counts.send_modify(|c| c.document_reads += 1);
     let response = match inner.deny(&headers) {
         Some(refused) => refused,
-        None if DOCUMENT_TYPES.contains(&kind.as_str()) => inner.document_read(&kind, &id),
+        None if READABLE_TYPES.contains(&kind.as_str()) => inner.document_read(&kind, &id),
         None => outcome(404, &format!("no route for {kind}/{id}")),
     };
     inner.answered(response)
