@@ -113,7 +113,8 @@ impl<S: Source> FhirFs<S> {
     /// Looks up `name` in the root of a source that names its files (no folders): the file's
     /// id, from the listing (made first when there is none, or it is older than `--dir-ttl`).
     pub(super) async fn lookup_named(self: &Arc<Self>, name: &OsStr) -> Result<String, FsError> {
-        self.listing().await?;
+        // Names are settled at the end of a listing: wait for all of it.
+        self.listing().await?.ready(usize::MAX).await?;
         let name = name.to_str().ok_or(FsError::NoEntry)?;
         let nodes = lock(&self.nodes);
         let ino = nodes.by_name.get(name).ok_or(FsError::NoEntry)?;
