@@ -659,3 +659,39 @@ async fn forget_keeps_listed_files() {
     assert_eq!((fs.file_count(), dropped(&fs)), (1, 0));
     assert_eq!(look(&fs, "a").await, a, "a listed file keeps its inode");
 }
+
+/// A source whose listing gives one page, then panics (a bug while paging).
+struct PanicsAfterAPage(MemorySource);
+
+impl Source for PanicsAfterAPage {
+    async fn list(&self) -> Result<Vec<Listed>, SourceError> {
+        self.0.list().await
+    }
+
+    async fn list_pages<F: FnMut(Vec<Listed>, Option<u64>) + Send>(
+        &self,
+        mut page: F,
+    ) -> Result<(), SourceError> {
+        page(self.0.list().await?, None);
+        panic!("a bug while paging (this panic is the test's)");
+    }
+
+    async fn fetch(&self, id: &str, version: Option<&str>) -> Result<Fetched, SourceError> {
+        self.0.fetch(id, version).await
+    }
+}
+
+#[tokio::test]
+async fn a_listing_whose_task_dies_fails_the_readdir_past_its_pages_instead_of_hanging() {
+    let inner = MemorySource::new();
+    inner.put("a", "text/plain", "a");
+    inner.put("b", "text/plain", "b");
+    let fs = FhirFs::new(PanicsAfterAPage(inner), FsConfig::default());
+    let fh = fs.opendir(ROOT_INO).await.unwrap();
+    let past = tokio::time::timeout(Duration::from_secs(20), fs.readdir_ready(fh, 4)).await;
+    assert_eq!(past.expect("readdir hung").unwrap_err().errno(), libc::EIO);
+    // The next opendir lists again.
+    fs.release(fh);
+    let again = tokio::time::timeout(Duration::from_secs(20), fs.opendir(ROOT_INO)).await;
+    assert!(again.expect("opendir hung").is_ok());
+}

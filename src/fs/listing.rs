@@ -50,6 +50,9 @@ impl<S: Source> FhirFs<S> {
 
     /// Lists everything into `entries`, a page at a time.
     async fn fill_listing(self: Arc<Self>, entries: Snapshot) {
+        // Whatever stops this task (a panic, the runtime shutting down), the listing ends:
+        // readdirs waiting for its next page get an error, never a hang.
+        let _ends = EndsListing(Arc::clone(&entries));
         // With --extensions a name depends on every id listed (`a` may be named `a.pdf` only
         // if no Binary's id is `a.pdf`), and names a source gives must not clash, so such a
         // listing shows whole, at its end; so does one sorted into folders.
@@ -424,5 +427,17 @@ fn give_back_freed_memory() {
     // touches no memory in use and is safe to call from any thread at any time.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Ends a listing that is still filling when dropped (see `fill_listing`).
+struct EndsListing(Snapshot);
+
+impl Drop for EndsListing {
+    fn drop(&mut self) {
+        if matches!(self.0.fill(), Fill::Filling) {
+            let stopped = SourceError::BadBody("the listing stopped before its end".into());
+            self.0.end(Err(FsError::source("Binary?", stopped)));
+        }
     }
 }
