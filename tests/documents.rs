@@ -94,6 +94,16 @@ fn named<'a, V>(names: &'a BTreeMap<String, V>, prefix: &str, ext: &str) -> (&'a
     (name, value)
 }
 
+/// The seeded server, the view of patient `p1`, and its listing.
+async fn patient_p1() -> (LoopbackServer, DocumentsSource, BTreeMap<String, (String, Option<u64>)>)
+{
+    let server = LoopbackServer::start().await.unwrap();
+    seed(&server);
+    let source = documents(&server, None, Some("p1"));
+    let names = listing(&source).await;
+    (server, source, names)
+}
+
 /// Patient p1's documents: a DocumentReference with a relative Binary url and inline data, a
 /// DiagnosticReport with an absolute url on the base, one without content, and another
 /// patient's document.
@@ -261,10 +271,7 @@ async fn hashes_are_checked_in_every_known_form() {
 
 #[tokio::test]
 async fn deleted_documents_leave_the_listing_and_their_files_are_gone() {
-    let server = LoopbackServer::start().await.unwrap();
-    seed(&server);
-    let source = documents(&server, None, Some("p1"));
-    let names = listing(&source).await;
+    let (server, source, names) = patient_p1().await;
     let (_, (ct, _)) = named(&names, "2024-05-07 CT chest", ".txt");
     server.delete_document("DiagnosticReport", "r1");
     let after = listing(&source).await;
@@ -629,10 +636,7 @@ fn a_second_rsync_of_the_documents_changes_nothing_and_fetches_no_content() {
 
 #[tokio::test]
 async fn unchanged_documents_revalidate_without_downloading_again() {
-    let server = LoopbackServer::start().await.unwrap();
-    seed(&server);
-    let source = documents(&server, None, Some("p1"));
-    let names = listing(&source).await;
+    let (server, source, names) = patient_p1().await;
     let (_, (pdf, _)) = named(&names, "2024-05-06 Discharge summary", ".pdf");
     let (_, (note, _)) = named(&names, "2024-05-06 Note", ".txt");
     let (_, (ct, _)) = named(&names, "2024-05-07 CT chest", ".txt");
