@@ -94,6 +94,16 @@ fn named<'a, V>(names: &'a BTreeMap<String, V>, prefix: &str, ext: &str) -> (&'a
     (name, value)
 }
 
+/// The names in a folder of a mount, sorted.
+fn sorted_names(path: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
 /// The seeded server, the view of patient `p1`, and its listing.
 async fn patient_p1() -> (LoopbackServer, DocumentsSource, BTreeMap<String, (String, Option<u64>)>)
 {
@@ -302,11 +312,7 @@ fn a_mount_of_one_patients_documents_shows_names_sizes_bytes_and_xattrs() {
     let mount = Mount::builder()
         .args(&["--view", "documents", "--patient", "p1"])
         .mount(&server.base_url());
-    let mut names: Vec<String> = std::fs::read_dir(&mount.mountpoint)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
+    let names = sorted_names(&mount.mountpoint);
     assert_eq!(names.len(), 3, "{names:?}");
     let by_prefix = |prefix: &str| names.iter().find(|n| n.starts_with(prefix)).unwrap().clone();
     for (prefix, bytes) in
@@ -435,14 +441,7 @@ fn a_mount_of_all_documents_has_a_folder_per_subject() {
     let server = Server::start();
     seed(&server.server);
     let mount = Mount::builder().args(&["--view", "documents"]).mount(&server.base_url());
-    let list = |path: &std::path::Path| -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(path)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        names
-    };
+    let list = |path: &std::path::Path| sorted_names(path);
     assert_eq!(list(&mount.mountpoint), ["Patient-p1", "Patient-p2"]);
     let p1 = mount.path("Patient-p1");
     assert!(std::fs::metadata(&p1).unwrap().is_dir());
@@ -710,30 +709,15 @@ fn patient_names_label_folders_only_when_asked() {
         "name": [{"use": "official", "family": "Doe", "given": ["Jane"]}]}));
     // p2 has no Patient resource: 404, the folder keeps its id.
     let plain = Mount::builder().args(&["--view", "documents"]).mount(&server.base_url());
-    let mut folders: Vec<String> = std::fs::read_dir(&plain.mountpoint)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    folders.sort();
+    let folders = sorted_names(&plain.mountpoint);
     assert_eq!(folders, ["Patient-p1", "Patient-p2"], "no names without --patient-names");
-    let files_of = |path: std::path::PathBuf| {
-        let mut names: Vec<String> = std::fs::read_dir(path)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        names
-    };
+    let files_of = |path: std::path::PathBuf| sorted_names(&path);
     let plain_files = files_of(plain.path("Patient-p1"));
     let reads = server.server.counts().document_reads;
     let named = Mount::builder()
         .args(&["--view", "documents", "--patient-names", "--dir-ttl", "0"])
         .mount(&server.base_url());
-    let mut folders: Vec<String> = std::fs::read_dir(&named.mountpoint)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    folders.sort();
+    let folders = sorted_names(&named.mountpoint);
     assert_eq!(folders, ["Doe, Jane (Patient-p1)", "Patient-p2"]);
     assert_eq!(files_of(named.path("Doe, Jane (Patient-p1)")), plain_files);
     // Listed again (--dir-ttl 0): the names are not read again.
