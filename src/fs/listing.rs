@@ -280,15 +280,13 @@ impl<S: Source> FhirFs<S> {
             return Arc::clone(order);
         }
         let entries = Arc::clone(&lock(&self.order));
+        // Sorted from a copy (the names shared, not copied), under no lock: a million names
+        // take a few hundred milliseconds, and neither lookups nor a readdir (answered on
+        // fuser's own thread) may wait for them.
+        let mut list = lock(&entries.list).clone();
+        list.sort_unstable_by(|a, b| a.1.as_bytes().cmp(b.1.as_bytes()));
+        let by_name: Vec<u64> = list.into_iter().map(|(ino, _)| ino).collect();
         let mut nodes = lock(&self.nodes);
-        let by_name: Vec<u64> = {
-            let list = lock(&entries.list);
-            let mut by_name: Vec<u32> = (0..list.len() as u32).collect();
-            by_name.sort_unstable_by(|&a, &b| {
-                list[a as usize].1.as_bytes().cmp(list[b as usize].1.as_bytes())
-            });
-            by_name.into_iter().map(|i| list[i as usize].0).collect()
-        };
         for (name_index, ino) in by_name.iter().enumerate() {
             if let Some(node) = nodes.by_ino.get_mut(ino) {
                 node.name_index = Pos::new(name_index);
