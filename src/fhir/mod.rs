@@ -58,19 +58,23 @@ pub const FHIR_XML: &str = "application/fhir+xml";
 /// The `meta.tag` code a server adds when it left elements (such as `data`) out.
 const SUBSETTED: &str = "SUBSETTED";
 
+// Every string is borrowed from the body when the JSON has no escapes in it (the common case):
+// a listing parses a million of these, and an owned `String` per field was a quarter of its
+// time. Only what is kept (`Listed`, `Meta`) is copied out.
 #[derive(Deserialize)]
 struct RawResource<'a> {
     #[serde(rename = "resourceType", borrow)]
-    resource_type: Option<Cow<'a, str>>,
-    id: Option<String>,
-    meta: Option<RawMeta>,
-    #[serde(rename = "contentType")]
-    content_type: Option<String>,
-    #[serde(rename = "securityContext")]
-    security_context: Option<RawReference>,
-    // Borrowed from the body when the JSON string has no escapes (the common case); owned
-    // when a server escapes `/` as `\/`. (`Option<Cow<str>>` with `#[serde(borrow)]` would
-    // always copy: serde borrows only a bare `Cow`.)
+    resource_type: Option<Text<'a>>,
+    #[serde(borrow)]
+    id: Option<Text<'a>>,
+    #[serde(borrow)]
+    meta: Option<RawMeta<'a>>,
+    #[serde(rename = "contentType", borrow)]
+    content_type: Option<Text<'a>>,
+    #[serde(rename = "securityContext", borrow)]
+    security_context: Option<RawReference<'a>>,
+    // Owned when a server escapes `/` as `\/`. (`Option<Cow<str>>` with `#[serde(borrow)]`
+    // would always copy: serde borrows only a bare `Cow`; hence [`Text`].)
     #[serde(borrow)]
     data: Option<Text<'a>>,
 }
@@ -111,40 +115,209 @@ impl std::ops::Deref for Text<'_> {
 }
 
 #[derive(Deserialize)]
-struct RawMeta {
-    #[serde(rename = "versionId")]
-    version_id: Option<String>,
-    #[serde(rename = "lastUpdated")]
-    last_updated: Option<String>,
-    #[serde(default)]
-    tag: Vec<RawCoding>,
-}
-
-#[derive(Deserialize)]
-struct RawCoding {
-    code: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct RawReference {
-    reference: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct RawBundle<'a> {
-    #[serde(rename = "resourceType")]
-    resource_type: Option<String>,
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    // Read leniently: a `total` of the wrong JSON type is no total, not a broken page.
-    #[serde(borrow)]
-    total: Option<&'a serde_json::value::RawValue>,
-    #[serde(default)]
-    link: Vec<RawLink>,
-    // Each entry is parsed on its own, so that one malformed entry (an `id` that is a number,
-    // a `resource` that is not an object) is skipped without losing the page.
+struct RawMeta<'a> {
+    #[serde(rename = "versionId", borrow)]
+    version_id: Option<Text<'a>>,
+    #[serde(rename = "lastUpdated", borrow)]
+    last_updated: Option<Text<'a>>,
     #[serde(default, borrow)]
-    entry: Vec<&'a serde_json::value::RawValue>,
+    tag: Vec<RawCoding<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RawCoding<'a> {
+    #[serde(borrow)]
+    code: Option<Text<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RawReference<'a> {
+    #[serde(borrow)]
+    reference: Option<Text<'a>>,
+}
+
+/// A Bundle page as read by [`BundleSeed`], its entries already taken in.
+struct RawBundle<'a> {
+    resource_type: Option<Text<'a>>,
+    kind: Option<Text<'a>>,
+    // Read leniently: a `total` of the wrong JSON type is no total, not a broken page.
+    total: Option<&'a serde_json::value::RawValue>,
+    link: Vec<RawLink>,
+    entries: Entries,
+}
+
+/// Reads a [`RawBundle`] whose entries are read as `E` and made sense of by `read` (`None`: a
+/// malformed entry), each taken in as it is read. Gives the `next` link to `on_next` as soon
+/// as `Bundle.link` is read: servers send links before entries, and the next page can be asked
+/// for while the entries of this one are read.
+struct BundleSeed<'f, E, R> {
+    on_next: &'f mut dyn FnMut(&str),
+    read: R,
+    entries: std::marker::PhantomData<E>,
+}
+
+impl<'de, E, R> serde::de::DeserializeSeed<'de> for BundleSeed<'_, E, R>
+where
+    E: Deserialize<'de>,
+    R: Fn(E) -> Option<RawEntry<'de>>,
+{
+    type Value = RawBundle<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de, E, R> serde::de::Visitor<'de> for BundleSeed<'_, E, R>
+where
+    E: Deserialize<'de>,
+    R: Fn(E) -> Option<RawEntry<'de>>,
+{
+    type Value = RawBundle<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a Bundle")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error;
+        let mut bundle = RawBundle {
+            resource_type: None,
+            kind: None,
+            total: None,
+            link: Vec::new(),
+            entries: Entries::default(),
+        };
+        // As a derived reader: each member at most once.
+        let mut seen = [false; 5];
+        let mut once = |member: usize, name: &'static str| {
+            if std::mem::replace(&mut seen[member], true) {
+                Err(A::Error::duplicate_field(name))
+            } else {
+                Ok(())
+            }
+        };
+        while let Some(key) = map.next_key::<Text<'de>>()? {
+            match &*key {
+                "resourceType" => {
+                    once(0, "resourceType")?;
+                    bundle.resource_type = map.next_value()?;
+                }
+                "type" => {
+                    once(1, "type")?;
+                    bundle.kind = map.next_value()?;
+                }
+                "total" => {
+                    once(2, "total")?;
+                    bundle.total = map.next_value()?;
+                }
+                "link" => {
+                    once(3, "link")?;
+                    bundle.link = map.next_value()?;
+                    if let Some(next) = next_link(&bundle.link) {
+                        (self.on_next)(next);
+                    }
+                }
+                "entry" => {
+                    once(4, "entry")?;
+                    let seed = EntrySeed {
+                        entries: &mut bundle.entries,
+                        read: &self.read,
+                        entry: self.entries,
+                    };
+                    map.next_value_seed(seed)?;
+                }
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(bundle)
+    }
+}
+
+/// Reads `Bundle.entry`, taking in each entry as it is read (a page of a thousand is never
+/// held as a thousand raw entries).
+struct EntrySeed<'e, E, R> {
+    entries: &'e mut Entries,
+    read: &'e R,
+    entry: std::marker::PhantomData<E>,
+}
+
+impl<'de, E, R> serde::de::DeserializeSeed<'de> for EntrySeed<'_, E, R>
+where
+    E: Deserialize<'de>,
+    R: Fn(E) -> Option<RawEntry<'de>>,
+{
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de, E, R> serde::de::Visitor<'de> for EntrySeed<'_, E, R>
+where
+    E: Deserialize<'de>,
+    R: Fn(E) -> Option<RawEntry<'de>>,
+{
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of entries")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(entry) = seq.next_element::<E>()? {
+            self.entries.add((self.read)(entry));
+        }
+        Ok(())
+    }
+}
+
+/// The entries of a page, taken in one by one.
+#[derive(Default)]
+struct Entries {
+    listed: Vec<Listed>,
+    skipped: usize,
+    /// Entries whose request is a DELETE of a Binary: its id, how many of `listed` came before,
+    /// and the entry's Binary if it has one. Whether they are deletions depends on
+    /// `Bundle.type`, which may come after the entries.
+    deletes: Vec<(usize, String, Option<Listed>)>,
+}
+
+impl Entries {
+    fn add(&mut self, entry: Option<RawEntry<'_>>) {
+        let deleted = entry.as_ref().and_then(|e| {
+            let request = e.request.as_ref().filter(|r| r.method.as_deref() == Some("DELETE"))?;
+            request.url.as_deref().and_then(binary_id_of_url)
+        });
+        let listed = entry.and_then(|e| e.resource).and_then(|resource| {
+            let id = resource.id.as_deref().filter(|id| crate::id::is_valid_id(id))?;
+            if !resource.is_binary() {
+                return None;
+            }
+            let mut meta = resource.meta();
+            // A subset never tells the size; otherwise `data` gives it without decoding.
+            if !resource.subsetted() {
+                meta.size = resource.data.as_deref().map(decoded_len);
+            }
+            Some(Listed { id: id.to_owned(), meta, name: None, folder: None })
+        });
+        match (deleted, listed) {
+            (Some(id), listed) => self.deletes.push((self.listed.len(), id, listed)),
+            (None, Some(listed)) => self.listed.push(listed),
+            (None, None) => self.skipped += 1,
+        }
+    }
+}
+
+/// The `next` link among a Bundle's links.
+fn next_link(links: &[RawLink]) -> Option<&str> {
+    links.iter().find(|l| l.relation.as_deref() == Some("next")).and_then(|l| l.url.as_deref())
 }
 
 #[derive(Deserialize)]
@@ -157,14 +330,17 @@ struct RawLink {
 struct RawEntry<'a> {
     #[serde(borrow)]
     resource: Option<RawResource<'a>>,
-    request: Option<RawRequest>,
+    #[serde(borrow)]
+    request: Option<RawRequest<'a>>,
 }
 
 /// `Bundle.entry.request`: in a history Bundle, how the version came to be.
 #[derive(Deserialize)]
-struct RawRequest {
-    method: Option<String>,
-    url: Option<String>,
+struct RawRequest<'a> {
+    #[serde(borrow)]
+    method: Option<Text<'a>>,
+    #[serde(borrow)]
+    url: Option<Text<'a>>,
 }
 
 /// The Binary id a history entry's `request.url` names (`Binary/123`, maybe absolute, maybe
@@ -180,11 +356,12 @@ fn binary_id_of_url(url: &str) -> Option<String> {
 impl RawResource<'_> {
     fn meta(&self) -> Meta {
         let raw = self.meta.as_ref();
+        let owned = |text: &Option<Text<'_>>| text.as_deref().map(str::to_owned);
         Meta {
-            version_id: raw.and_then(|m| m.version_id.clone()),
+            version_id: raw.and_then(|m| owned(&m.version_id)),
             last_updated: raw.and_then(|m| m.last_updated.as_deref()).and_then(parse_instant),
-            content_type: self.content_type.clone(),
-            security_context: self.security_context.as_ref().and_then(|r| r.reference.clone()),
+            content_type: owned(&self.content_type),
+            security_context: self.security_context.as_ref().and_then(|r| owned(&r.reference)),
             size: None,
         }
     }
@@ -234,8 +411,12 @@ pub fn decode_binary(mut body: Vec<u8>) -> Result<Binary, FhirError> {
         if !raw.is_binary() {
             return Err(FhirError::wrong_type("Binary", raw.resource_type.as_deref()));
         }
-        let binary =
-            Binary { id: raw.id.clone(), subsetted: raw.subsetted(), meta: raw.meta(), data: None };
+        let binary = Binary {
+            id: raw.id.as_deref().map(str::to_owned),
+            subsetted: raw.subsetted(),
+            meta: raw.meta(),
+            data: None,
+        };
         let data = match raw.data {
             None => Data::Absent,
             Some(Text(Cow::Borrowed(text))) => {
@@ -296,7 +477,11 @@ pub struct Identity {
 /// The identity of the Binary resource in `body`, or `None` when `body` is not one.
 pub fn binary_identity(body: &[u8]) -> Option<Identity> {
     let raw: RawResource<'_> = serde_json::from_slice(body).ok()?;
-    let identity = Identity { id: raw.id.clone(), meta: raw.meta(), has_data: raw.data.is_some() };
+    let identity = Identity {
+        id: raw.id.as_deref().map(str::to_owned),
+        meta: raw.meta(),
+        has_data: raw.data.is_some(),
+    };
     raw.is_binary().then_some(identity)
 }
 
@@ -320,43 +505,60 @@ pub struct Page {
 
 /// Parses one searchset Bundle page.
 pub fn parse_bundle(body: &[u8]) -> Result<Page, FhirError> {
-    let raw: RawBundle<'_> = serde_json::from_slice(body).map_err(FhirError::json)?;
+    parse_bundle_with(body, &mut |_| {})
+}
+
+/// Parses one searchset Bundle page, giving its `next` link to `on_next` as soon as it is read,
+/// before the entries when the server sends the links first (as servers do). `on_next` may be
+/// called twice with the same link (see below); it is not called when the page has no next
+/// link, and may have been called for a page that turns out to be malformed.
+///
+/// A page is read in one pass, entries and all. Should one entry be malformed (an `id` that is
+/// a number, a `resource` that is not an object), the page is read again with each entry on
+/// its own, and that entry is skipped without losing the others: reading every page that way
+/// scanned each entry twice, a third of a large listing's time.
+pub fn parse_bundle_with(body: &[u8], on_next: &mut dyn FnMut(&str)) -> Result<Page, FhirError> {
+    use serde::de::DeserializeSeed;
+    // Checked as UTF-8 once, whole: checking each string as it is borrowed costs more.
+    if let Ok(text) = std::str::from_utf8(body) {
+        let seed = BundleSeed { on_next: &mut *on_next, read: Some, entries: Default::default() };
+        let mut reader = serde_json::Deserializer::from_str(text);
+        if let Ok(raw) = seed.deserialize(&mut reader).and_then(|raw| reader.end().map(|()| raw)) {
+            return take_page(raw);
+        }
+    }
+    fn read<'a>(entry: &'a serde_json::value::RawValue) -> Option<RawEntry<'a>> {
+        serde_json::from_str(entry.get()).ok()
+    }
+    let seed = BundleSeed { on_next, read, entries: Default::default() };
+    let mut reader = serde_json::Deserializer::from_slice(body);
+    let raw = seed.deserialize(&mut reader).and_then(|raw| reader.end().map(|()| raw));
+    take_page(raw.map_err(FhirError::json)?)
+}
+
+/// The page of a Bundle read.
+fn take_page(raw: RawBundle<'_>) -> Result<Page, FhirError> {
     if raw.resource_type.as_deref() != Some("Bundle") {
         return Err(FhirError::wrong_type("Bundle", raw.resource_type.as_deref()));
     }
-    let next =
-        raw.link.into_iter().find(|l| l.relation.as_deref() == Some("next")).and_then(|l| l.url);
+    let next = next_link(&raw.link).map(str::to_owned);
     let total = raw.total.and_then(|t| serde_json::from_str::<u64>(t.get()).ok());
     let history = raw.kind.as_deref() == Some("history");
-    let mut page = Page { next, total, history, ..Page::default() };
-    for entry in raw.entry {
-        let entry: Option<RawEntry<'_>> = serde_json::from_str(entry.get()).ok();
-        let deleted = entry.as_ref().and_then(|e| {
-            let request = e.request.as_ref().filter(|r| r.method.as_deref() == Some("DELETE"))?;
-            request.url.as_deref().and_then(binary_id_of_url)
-        });
-        if let Some(id) = deleted.filter(|_| history) {
-            page.deleted.push((page.entries.len(), id));
-            continue;
-        }
-        let Some(RawEntry { resource: Some(resource), .. }) = entry else {
-            page.skipped += 1;
-            continue;
-        };
-        let id = resource.id.clone().filter(|id| crate::id::is_valid_id(id));
-        match id {
-            Some(id) if resource.is_binary() => {
-                let mut meta = resource.meta();
-                // A subset never tells the size; otherwise `data` gives it without decoding.
-                if !resource.subsetted() {
-                    meta.size = resource.data.as_deref().map(decoded_len);
-                }
-                page.entries.push(Listed { id, meta, name: None, folder: None });
+    let Entries { listed: mut entries, mut skipped, deletes } = raw.entries;
+    let mut deleted = Vec::new();
+    if history {
+        deleted = deletes.into_iter().map(|(before, id, _)| (before, id)).collect();
+    } else {
+        // Not a history: a DELETE request says nothing, and its Binary (if any) is listed
+        // where it was. From the last, so that the positions before stay true.
+        for (before, _, listed) in deletes.into_iter().rev() {
+            match listed {
+                Some(listed) => entries.insert(before, listed),
+                None => skipped += 1,
             }
-            _ => page.skipped += 1,
         }
     }
-    Ok(page)
+    Ok(Page { entries, next, skipped, total, history, deleted })
 }
 
 /// The decoded length of base64 text, from its length and padding, without decoding.
@@ -533,6 +735,91 @@ mod tests {
         // Only a history Bundle reports deletions.
         assert!(!page.history && page.deleted.is_empty());
         assert_eq!((page.total, page.skipped), (Some(12), 1));
+    }
+
+    #[test]
+    fn the_next_link_is_told_before_the_entries_are_read() {
+        let entry = |id: &str| {
+            format!(
+                r#"{{"resource":{{"resourceType":"Binary","id":"{id}","contentType":"text/plain"}}}}"#
+            )
+        };
+        let links = r#""link":[{"relation":"self","url":"p1"},{"relation":"next","url":"p2"}]"#;
+        let first = format!(
+            r#"{{"resourceType":"Bundle",{links},"entry":[{},{}]}}"#,
+            entry("a"),
+            entry("b")
+        );
+        let mut told = Vec::new();
+        let page =
+            parse_bundle_with(first.as_bytes(), &mut |link| told.push(link.to_owned())).unwrap();
+        assert_eq!(told, ["p2"]);
+        assert_eq!(page.next.as_deref(), Some("p2"));
+        assert_eq!(page.entries.iter().map(|e| &*e.id).collect::<Vec<_>>(), ["a", "b"]);
+        // Links after the entries: told all the same, once they are read.
+        let last = format!(r#"{{"entry":[{}],{links},"resourceType":"Bundle"}}"#, entry("c"));
+        told.clear();
+        let page =
+            parse_bundle_with(last.as_bytes(), &mut |link| told.push(link.to_owned())).unwrap();
+        assert_eq!((told.as_slice(), page.next.as_deref()), (&["p2".to_owned()][..], Some("p2")));
+        // No next link: nothing told.
+        told.clear();
+        let end = format!(r#"{{"resourceType":"Bundle","entry":[{}]}}"#, entry("d"));
+        assert!(parse_bundle_with(end.as_bytes(), &mut |link| told.push(link.to_owned())).is_ok());
+        assert!(told.is_empty());
+    }
+
+    #[test]
+    fn a_malformed_entry_is_skipped_and_the_others_kept_in_order() {
+        // The one-pass reading fails on the second entry; the lenient one skips only it.
+        let body = br#"{"resourceType":"Bundle","type":"searchset","entry":[
+            {"resource":{"resourceType":"Binary","id":"a","meta":{"versionId":"1"}}},
+            {"resource":{"resourceType":"Binary","id":7}},
+            {"resource":"not an object"},
+            {"resource":{"resourceType":"Binary","id":"b","contentType":"image/png"}}],
+            "link":[{"relation":"next","url":"n"}]}"#;
+        let page = parse_bundle(body).unwrap();
+        assert_eq!(page.entries.iter().map(|e| &*e.id).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(page.entries[0].meta.version_id.as_deref(), Some("1"));
+        assert_eq!(page.entries[1].meta.content_type.as_deref(), Some("image/png"));
+        assert_eq!((page.skipped, page.next.as_deref()), (2, Some("n")));
+        // Invalid UTF-8 in a member that is not read: the page still reads, leniently.
+        let mut odd = br#"{"resourceType":"Bundle","x":"@","entry":[
+            {"resource":{"resourceType":"Binary","id":"c"}}]}"#
+            .to_vec();
+        let at = odd.iter().position(|&b| b == b'@').unwrap();
+        odd[at] = 0xff;
+        assert!(std::str::from_utf8(&odd).is_err());
+        assert_eq!(parse_bundle(&odd).unwrap().entries[0].id, "c");
+    }
+
+    #[test]
+    fn a_bundle_member_given_twice_is_an_error_as_before() {
+        let twice = br#"{"resourceType":"Bundle","entry":[],"entry":[]}"#;
+        assert!(matches!(parse_bundle(twice), Err(FhirError::Json(_))));
+        let trailing = br#"{"resourceType":"Bundle"} x"#;
+        assert!(matches!(parse_bundle(trailing), Err(FhirError::Json(_))));
+    }
+
+    #[test]
+    fn the_bundle_type_may_come_after_the_entries() {
+        let delete = r#"{"request":{"method":"DELETE","url":"Binary/gone"}}"#;
+        let put = r#"{"resource":{"resourceType":"Binary","id":"a"},"request":{"method":"PUT","url":"Binary/a"}}"#;
+        let history =
+            format!(r#"{{"entry":[{put},{delete}],"type":"history","resourceType":"Bundle"}}"#);
+        let page = parse_bundle(history.as_bytes()).unwrap();
+        assert_eq!(page.deleted, [(1, "gone".to_owned())]);
+        assert_eq!(page.entries.len(), 1);
+        // In a searchset, a DELETE request means nothing: an entry with a Binary is listed
+        // where it stands, one without is skipped.
+        let listed = r#"{"resource":{"resourceType":"Binary","id":"b"},"request":{"method":"DELETE","url":"Binary/b"}}"#;
+        let searchset = format!(
+            r#"{{"entry":[{listed},{put},{delete},{listed}],"type":"searchset","resourceType":"Bundle"}}"#
+        );
+        let page = parse_bundle(searchset.as_bytes()).unwrap();
+        assert!(page.deleted.is_empty());
+        assert_eq!(page.entries.iter().map(|e| &*e.id).collect::<Vec<_>>(), ["b", "a", "b"]);
+        assert_eq!(page.skipped, 1);
     }
 
     #[test]
