@@ -53,6 +53,26 @@ impl HttpSource {
         }
     }
 
+    /// [`HttpSource::learn_content_type`] for a page of Binaries, under one lock; `total`:
+    /// how many the search will give in all, when the server says (for the first page).
+    pub(super) fn learn_content_types<'a>(
+        &self,
+        page: impl Iterator<Item = (&'a str, Option<&'a str>)>,
+        total: Option<u64>,
+    ) {
+        /// Room made at once at most, whatever a server claims.
+        const MOST: usize = 4 << 20;
+        let mut known = self.content_types.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(total) = total {
+            known.recent.reserve(usize::try_from(total).unwrap_or(MOST).min(MOST));
+        }
+        for (id, kind) in page {
+            if let Some(kind) = kind {
+                known.learn(id, kind);
+            }
+        }
+    }
+
     pub(super) fn known_type(&self, id: &str) -> Option<Arc<str>> {
         self.content_types.lock().unwrap_or_else(|e| e.into_inner()).get(id)
     }

@@ -37,9 +37,9 @@ impl HttpSource {
     }
 
     /// Every page of the search at `url`, each given to `each` as it arrives (which may stop
-    /// the paging by returning false); the server's `Date` of the first page. With `ahead`,
-    /// each next page is asked for before `each` takes in the one before (see
-    /// [`HttpSource::follow_ahead`]).
+    /// the paging by returning false, unless `ahead`); the server's `Date` of the first page.
+    /// With `ahead`, each next page is asked for while the one before is read and taken in
+    /// (see [`HttpSource::follow_ahead`]).
     async fn pages(
         &self,
         url: Url,
@@ -48,10 +48,11 @@ impl HttpSource {
     ) -> Result<Option<SystemTime>, SourceError> {
         let mut first_date = None;
         let mut first = true;
-        let next = |page: &fhir::Page| page.next.clone();
-        self.follow_ahead(url, ahead, fhir::parse_bundle, next, |page: fhir::Page, date| {
+        let mut take = |page: fhir::Page, date| {
+            let mut total = None;
             if std::mem::take(&mut first) {
                 first_date = date;
+                total = page.total;
             }
             if page.skipped > 0 {
                 debug!(
@@ -59,12 +60,19 @@ impl HttpSource {
                     "search entries that are not Binaries with valid ids"
                 );
             }
-            for entry in &page.entries {
-                self.learn_content_type(&entry.id, entry.meta.content_type.as_deref());
-            }
+            let types = page.entries.iter().map(|e| (&*e.id, e.meta.content_type.as_deref()));
+            self.learn_content_types(types, total);
             each(page)
-        })
-        .await?;
+        };
+        if ahead {
+            self.follow_ahead(url, |page, date| {
+                take(page, date);
+            })
+            .await?;
+        } else {
+            let next = |page: &fhir::Page| page.next.clone();
+            self.follow(url, fhir::parse_bundle, next, take).await?;
+        }
         Ok(first_date)
     }
 
@@ -74,63 +82,86 @@ impl HttpSource {
     /// one that loops back is an error. Each page has its own deadline.
     pub(super) async fn follow<P>(
         &self,
-        url: Url,
-        parse: impl Fn(&[u8]) -> Result<P, fhir::FhirError>,
-        next: impl Fn(&P) -> Option<String>,
-        each: impl FnMut(P, Option<SystemTime>) -> bool,
-    ) -> Result<(), SourceError> {
-        self.follow_ahead(url, false, parse, next, each).await
-    }
-
-    /// [`HttpSource::follow`]; with `ahead`, the next page is asked for as soon as its link is
-    /// known, and the server works on it while `each` takes in the page before: a listing of
-    /// a thousand pages then costs the server's time, not the server's time plus ours. (Only
-    /// where `each` never stops the paging: a page asked for ahead is never wasted.)
-    pub(super) async fn follow_ahead<P>(
-        &self,
         mut url: Url,
-        ahead: bool,
         parse: impl Fn(&[u8]) -> Result<P, fhir::FhirError>,
         next: impl Fn(&P) -> Option<String>,
         mut each: impl FnMut(P, Option<SystemTime>) -> bool,
     ) -> Result<(), SourceError> {
         let mut seen = HashSet::new();
         seen.insert(url.to_string());
+        loop {
+            let (body, date) = self.timed_page(&url).await?;
+            let page = parse(&body).map_err(SourceError::from)?;
+            drop(body);
+            let following = next(&page).map(|link| follow_link(&url, &link, &mut seen));
+            if !each(page, date) {
+                return Ok(());
+            }
+            // What came before a loop is still given.
+            let Some(following) = following else { return Ok(()) };
+            url = following?;
+        }
+    }
+
+    /// [`HttpSource::follow`] for a Bundle of Binaries, where every page is wanted: each page
+    /// is parsed on a thread of its own, and the next page is asked for as soon as its link is
+    /// read (servers send links before entries). The server makes the next page, and this
+    /// task reads it, while this one is parsed. A listing of a thousand pages then costs about
+    /// the server's time, not the server's time plus ours.
+    async fn follow_ahead(
+        &self,
+        mut url: Url,
+        mut each: impl FnMut(fhir::Page, Option<SystemTime>),
+    ) -> Result<(), SourceError> {
+        let mut seen = HashSet::new();
+        seen.insert(url.to_string());
         let mut fetched = self.timed_page(&url).await;
         loop {
             let (body, date) = fetched?;
-            let page = parse(&body).map_err(SourceError::from)?;
-            drop(body);
-            let following = match next(&page) {
-                Some(link) => {
-                    // The link is opaque: used as given, only resolved when relative.
-                    let following = url.join(&link).map_err(|e| {
-                        SourceError::BadBody(format!("bad next link {link:?}: {e}"))
-                    })?;
-                    if !seen.insert(following.to_string()) {
-                        let looped = format!("the next link loops back to {following}");
-                        // What came before the loop is still given.
-                        each(page, date);
-                        return Err(SourceError::BadBody(looped));
+            let (link_tx, link_rx) = tokio::sync::oneshot::channel::<String>();
+            let parsing = tokio::task::spawn_blocking(move || {
+                let mut link_tx = Some(link_tx);
+                fhir::parse_bundle_with(&body, &mut |link| {
+                    if let Some(tx) = link_tx.take() {
+                        let _ = tx.send(link.to_owned());
                     }
-                    Some(following)
-                }
-                None => None,
+                })
+            });
+            let (link, ahead) = {
+                let seen = &mut seen;
+                let from = &url;
+                // The next page, from the link read early (none when the page has no next
+                // link, or its links come after its entries).
+                let ahead = async {
+                    let link = link_rx.await.ok()?;
+                    let fetched = match follow_link(from, &link, seen) {
+                        Ok(following) => Ok((self.timed_page(&following).await, following)),
+                        Err(e) => Err(e),
+                    };
+                    Some((link, fetched))
+                };
+                let taken = async {
+                    let page = parsing.await.map_err(|e| {
+                        SourceError::BadBody(format!("reading a page of the search failed: {e}"))
+                    })??;
+                    let next = page.next.clone();
+                    each(page, date);
+                    Ok::<_, SourceError>(next)
+                };
+                // A page that fails to parse drops the page asked for ahead.
+                let (next, ahead) = tokio::try_join!(taken, async { Ok(ahead.await) })?;
+                let Some(link) = next else { return Ok(()) };
+                (link, ahead)
             };
-            let Some(following) = following else {
-                each(page, date);
-                return Ok(());
-            };
-            if ahead {
-                let (next_page, _) =
-                    tokio::join!(self.timed_page(&following), async { each(page, date) });
-                fetched = next_page;
-            } else {
-                if !each(page, date) {
-                    return Ok(());
+            let (page, following) = match ahead {
+                // A loop is an error once the page before it is taken in.
+                Some((early, fetched)) if early == link => fetched?,
+                _ => {
+                    let following = follow_link(&url, &link, &mut seen)?;
+                    (self.timed_page(&following).await, following)
                 }
-                fetched = self.timed_page(&following).await;
-            }
+            };
+            fetched = page;
             url = following;
         }
     }
@@ -319,6 +350,18 @@ impl HttpSource {
             .and_then(|d| httpdate::parse_http_date(d).ok());
         Ok((answer.body, date))
     }
+}
+
+/// The page a `next` link names: used as given, only resolved when relative; an error when
+/// it loops back to a page already read.
+fn follow_link(from: &Url, link: &str, seen: &mut HashSet<String>) -> Result<Url, SourceError> {
+    let following = from
+        .join(link)
+        .map_err(|e| SourceError::BadBody(format!("bad next link {link:?}: {e}")))?;
+    if !seen.insert(following.to_string()) {
+        return Err(SourceError::BadBody(format!("the next link loops back to {following}")));
+    }
+    Ok(following)
 }
 
 /// Last updated before `from` (with a second's slack for whole-second clocks): a version a
