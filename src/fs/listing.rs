@@ -56,48 +56,36 @@ impl<S: Source> FhirFs<S> {
         // With --extensions a name depends on every id listed (`a` may be named `a.pdf` only
         // if no Binary's id is `a.pdf`), and names a source gives must not clash, so such a
         // listing shows whole, at its end; so does one sorted into folders.
-        let mut streams = !self.config.extensions && !self.source.folders();
-        let mut seen = InoSet::default();
-        let mut inos = Vec::new();
-        let mut names = HashMap::new();
-        let mut folder_of = HashMap::new();
+        let streams = !self.config.extensions && !self.source.folders();
+        // Pages are taken in by a task of their own: the search reads and parses the next page
+        // meanwhile, on another thread.
+        let (pages, mut arrived) =
+            tokio::sync::mpsc::unbounded_channel::<(Vec<Listed>, Option<u64>)>();
+        let taker = {
+            let fs = Arc::clone(&self);
+            let entries = Arc::clone(&entries);
+            tokio::spawn(async move {
+                let mut taken = Taken::new(streams);
+                while let Some((page, total)) = arrived.recv().await {
+                    taken.take(&fs, &entries, page, total);
+                }
+                taken
+            })
+        };
         let result = self
             .source
             .list_pages(|page, total| {
-                if inos.is_empty()
-                    && let Some(total) = total
-                {
-                    // Room for all of them at once: growing by doubling copies the tables
-                    // and rehashes the index over and over.
-                    let files = usize::try_from(total).unwrap_or(0).min(MAX_RESERVE);
-                    self.make_room(files, &entries);
-                }
-                let first = inos.len();
-                for Listed { id, meta, name, folder } in page {
-                    // A server whose pages shift under us may repeat an id; a folder must not.
-                    let ino = self.apply_meta(&id, meta, Origin::Listing);
-                    if seen.insert(ino) {
-                        let mut missing = lock(&self.missing);
-                        if !missing.is_empty() {
-                            missing.remove(&id);
-                        }
-                        drop(missing);
-                        inos.push(ino);
-                        if let Some(name) = name {
-                            names.insert(ino, name);
-                        }
-                        if let Some(folder) = folder {
-                            folder_of.insert(ino, folder);
-                        }
-                    }
-                }
-                streams &= names.is_empty();
-                if streams {
-                    self.append(&entries, &inos[first..]);
-                }
+                // Only fails when the taker is gone (it panicked): its end says so below.
+                let _ = pages.send((page, total));
             })
             .await;
-        drop(seen);
+        drop(pages);
+        let Ok(Taken { streams, inos, names, folder_of, .. }) = taker.await else {
+            Stats::add(&self.stats.errors, 1);
+            let failed = SourceError::BadBody("taking in the listing failed".into());
+            entries.end(Err(FsError::source("Binary?", failed)));
+            return;
+        };
         let refused = match result {
             Ok(()) => None,
             // Binary is not searchable by the spec, and many servers refuse: lookups by id
@@ -436,6 +424,71 @@ impl Drop for EndsListing {
         if matches!(self.0.fill(), Fill::Filling) {
             let stopped = SourceError::BadBody("the listing stopped before its end".into());
             self.0.end(Err(FsError::source("Binary?", stopped)));
+        }
+    }
+}
+
+/// What a listing has taken in so far, page by page.
+struct Taken {
+    /// The listing shows as it arrives (see [`FhirFs::fill_listing`]).
+    streams: bool,
+    /// The inodes listed, each once.
+    seen: InoSet,
+    inos: Vec<u64>,
+    /// Names and folders the source gave.
+    names: HashMap<u64, String>,
+    folder_of: HashMap<u64, String>,
+}
+
+impl Taken {
+    fn new(streams: bool) -> Self {
+        Self {
+            streams,
+            seen: InoSet::default(),
+            inos: Vec::new(),
+            names: HashMap::new(),
+            folder_of: HashMap::new(),
+        }
+    }
+
+    /// Takes in one page (`total`: how many the whole listing holds, when the source says).
+    fn take<S: Source>(
+        &mut self,
+        fs: &FhirFs<S>,
+        entries: &Entries,
+        mut page: Vec<Listed>,
+        total: Option<u64>,
+    ) {
+        if self.inos.is_empty()
+            && let Some(total) = total
+        {
+            // Room for all of them at once: growing by doubling copies the tables and rehashes
+            // the index over and over.
+            let files = usize::try_from(total).unwrap_or(0).min(MAX_RESERVE);
+            fs.make_room(files, entries);
+        }
+        let first = self.inos.len();
+        let inos = fs.apply_listed(&mut page);
+        let mut missing = lock(&fs.missing);
+        for (Listed { id, name, folder, .. }, ino) in page.into_iter().zip(inos) {
+            // A server whose pages shift under us may repeat an id; a folder must not.
+            if self.seen.insert(ino) {
+                if !missing.is_empty() {
+                    missing.remove(&id);
+                }
+                self.inos.push(ino);
+                if let Some(name) = name {
+                    self.names.insert(ino, name);
+                }
+                if let Some(folder) = folder {
+                    self.folder_of.insert(ino, folder);
+                }
+            }
+        }
+        drop(missing);
+        self.streams &= self.names.is_empty();
+        if self.streams {
+            fs.append(entries, &self.inos[first..]);
         }
     }
 }

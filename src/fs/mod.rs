@@ -475,7 +475,12 @@ impl IdIndex {
     }
 
     fn get(&self, table: &NodeTable, id: &str) -> Option<u64> {
-        let found = self.slots.find(self.hash(id), |&slot| *table.0[slot as usize].id == *id)?;
+        self.get_hashed(table, self.hash(id), id)
+    }
+
+    /// [`IdIndex::get`] with the id's hash.
+    fn get_hashed(&self, table: &NodeTable, hash: u64, id: &str) -> Option<u64> {
+        let found = self.slots.find(hash, |&slot| *table.0[slot as usize].id == *id)?;
         Some(u64::from(*found) + ROOT_INO + 1)
     }
 
@@ -487,9 +492,8 @@ impl IdIndex {
         }
     }
 
-    /// Adds the node in `slot` of `table` (its id not indexed yet).
-    fn insert(&mut self, table: &NodeTable, slot: u32) {
-        let hash = self.hash(&table.0[slot as usize].id);
+    /// Adds the node in `slot` of `table` (its id, of hash `hash`, not indexed yet).
+    fn insert_hashed(&mut self, table: &NodeTable, hash: u64, slot: u32) {
         let hasher = &self.hasher;
         self.slots.insert_unique(hash, slot, |&s| {
             std::hash::BuildHasher::hash_one(hasher, &*table.0[s as usize].id)
@@ -525,8 +529,13 @@ impl Node {
     /// A slot whose node was dropped (see [`FhirFs::forget`]).
     fn vacant() -> Self {
         static EMPTY: OnceLock<Arc<str>> = OnceLock::new();
+        Self::new(Arc::clone(EMPTY.get_or_init(|| Arc::from(""))))
+    }
+
+    /// The node of `id`, of which nothing is known yet.
+    fn new(id: Arc<str>) -> Self {
         Node {
-            id: Arc::clone(EMPTY.get_or_init(|| Arc::from(""))),
+            id,
             meta: NodeMeta::default(),
             checked: Stamp::NONE,
             listed: Stamp::NONE,
@@ -586,15 +595,67 @@ impl Nodes {
     }
 
     fn ino_of(&mut self, id: &str) -> u64 {
-        if let Some(ino) = self.ino(id) {
+        // Hashed once, for the search and the insertion: a listing does this a million times.
+        let hash = self.by_id.hash(id);
+        if let Some(ino) = self.by_id.get_hashed(&self.by_ino, hash, id) {
             return ino;
         }
         // Inodes count up from 2; one is reused only after the kernel forgot it (FORGET) and
         // nothing of it is left here (see `FhirFs::forget`).
-        let node = Node { id: Arc::from(id), ..Node::vacant() };
-        let (ino, slot) = self.by_ino.put(&mut self.free, node);
-        self.by_id.insert(&self.by_ino, slot);
+        let (ino, slot) = self.by_ino.put(&mut self.free, Node::new(Arc::from(id)));
+        self.by_id.insert_hashed(&self.by_ino, hash, slot);
         ino
+    }
+
+    /// Records what the server said about `id` at `now`: its inode, and whether the version
+    /// changed (`Some(pinned)`: whether open files hold the old one).
+    fn apply(&mut self, id: &str, meta: Meta, origin: Origin, now: Stamp) -> (u64, Option<bool>) {
+        let ino = self.ino_of(id);
+        let Self { by_ino, labels, .. } = self;
+        let Some(node) = by_ino.get_mut(&ino) else {
+            return (ino, None);
+        };
+        // Compared as kept, without unpacking: a listing does this a million times.
+        let old = &node.meta;
+        let version_changed = match (&old.version_id, meta.version_id.as_deref()) {
+            (Some(a), Some(b)) => !a.is(b),
+            _ => false,
+        };
+        let size_changed = matches!((old.size, meta.size), (Some(a), Some(b)) if a != b);
+        // Without versions, a newer time is the only sign of a change. Whole seconds, since
+        // `Last-Modified` drops the milliseconds that `meta.lastUpdated` has.
+        let time_changed = old.version_id.is_none()
+            && meta.version_id.is_none()
+            && matches!((old.last_updated, meta.last_updated), (Some(a), Some(b))
+                if a.duration_since(b).unwrap_or_else(|e| e.duration()) >= Duration::from_secs(1));
+        let was_known = old.size.is_some() || old.version_id.is_some();
+        if version_changed || size_changed || time_changed {
+            node.meta = NodeMeta::pack(meta, labels);
+            node.kernel = None;
+        } else {
+            let size = meta.size.or(old.size);
+            let security_context = meta.security_context.as_deref().or(old.security_context());
+            // The same version keeps its time: a listing's `meta.lastUpdated` has milliseconds,
+            // a raw response's `Last-Modified` only seconds, and mtime must not flap. Only a
+            // more precise time for the same second replaces it.
+            let last_updated = match (old.last_updated, meta.last_updated) {
+                (Some(o), Some(n)) if refines(o, n) => Some(n),
+                (o, n) => o.or(n),
+            };
+            let labels = labels.get(meta.content_type.as_deref(), security_context);
+            let version_id = meta.version_id.as_deref().map(Version::new);
+            node.meta = NodeMeta { version_id, last_updated, labels, size };
+        }
+        node.checked = now;
+        if origin == Origin::Listing {
+            node.listed = now;
+        }
+        let changed = was_known && (version_changed || size_changed || time_changed);
+        let pinned = node.pin.is_some();
+        if changed && pinned {
+            node.changed_while_pinned = true;
+        }
+        (ino, changed.then_some(pinned))
     }
 }
 
@@ -959,66 +1020,49 @@ impl<S: Source> FhirFs<S> {
     /// Records what the server said about `id`; returns its inode. A new version drops the
     /// cached bytes and tells the kernel to drop its caches.
     fn apply_meta(&self, id: &str, meta: Meta, origin: Origin) -> u64 {
-        let now = Stamp::now();
         let mut nodes = lock(&self.nodes);
-        let ino = nodes.ino_of(id);
-        let Nodes { by_ino, labels, .. } = &mut *nodes;
-        let Some(node) = by_ino.get_mut(&ino) else {
-            return ino;
-        };
-        // Compared as kept, without unpacking: a listing does this a million times.
-        let old = &node.meta;
-        let version_changed = match (&old.version_id, meta.version_id.as_deref()) {
-            (Some(a), Some(b)) => !a.is(b),
-            _ => false,
-        };
-        let size_changed = matches!((old.size, meta.size), (Some(a), Some(b)) if a != b);
-        // Without versions, a newer time is the only sign of a change. Whole seconds, since
-        // `Last-Modified` drops the milliseconds that `meta.lastUpdated` has.
-        let time_changed = old.version_id.is_none()
-            && meta.version_id.is_none()
-            && matches!((old.last_updated, meta.last_updated), (Some(a), Some(b))
-                if a.duration_since(b).unwrap_or_else(|e| e.duration()) >= Duration::from_secs(1));
-        let was_known = old.size.is_some() || old.version_id.is_some();
-        if version_changed || size_changed || time_changed {
-            node.meta = NodeMeta::pack(meta, labels);
-            node.kernel = None;
-        } else {
-            let size = meta.size.or(old.size);
-            let security_context = meta.security_context.as_deref().or(old.security_context());
-            // The same version keeps its time: a listing's `meta.lastUpdated` has milliseconds,
-            // a raw response's `Last-Modified` only seconds, and mtime must not flap. Only a
-            // more precise time for the same second replaces it.
-            let last_updated = match (old.last_updated, meta.last_updated) {
-                (Some(o), Some(n)) if refines(o, n) => Some(n),
-                (o, n) => o.or(n),
-            };
-            let labels = labels.get(meta.content_type.as_deref(), security_context);
-            let version_id = meta.version_id.as_deref().map(Version::new);
-            node.meta = NodeMeta { version_id, last_updated, labels, size };
-        }
-        node.checked = now;
-        if origin == Origin::Listing {
-            node.listed = now;
-        }
-        let changed = was_known && (version_changed || size_changed || time_changed);
-        let pinned = node.pin.is_some();
-        if changed && pinned {
-            node.changed_while_pinned = true;
-        }
+        let (ino, change) = nodes.apply(id, meta, origin, Stamp::now());
         drop(nodes);
-        if changed {
-            debug!(id, "binary changed on the server");
-            // A fetch brings the new bytes itself; news of a version from elsewhere makes
-            // the cached bytes stale.
-            if origin != Origin::Fetch {
-                self.content.invalidate(id);
-            }
-            if !pinned {
-                self.invalidate_kernel(ino);
-            }
+        if let Some(pinned) = change {
+            self.changed(id, ino, pinned, origin);
         }
         ino
+    }
+
+    /// [`FhirFs::apply_meta`] for a page of a listing, under one lock: the inode of each file,
+    /// in order. Takes each file's `meta`, leaving its id, name and folder.
+    fn apply_listed(&self, page: &mut [Listed]) -> Vec<u64> {
+        let now = Stamp::now();
+        let mut inos = Vec::with_capacity(page.len());
+        let mut changed = Vec::new();
+        let mut nodes = lock(&self.nodes);
+        for (position, listed) in page.iter_mut().enumerate() {
+            let meta = std::mem::take(&mut listed.meta);
+            let (ino, change) = nodes.apply(&listed.id, meta, Origin::Listing, now);
+            inos.push(ino);
+            if let Some(pinned) = change {
+                changed.push((position, pinned));
+            }
+        }
+        drop(nodes);
+        for (position, pinned) in changed {
+            self.changed(&page[position].id, inos[position], pinned, Origin::Listing);
+        }
+        inos
+    }
+
+    /// What follows a new version of `id` (`pinned`: open files hold the old one), outside the
+    /// nodes' lock.
+    fn changed(&self, id: &str, ino: u64, pinned: bool, origin: Origin) {
+        debug!(id, "binary changed on the server");
+        // A fetch brings the new bytes itself; news of a version from elsewhere makes the
+        // cached bytes stale.
+        if origin != Origin::Fetch {
+            self.content.invalidate(id);
+        }
+        if !pinned {
+            self.invalidate_kernel(ino);
+        }
     }
 
     /// Attributes of the Binary `id`, fetching it when its size is not known yet.
