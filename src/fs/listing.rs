@@ -65,9 +65,24 @@ impl<S: Source> FhirFs<S> {
             let fs = Arc::clone(&self);
             let entries = Arc::clone(&entries);
             tokio::spawn(async move {
+                /// How many of the first page show before room is made for the whole listing.
+                const FIRST: usize = 64;
                 let mut taken = Taken::new(streams);
-                while let Some((page, total)) = arrived.recv().await {
-                    taken.take(&fs, &entries, page, total);
+                while let Some((mut page, total)) = arrived.recv().await {
+                    if taken.inos.is_empty() {
+                        let rest = page.split_off(page.len().min(FIRST));
+                        taken.take(&fs, &entries, page);
+                        // Callers waiting for the first files were woken on this thread, and
+                        // go first.
+                        tokio::task::yield_now().await;
+                        // Room for all of them at once: growing by doubling copies the tables
+                        // and rehashes the index over and over.
+                        if let Some(total) = total {
+                            fs.make_room(usize::try_from(total).unwrap_or(0).min(MAX_RESERVE), &entries);
+                        }
+                        page = rest;
+                    }
+                    taken.take(&fs, &entries, page);
                 }
                 taken
             })
@@ -451,22 +466,8 @@ impl Taken {
         }
     }
 
-    /// Takes in one page (`total`: how many the whole listing holds, when the source says).
-    fn take<S: Source>(
-        &mut self,
-        fs: &FhirFs<S>,
-        entries: &Entries,
-        mut page: Vec<Listed>,
-        total: Option<u64>,
-    ) {
-        if self.inos.is_empty()
-            && let Some(total) = total
-        {
-            // Room for all of them at once: growing by doubling copies the tables and rehashes
-            // the index over and over.
-            let files = usize::try_from(total).unwrap_or(0).min(MAX_RESERVE);
-            fs.make_room(files, entries);
-        }
+    /// Takes in files of a page.
+    fn take<S: Source>(&mut self, fs: &FhirFs<S>, entries: &Entries, mut page: Vec<Listed>) {
         let first = self.inos.len();
         let inos = fs.apply_listed(&mut page);
         let mut missing = lock(&fs.missing);
