@@ -65,13 +65,21 @@ async fn the_first_page_is_readable_while_the_next_is_on_its_way() {
     let gate = server.hold_searches_after(1);
     let fs = core(&server);
 
-    // opendir answers with the first page while the second is held at the server.
+    // opendir answers with the first page's first files while the second page is held at
+    // the server; the rest of the first page follows.
     let fh = tokio::time::timeout(PATIENCE, fs.opendir(ROOT_INO)).await.expect("opendir waited");
     let fh = fh.unwrap();
+    let early = readdir_names(&fs, fh, 0);
+    assert!(early.len() > 2, "opendir waits for files to show");
+    assert_eq!(early[2..], ids[..early.len() - 2], "in the server's order, after . and ..");
+    let past = (PAGE + 2) as u64;
+    tokio::time::timeout(PATIENCE, fs.readdir_ready(fh, past - 1))
+        .await
+        .expect("the first page is in while the second is held")
+        .unwrap();
     let first = readdir_names(&fs, fh, 0);
     assert_eq!(first[2..], ids[..PAGE], "the first page, in order, after . and ..");
     // Past it, the folder does not end: the entries are pending.
-    let past = (PAGE + 2) as u64;
     assert!(fs.readdir_pending(fh, past));
     assert!(!fs.readdir_pending(fh, past - 1));
     // A listed name is looked up and read meanwhile.

@@ -150,13 +150,15 @@ struct RawBundle<'a> {
 /// malformed entry), each taken in as it is read. Gives the `next` link to `on_next` as soon
 /// as `Bundle.link` is read: servers send links before entries, and the next page can be asked
 /// for while the entries of this one are read.
-struct BundleSeed<'f, E, R> {
-    on_next: &'f mut dyn FnMut(&str),
+struct BundleSeed<'n, 'f, E, R> {
+    on_next: &'n mut dyn FnMut(&str),
+    /// Given the first entries of a searchset, as soon as they are read (see [`Hooks`]).
+    on_first: Option<FirstEntries<'f>>,
     read: R,
     entries: std::marker::PhantomData<E>,
 }
 
-impl<'de, E, R> serde::de::DeserializeSeed<'de> for BundleSeed<'_, E, R>
+impl<'de, E, R> serde::de::DeserializeSeed<'de> for BundleSeed<'_, '_, E, R>
 where
     E: Deserialize<'de>,
     R: Fn(E) -> Option<RawEntry<'de>>,
@@ -171,7 +173,7 @@ where
     }
 }
 
-impl<'de, E, R> serde::de::Visitor<'de> for BundleSeed<'_, E, R>
+impl<'de, E, R> serde::de::Visitor<'de> for BundleSeed<'_, '_, E, R>
 where
     E: Deserialize<'de>,
     R: Fn(E) -> Option<RawEntry<'de>>,
@@ -182,7 +184,10 @@ where
         f.write_str("a Bundle")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        mut self,
+        mut map: A,
+    ) -> Result<Self::Value, A::Error> {
         use serde::de::Error;
         let mut bundle = RawBundle {
             resource_type: None,
@@ -223,9 +228,12 @@ where
                 }
                 "entry" => {
                     once(4, "entry")?;
+                    let total = bundle.total.and_then(|t| serde_json::from_str(t.get()).ok());
+                    let searchset = bundle.kind.as_deref().is_none_or(|k| k != "history");
                     let seed = EntrySeed {
                         entries: &mut bundle.entries,
                         read: &self.read,
+                        first: self.on_first.take().filter(|_| searchset).map(|f| (f, total)),
                         entry: self.entries,
                     };
                     map.next_value_seed(seed)?;
@@ -241,13 +249,15 @@ where
 
 /// Reads `Bundle.entry`, taking in each entry as it is read (a page of a thousand is never
 /// held as a thousand raw entries).
-struct EntrySeed<'e, E, R> {
+struct EntrySeed<'e, 'f, E, R> {
     entries: &'e mut Entries,
     read: &'e R,
+    /// Given the first entries read, with the total, once there are [`FIRST_ENTRIES`].
+    first: Option<(FirstEntries<'f>, Option<u64>)>,
     entry: std::marker::PhantomData<E>,
 }
 
-impl<'de, E, R> serde::de::DeserializeSeed<'de> for EntrySeed<'_, E, R>
+impl<'de, E, R> serde::de::DeserializeSeed<'de> for EntrySeed<'_, '_, E, R>
 where
     E: Deserialize<'de>,
     R: Fn(E) -> Option<RawEntry<'de>>,
@@ -259,7 +269,7 @@ where
     }
 }
 
-impl<'de, E, R> serde::de::Visitor<'de> for EntrySeed<'_, E, R>
+impl<'de, E, R> serde::de::Visitor<'de> for EntrySeed<'_, '_, E, R>
 where
     E: Deserialize<'de>,
     R: Fn(E) -> Option<RawEntry<'de>>,
@@ -270,13 +280,22 @@ where
         f.write_str("a list of entries")
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
         while let Some(entry) = seq.next_element::<E>()? {
             self.entries.add((self.read)(entry));
+            if self.entries.listed.len() >= FIRST_ENTRIES
+                && self.entries.deletes.is_empty()
+                && let Some((first, total)) = self.first.take()
+            {
+                first(std::mem::take(&mut self.entries.listed), total);
+            }
         }
         Ok(())
     }
 }
+
+/// How many entries of a page [`Hooks::first`] is given.
+const FIRST_ENTRIES: usize = 64;
 
 /// The entries of a page, taken in one by one.
 #[derive(Default)]
@@ -505,23 +524,43 @@ pub struct Page {
 
 /// Parses one searchset Bundle page.
 pub fn parse_bundle(body: &[u8]) -> Result<Page, FhirError> {
-    parse_bundle_with(body, &mut |_| {})
+    parse_bundle_with(body, Hooks { next: &mut |_| {}, first: None })
 }
 
-/// Parses one searchset Bundle page, giving its `next` link to `on_next` as soon as it is read,
-/// before the entries when the server sends the links first (as servers do). `on_next` may be
-/// called twice with the same link (see below); it is not called when the page has no next
-/// link, and may have been called for a page that turns out to be malformed.
+/// What [`parse_bundle_with`] tells while it reads a page.
+pub struct Hooks<'f> {
+    /// Given the `next` link as soon as it is read, before the entries when the server sends
+    /// the links first (as servers do). It may be given twice (see [`parse_bundle_with`]); it
+    /// is not called when the page has no next link, and may have been called for a page that
+    /// turns out to be malformed.
+    pub next: &'f mut dyn FnMut(&str),
+    /// Given the first few Binaries of a searchset page with `Bundle.total` as soon as they
+    /// are read, which are then not in the page parsed: a first page shows that much sooner.
+    /// (Should the page need reading again, they are in the page too: a listing takes each
+    /// id once.)
+    pub first: Option<FirstEntries<'f>>,
+}
+
+/// What is given the first entries of a page, and `Bundle.total` (see [`Hooks::first`]).
+pub type FirstEntries<'f> = &'f mut dyn FnMut(Vec<Listed>, Option<u64>);
+
+/// Parses one searchset Bundle page, telling `hooks` what it reads as soon as it is read.
 ///
 /// A page is read in one pass, entries and all. Should one entry be malformed (an `id` that is
 /// a number, a `resource` that is not an object), the page is read again with each entry on
 /// its own, and that entry is skipped without losing the others: reading every page that way
 /// scanned each entry twice, a third of a large listing's time.
-pub fn parse_bundle_with(body: &[u8], on_next: &mut dyn FnMut(&str)) -> Result<Page, FhirError> {
+pub fn parse_bundle_with(body: &[u8], hooks: Hooks<'_>) -> Result<Page, FhirError> {
     use serde::de::DeserializeSeed;
+    let Hooks { next: on_next, first: on_first } = hooks;
     // Checked as UTF-8 once, whole: checking each string as it is borrowed costs more.
     if let Ok(text) = std::str::from_utf8(body) {
-        let seed = BundleSeed { on_next: &mut *on_next, read: Some, entries: Default::default() };
+        let seed = BundleSeed {
+            on_next: &mut *on_next,
+            on_first,
+            read: Some,
+            entries: Default::default(),
+        };
         let mut reader = serde_json::Deserializer::from_str(text);
         if let Ok(raw) = seed.deserialize(&mut reader).and_then(|raw| reader.end().map(|()| raw)) {
             return take_page(raw);
@@ -530,7 +569,7 @@ pub fn parse_bundle_with(body: &[u8], on_next: &mut dyn FnMut(&str)) -> Result<P
     fn read<'a>(entry: &'a serde_json::value::RawValue) -> Option<RawEntry<'a>> {
         serde_json::from_str(entry.get()).ok()
     }
-    let seed = BundleSeed { on_next, read, entries: Default::default() };
+    let seed = BundleSeed { on_next, on_first: None, read, entries: Default::default() };
     let mut reader = serde_json::Deserializer::from_slice(body);
     let raw = seed.deserialize(&mut reader).and_then(|raw| reader.end().map(|()| raw));
     take_page(raw.map_err(FhirError::json)?)
@@ -751,22 +790,79 @@ mod tests {
             entry("b")
         );
         let mut told = Vec::new();
-        let page =
-            parse_bundle_with(first.as_bytes(), &mut |link| told.push(link.to_owned())).unwrap();
+        let page = parse_bundle_with(
+            first.as_bytes(),
+            Hooks { next: &mut |link| told.push(link.to_owned()), first: None },
+        )
+        .unwrap();
         assert_eq!(told, ["p2"]);
         assert_eq!(page.next.as_deref(), Some("p2"));
         assert_eq!(page.entries.iter().map(|e| &*e.id).collect::<Vec<_>>(), ["a", "b"]);
         // Links after the entries: told all the same, once they are read.
         let last = format!(r#"{{"entry":[{}],{links},"resourceType":"Bundle"}}"#, entry("c"));
         told.clear();
-        let page =
-            parse_bundle_with(last.as_bytes(), &mut |link| told.push(link.to_owned())).unwrap();
+        let page = parse_bundle_with(
+            last.as_bytes(),
+            Hooks { next: &mut |link| told.push(link.to_owned()), first: None },
+        )
+        .unwrap();
         assert_eq!((told.as_slice(), page.next.as_deref()), (&["p2".to_owned()][..], Some("p2")));
         // No next link: nothing told.
         told.clear();
         let end = format!(r#"{{"resourceType":"Bundle","entry":[{}]}}"#, entry("d"));
-        assert!(parse_bundle_with(end.as_bytes(), &mut |link| told.push(link.to_owned())).is_ok());
+        assert!(
+            parse_bundle_with(
+                end.as_bytes(),
+                Hooks { next: &mut |link| told.push(link.to_owned()), first: None }
+            )
+            .is_ok()
+        );
         assert!(told.is_empty());
+    }
+
+    #[test]
+    fn the_first_entries_are_given_before_the_rest_of_the_page_is_read() {
+        let entries = |ids: std::ops::Range<usize>| {
+            let entry = |i| format!(r#"{{"resource":{{"resourceType":"Binary","id":"b{i}"}}}}"#);
+            ids.map(entry).collect::<Vec<_>>().join(",")
+        };
+        let ids = |listed: &[Listed]| listed.iter().map(|l| l.id.clone()).collect::<Vec<_>>();
+        let expected =
+            |ids: std::ops::Range<usize>| ids.map(|i| format!("b{i}")).collect::<Vec<_>>();
+        let read = |body: &str| {
+            let mut given = Vec::new();
+            let mut first = |listed: Vec<Listed>, total| given.push((ids(&listed), total));
+            let hooks = Hooks { next: &mut |_| {}, first: Some(&mut first) };
+            let page = parse_bundle_with(body.as_bytes(), hooks);
+            (given, page)
+        };
+        let body =
+            format!(r#"{{"resourceType":"Bundle","total":100,"entry":[{}]}}"#, entries(0..100));
+        let (given, page) = read(&body);
+        assert_eq!(given, [(expected(0..FIRST_ENTRIES), Some(100))]);
+        assert_eq!(ids(&page.unwrap().entries), expected(FIRST_ENTRIES..100));
+        // A page shorter than that: all in the page.
+        let body = format!(r#"{{"resourceType":"Bundle","entry":[{}]}}"#, entries(0..10));
+        let (given, page) = read(&body);
+        assert!(given.is_empty());
+        assert_eq!(page.unwrap().entries.len(), 10);
+        // A malformed entry later: the page is read again, whole (a listing takes ids once).
+        let body = format!(
+            r#"{{"resourceType":"Bundle","entry":[{},{{"resource":7}}]}}"#,
+            entries(0..100)
+        );
+        let (given, page) = read(&body);
+        assert_eq!(given.len(), 1);
+        let page = page.unwrap();
+        assert_eq!((ids(&page.entries), page.skipped), (expected(0..100), 1));
+        // A history: versions and deletions go together, in the page.
+        let body = format!(
+            r#"{{"resourceType":"Bundle","type":"history","entry":[{}]}}"#,
+            entries(0..100)
+        );
+        let (given, page) = read(&body);
+        assert!(given.is_empty());
+        assert_eq!(page.unwrap().entries.len(), 100);
     }
 
     #[test]

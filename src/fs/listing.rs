@@ -78,7 +78,10 @@ impl<S: Source> FhirFs<S> {
                         // Room for all of them at once: growing by doubling copies the tables
                         // and rehashes the index over and over.
                         if let Some(total) = total {
-                            fs.make_room(usize::try_from(total).unwrap_or(0).min(MAX_RESERVE), &entries);
+                            fs.make_room(
+                                usize::try_from(total).unwrap_or(0).min(MAX_RESERVE),
+                                &entries,
+                            );
                         }
                         page = rest;
                     }

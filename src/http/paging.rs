@@ -116,16 +116,30 @@ impl HttpSource {
         let mut seen = HashSet::new();
         seen.insert(url.to_string());
         let mut fetched = self.timed_page(&url).await;
+        let mut first = true;
         loop {
             let (body, date) = fetched?;
             let (link_tx, link_rx) = tokio::sync::oneshot::channel::<String>();
+            // The first page's first entries show before the rest of it is parsed.
+            let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+            let first_page = std::mem::take(&mut first);
             let parsing = tokio::task::spawn_blocking(move || {
                 let mut link_tx = Some(link_tx);
-                fhir::parse_bundle_with(&body, &mut |link| {
-                    if let Some(tx) = link_tx.take() {
-                        let _ = tx.send(link.to_owned());
+                let mut first_tx = Some(first_tx).filter(|_| first_page);
+                let mut on_first = |entries, total| {
+                    if let Some(tx) = first_tx.take() {
+                        let _ = tx.send(fhir::Page { entries, total, ..fhir::Page::default() });
                     }
-                })
+                };
+                let hooks = fhir::Hooks {
+                    next: &mut |link| {
+                        if let Some(tx) = link_tx.take() {
+                            let _ = tx.send(link.to_owned());
+                        }
+                    },
+                    first: first_page.then_some(&mut on_first as _),
+                };
+                fhir::parse_bundle_with(&body, hooks)
             });
             let (link, ahead) = {
                 let seen = &mut seen;
@@ -141,6 +155,9 @@ impl HttpSource {
                     Some((link, fetched))
                 };
                 let taken = async {
+                    if let Ok(first) = first_rx.await {
+                        each(first, date);
+                    }
                     let page = parsing.await.map_err(|e| {
                         SourceError::BadBody(format!("reading a page of the search failed: {e}"))
                     })??;

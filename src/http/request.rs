@@ -91,7 +91,9 @@ impl HttpSource {
     ) -> Result<Vec<u8>, Failure> {
         let mut body = BodyCheck::new(&response, limit)?;
         let mut buf = Vec::with_capacity(body.declared.unwrap_or(0) as usize);
-        while let Some(chunk) = response.chunk().await.map_err(|e| Failure::transient(transport(e)))? {
+        while let Some(chunk) =
+            response.chunk().await.map_err(|e| Failure::transient(transport(e)))?
+        {
             body.admit(chunk.len())?;
             buf.extend_from_slice(&chunk);
         }
