@@ -527,6 +527,58 @@ pub fn parse_bundle(body: &[u8]) -> Result<Page, FhirError> {
     parse_bundle_with(body, Hooks { next: &mut |_| {}, first: None })
 }
 
+/// The `next` link of a Bundle page, read from the part of the body before its entries; `None`
+/// when the page has no next link there (or is no Bundle). Takes microseconds where servers
+/// put the links (first), so the next page can be asked for before this one is handed to be
+/// parsed. The page's parse still decides (see [`Hooks::next`]): this is only a head start.
+pub fn next_link_ahead(body: &[u8]) -> Option<String> {
+    use serde::de::DeserializeSeed;
+    let mut found = None;
+    // Stops, with an error, at the links or at the entries, whichever comes first.
+    let _ =
+        HeadSeed { next: &mut found }.deserialize(&mut serde_json::Deserializer::from_slice(body));
+    found
+}
+
+/// Reads a Bundle's members up to its links or its entries, and keeps the `next` link.
+struct HeadSeed<'f> {
+    next: &'f mut Option<String>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for HeadSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for HeadSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a Bundle")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        use serde::de::Error;
+        while let Some(key) = map.next_key::<Text<'de>>()? {
+            match &*key {
+                "link" => {
+                    let links: Vec<RawLink> = map.next_value()?;
+                    *self.next = next_link(&links).map(str::to_owned);
+                    return Err(A::Error::custom("read up to the links"));
+                }
+                "entry" => return Err(A::Error::custom("no links before the entries")),
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What [`parse_bundle_with`] tells while it reads a page.
 pub struct Hooks<'f> {
     /// Given the `next` link as soon as it is read, before the entries when the server sends
@@ -863,6 +915,22 @@ mod tests {
         let (given, page) = read(&body);
         assert!(given.is_empty());
         assert_eq!(page.unwrap().entries.len(), 100);
+    }
+
+    #[test]
+    fn the_next_link_is_read_ahead_only_from_before_the_entries() {
+        let links = r#""link":[{"relation":"next","url":"p2"}]"#;
+        let entry = r#""entry":[{"resource":{"resourceType":"Binary","id":"a"}}]"#;
+        let first = format!(r#"{{"resourceType":"Bundle",{links},{entry}}}"#);
+        assert_eq!(next_link_ahead(first.as_bytes()).as_deref(), Some("p2"));
+        let last = format!(r#"{{"resourceType":"Bundle",{entry},{links}}}"#);
+        assert_eq!(next_link_ahead(last.as_bytes()), None);
+        assert_eq!(next_link_ahead(br#"{"resourceType":"Bundle","link":[]}"#), None);
+        assert_eq!(next_link_ahead(b"not json"), None);
+        assert_eq!(
+            next_link_ahead(br#"{"link":[{"relation":"next","url":"a\/b"}]"#).as_deref(),
+            Some("a/b")
+        );
     }
 
     #[test]

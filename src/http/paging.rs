@@ -120,11 +120,18 @@ impl HttpSource {
         loop {
             let (body, date) = fetched?;
             let (link_tx, link_rx) = tokio::sync::oneshot::channel::<String>();
+            // Read here, where servers put it, the link asks for the next page before this one
+            // is handed over to be parsed; else the parse tells it.
+            let mut link_tx = Some(link_tx);
+            if let Some(link) = fhir::next_link_ahead(&body)
+                && let Some(tx) = link_tx.take()
+            {
+                let _ = tx.send(link);
+            }
             // The first page's first entries show before the rest of it is parsed.
             let (first_tx, first_rx) = tokio::sync::oneshot::channel();
             let first_page = std::mem::take(&mut first);
             let parsing = tokio::task::spawn_blocking(move || {
-                let mut link_tx = Some(link_tx);
                 let mut first_tx = Some(first_tx).filter(|_| first_page);
                 let mut on_first = |entries, total| {
                     if let Some(tx) = first_tx.take() {
