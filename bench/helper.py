@@ -14,6 +14,8 @@
   walk-pages URL                      pages through a search on one connection: microseconds,
                                       pages, Binary entries
   first-entry DIR                     microseconds to DIR's first entry and to its end, entries
+  first-page URL                      microseconds to read the first page of a search whole, on
+                                      a new connection
 """
 
 import http.client
@@ -167,6 +169,25 @@ def walk_pages(url):
     return 0
 
 
+def first_page(url):
+    """Microseconds from connecting to having the first page of a search whole (what a listing
+    waits for before it can show anything)."""
+    parts = urllib.parse.urlsplit(url)
+    target = parts.path + ("?" + parts.query if parts.query else "")
+    start = time.perf_counter()
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    connection.request("GET", target, headers={"Accept": "application/fhir+json"})
+    response = connection.getresponse()
+    body = response.read()
+    elapsed = int((time.perf_counter() - start) * 1e6)
+    connection.close()
+    if response.status != 200 or not body:
+        print(f"status {response.status}", file=sys.stderr)
+        return 1
+    print(elapsed)
+    return 0
+
+
 def first_entry(path):
     """Microseconds from opendir to the first entry that is not . or .., and to the end."""
     start = time.perf_counter()
@@ -201,6 +222,8 @@ def main(argv):
         return walk_pages(args[0])
     if command == "first-entry" and len(args) == 1:
         return first_entry(args[0])
+    if command == "first-page" and len(args) == 1:
+        return first_page(args[0])
     if command == "stats-value" and len(args) == 2:
         return stats_value(*args)
     if command == "search-page" and len(args) == 2:
