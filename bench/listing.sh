@@ -44,23 +44,21 @@ REFRESH_WAIT=1.5
 require_root_and_fuse
 build
 
-# range VALUES...: "median (min–max)" of microsecond values, in seconds.
-range() {
-    local med min max
+# spread UNIT VALUES...: "median (min–max)" of microsecond values, in seconds (UNIT s) or
+# milliseconds (UNIT ms).
+spread() {
+    local unit=$1 med min max
+    shift
     med=$(median "$@")
     min=$(printf '%s\n' "$@" | sort -n | head -n 1)
     max=$(printf '%s\n' "$@" | sort -n | tail -n 1)
-    awk -v a="$med" -v b="$min" -v c="$max" 'BEGIN { printf "%.2f s (%.2f–%.2f)", a / 1e6, b / 1e6, c / 1e6 }'
+    awk -v u="$unit" -v a="$med" -v b="$min" -v c="$max" 'BEGIN {
+        if (u == "ms") printf "%.1f ms (%.1f–%.1f)", a / 1e3, b / 1e3, c / 1e3
+        else printf "%.2f s (%.2f–%.2f)", a / 1e6, b / 1e6, c / 1e6
+    }'
 }
-
-# range_ms VALUES...: "median (min–max)" of microsecond values, in milliseconds.
-range_ms() {
-    local med min max
-    med=$(median "$@")
-    min=$(printf '%s\n' "$@" | sort -n | head -n 1)
-    max=$(printf '%s\n' "$@" | sort -n | tail -n 1)
-    awk -v a="$med" -v b="$min" -v c="$max" 'BEGIN { printf "%.1f ms (%.1f–%.1f)", a / 1e3, b / 1e3, c / 1e3 }'
-}
+range() { spread s "$@"; }
+range_ms() { spread ms "$@"; }
 
 rss_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
