@@ -127,9 +127,10 @@ impl<S: Source> FhirFs<S> {
         let entries = self.publish(&inos, names, Some(&entries), streams);
         self.publish_folders(&entries, folder_of);
         drop(inos);
-        give_back_freed_memory();
         Stats::add(&self.stats.listings, 1);
         entries.end(Ok(()));
+        // After the end: the last readdir need not wait for it.
+        give_back_freed_memory();
     }
 
     /// Makes room for `files` more nodes and, when it streams, entries of the listing.
