@@ -58,7 +58,9 @@ impl<S: Source> FhirFs<S> {
         // listing shows whole, at its end; so does one sorted into folders.
         let streams = !self.config.extensions && !self.source.folders();
         // Pages are taken in by a task of their own: the search reads and parses the next page
-        // meanwhile, on another thread.
+        // meanwhile, on another thread. (Unbounded: taking a page in costs less than reading
+        // and parsing it, so a page or two wait at most; a bound would stall the paging task,
+        // which must not block.)
         let (pages, mut arrived) =
             tokio::sync::mpsc::unbounded_channel::<(Vec<Listed>, Option<u64>)>();
         let taker = {

@@ -103,11 +103,13 @@ impl HttpSource {
         }
     }
 
-    /// [`HttpSource::follow`] for a Bundle of Binaries, where every page is wanted: each page
-    /// is parsed on a thread of its own, and the next page is asked for as soon as its link is
-    /// read (servers send links before entries). The server makes the next page, and this
-    /// task reads it, while this one is parsed. A listing of a thousand pages then costs about
-    /// the server's time, not the server's time plus ours.
+    /// [`HttpSource::follow`] for a Bundle of Binaries, where every page is wanted. The next
+    /// page is asked for as soon as a page is in, its link read here from the head of the body
+    /// (servers send links before entries; else the parser tells it), and the page is parsed
+    /// on a thread of its own: the server makes the next page, and this task reads it, while
+    /// this one is parsed and taken in. A listing of a thousand pages then costs about the
+    /// server's time, not the server's time plus ours. The first page's first entries are given
+    /// before the rest of it is parsed.
     async fn follow_ahead(
         &self,
         mut url: Url,
