@@ -170,18 +170,6 @@ if want B; then
 fi
 
 # --- Part C ---
-# list_ids BASE OUT HELPER: the id of every Binary, one a line, into OUT: one curl per search
-# page, following `next` links.
-list_ids() {
-    local url="$1/Binary?_count=1000&_elements=id" out=$2 helper=$3 page=$2.page
-    : >"$out"
-    while [[ -n $url ]]; do
-        curl -fsS -H 'Accept: application/fhir+json' -o "$page" "$url" || return 1
-        python3 "$helper" search-page "$page" "$page.next" >>"$out" || return 1
-        url=$(<"$page.next")
-    done
-    rm -f "$page" "$page.next"
-}
 # curl_copy BASE DST PARALLEL IDS HELPER: the baseline backup script: lists the ids (into IDS),
 # then fetches the bytes of each Binary into DST/ID with a curl process of its own, PARALLEL at
 # a time (1: one after the other, from a shell loop).

@@ -63,7 +63,7 @@ reference() {
     start_server --spec "$SPEC" --content "$content"
     rm -rf "$ref"
     mkdir -p "$ref"
-    list_ids "$WORK/ids"
+    list_ids "$BASE" "$WORK/ids" "$HELPER"
     xargs -r -P 4 -I '{}' curl -fsS -H 'Accept: application/octet-stream' -o "$ref/{}" \
         "$BASE/Binary/{}" <"$WORK/ids" || die "cannot fetch the reference bytes"
     (cd "$ref" && sha256sum -- *) >"$WORK/sums.$content"
@@ -71,17 +71,6 @@ reference() {
     (($(grep -c . "$WORK/sums.$content") == REF_N)) || die "the reference has not $REF_N files"
     rm -rf "$ref"
     stop_server
-}
-
-# list_ids OUT: the ids of the server's Binaries, one a line, following `next` links.
-list_ids() {
-    local url="$BASE/Binary?_count=1000&_elements=id" page=$WORK/page
-    : >"$1"
-    while [[ -n $url ]]; do
-        curl -fsS -H 'Accept: application/fhir+json' -o "$page" "$url" || return 1
-        python3 "$HELPER" search-page "$page" "$page.next" >>"$1" || return 1
-        url=$(<"$page.next")
-    done
 }
 
 # copy_once KEY [fhirfs options...]: a fresh mount, `cp -r` of it into tmpfs, timed and

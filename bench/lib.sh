@@ -221,3 +221,17 @@ print_table() {
     echo
     cat "$RESULTS"
 }
+
+# list_ids BASE OUT HELPER: the id of every Binary, one a line, into OUT: one curl per search
+# page, following `next` links.
+list_ids() {
+    local url="$1/Binary?_count=1000&_elements=id" out=$2 helper=$3 page=$2.page
+    : >"$out"
+    while [[ -n $url ]]; do
+        curl -fsS -H 'Accept: application/fhir+json' -o "$page" "$url" || return 1
+        python3 "$helper" search-page "$page" "$page.next" >>"$out" || return 1
+        url=$(<"$page.next")
+    done
+    rm -f "$page" "$page.next"
+}
+

@@ -60,6 +60,13 @@ spread() {
 range() { spread s "$@"; }
 range_ms() { spread ms "$@"; }
 
+# timed_ls OPTION LINES WHAT: times `ls OPTION MNT | wc -l` into ELAPSED, and dies unless it
+# printed LINES lines (WHAT names the listing in the message).
+timed_ls() {
+    time_us bash -c "ls $1 '$WORK/mnt' | wc -l >'$WORK/count'"
+    (($(<"$WORK/count") == $2)) || die "$3 gave $(<"$WORK/count") lines, not $2"
+}
+
 rss_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
 # counts: "REQUESTS HISTORY SEARCHES" the bench server has answered so far: every FHIR request,
@@ -92,10 +99,9 @@ for n in $SIZES; do
         ((entries == n)) || die "the baseline saw $entries entries, not $n"
         walks+=("$us")
         mount_fs "$WORK/mnt" --page-size 1000 --log-level warn
-        time_us bash -c "ls -f '$WORK/mnt' | wc -l >'$WORK/count'"
+        timed_ls -f $((n + 2)) "cold ls -f"
         colds+=("$ELAPSED")
-        (($(<"$WORK/count") == n + 2)) || die "cold ls -f gave $(<"$WORK/count") entries, not $((n + 2))"
-        time_us bash -c "ls -f '$WORK/mnt' | wc -l >'$WORK/count'"
+        timed_ls -f $((n + 2)) "warm ls -f"
         warms+=("$ELAPSED")
         rss+=("$(rss_kb "$FS_PID" VmRSS)")
         peaks+=("$(rss_kb "$FS_PID" VmHWM)")
@@ -139,13 +145,12 @@ for n in $SIZES; do
         curl -fsS -X POST "${BASE%/fhir}/admin/touch?n=10" >"$WORK/touched.json"
         sleep "$REFRESH_WAIT"
         read -r requests0 history0 searches0 < <(counts)
-        time_us bash -c "ls -f '$WORK/mnt' | wc -l >'$WORK/count'"
+        timed_ls -f $((n + 2)) "the refreshed ls -f"
         refreshes+=("$ELAPSED")
         read -r requests1 history1 searches1 < <(counts)
         refresh_requests+=($((requests1 - requests0)))
         history_pages+=($((history1 - history0)))
         search_pages+=($((searches1 - searches0)))
-        (($(<"$WORK/count") == n + 2)) || die "the refreshed ls -f gave $(<"$WORK/count") entries, not $((n + 2))"
         read -r id version < <(touched_file "$WORK/touched.json")
         got=$(version_of "$WORK/mnt/$id")
         [[ $got == "$version" ]] || die "$id shows version $got after the refresh, not $version"
@@ -167,9 +172,8 @@ for n in $SIZES; do
     cold_l=() warm_l=()
     for ((run = 1; run <= RUNS; run++)); do
         mount_fs "$WORK/mnt" --page-size 1000 --log-level warn
-        time_us bash -c "ls -l '$WORK/mnt' | wc -l >'$WORK/count'"
+        timed_ls -l $((n + 1)) "cold ls -l"
         cold_l+=("$ELAPSED")
-        (($(<"$WORK/count") == n + 1)) || die "ls -l gave $(<"$WORK/count") lines, not $((n + 1))"
         time_us bash -c "ls -l '$WORK/mnt' >/dev/null"
         warm_l+=("$ELAPSED")
         unmount_fs
