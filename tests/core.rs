@@ -660,6 +660,68 @@ async fn forget_keeps_listed_files() {
     assert_eq!(look(&fs, "a").await, a, "a listed file keeps its inode");
 }
 
+/// A source whose listing gives its one page, says so, then waits to be let go.
+struct HoldsAfterAPage {
+    inner: MemorySource,
+    given: Arc<tokio::sync::Notify>,
+    go: Arc<tokio::sync::Notify>,
+}
+
+impl Source for HoldsAfterAPage {
+    async fn list(&self) -> Result<Vec<Listed>, SourceError> {
+        self.inner.list().await
+    }
+
+    async fn list_pages<F: FnMut(Vec<Listed>, Option<u64>) + Send>(
+        &self,
+        mut page: F,
+    ) -> Result<(), SourceError> {
+        page(self.inner.list().await?, None);
+        self.given.notify_one();
+        self.go.notified().await;
+        Ok(())
+    }
+
+    async fn fetch(&self, id: &str, version: Option<&str>) -> Result<Fetched, SourceError> {
+        self.inner.fetch(id, version).await
+    }
+}
+
+// (On the test's one thread, the listing's page is taken in before the test goes on.)
+#[tokio::test]
+async fn forget_keeps_a_file_a_listing_under_way_has_taken_in() {
+    let inner = MemorySource::new();
+    inner.put("a", "application/pdf", "listed");
+    inner.put("b", "application/pdf", "listed");
+    let (given, go) = (Arc::default(), Arc::new(tokio::sync::Notify::new()));
+    let source = HoldsAfterAPage { inner, given: Arc::clone(&given), go: Arc::clone(&go) };
+    // With --extensions the listing shows at its end: its files have no position until then.
+    let config = FsConfig { cache_bytes: 0, extensions: true, ..FsConfig::default() };
+    let fs = FhirFs::new(source, config);
+    let a = fs.lookup(ROOT_INO, OsStr::new("a")).await.unwrap().ino;
+    // (`b`, fetched last, takes the place the last file larger than the cache keeps.)
+    let b = fs.lookup(ROOT_INO, OsStr::new("b")).await.unwrap().ino;
+    let opening = tokio::spawn({
+        let fs = Arc::clone(&fs);
+        async move { fs.opendir(ROOT_INO).await }
+    });
+    given.notified().await;
+    // The kernel forgets the file while the listing that took it in is still on its way.
+    fs.forget(a, 1);
+    assert_eq!(fs.stats().dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+    go.notify_one();
+    let fh = opening.await.unwrap().unwrap();
+    let mut names = Vec::new();
+    fs.readdir(fh, 0, |e| {
+        names.push((e.ino, e.name.to_owned()));
+        false
+    })
+    .unwrap();
+    let expected = [(a, "a.pdf".to_owned()), (b, "b.pdf".to_owned())];
+    assert_eq!(names[2..], expected, "listed, named, with their inodes");
+    assert_eq!(fs.stats().dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
 /// A source whose listing gives one page, then panics (a bug while paging).
 struct PanicsAfterAPage(MemorySource);
 

@@ -151,7 +151,9 @@ impl<S: Source> FhirFs<S> {
         let first = entries.len();
         let mut page = Vec::with_capacity(inos.len());
         for &ino in inos {
-            let Some(node) = nodes.by_ino.get_mut(&ino) else { continue };
+            let Some(node) = nodes.by_ino.get_mut(&ino).filter(|n| !n.is_vacant()) else {
+                continue;
+            };
             node.index = Pos::new(first + page.len());
             page.push((ino, Arc::clone(&node.id)));
         }
@@ -329,7 +331,8 @@ impl<S: Source> FhirFs<S> {
         let mut used = HashSet::new();
         let mut snapshot = Vec::with_capacity(inos.len());
         for &ino in inos {
-            let Some(node) = nodes.by_ino.get(&ino) else { continue };
+            // (A slot emptied since it was taken in is no file: never an entry without a name.)
+            let Some(node) = nodes.by_ino.get(&ino).filter(|n| !n.is_vacant()) else { continue };
             let id = Arc::clone(&node.id);
             let name = names.remove(&ino);
             let name = match name.or_else(|| self.listed_name(&id, node.meta.content_type())) {

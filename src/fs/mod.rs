@@ -1178,9 +1178,12 @@ impl<S: Source> FhirFs<S> {
         let Some(node) = nodes.by_ino.get_mut(&ino) else { return };
         let forgotten = u32::try_from(forgotten).unwrap_or(u32::MAX);
         node.lookups = node.lookups.saturating_sub(forgotten);
+        // A node a listing under way has taken in has no position until the listing shows
+        // it (at once when it streams, at its end otherwise): `listed` keeps it meanwhile.
         let keep = node.is_vacant()
             || node.lookups > 0
             || node.index.is_some()
+            || is_fresh(node.listed.instant(), self.config.dir_ttl)
             || node.pin.is_some()
             || node.prefetching
             || inflight.contains_key(&*node.id)
