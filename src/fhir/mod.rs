@@ -587,9 +587,8 @@ pub struct Hooks<'f> {
     /// turns out to be malformed.
     pub next: &'f mut dyn FnMut(&str),
     /// Given the first few Binaries of a searchset page with `Bundle.total` as soon as they
-    /// are read, which are then not in the page parsed: a first page shows that much sooner.
-    /// (Should the page need reading again, they are in the page too: a listing takes each
-    /// id once.)
+    /// are read, which are then not in the page parsed (nor in a page read again after a
+    /// malformed entry): a first page shows that much sooner.
     pub first: Option<FirstEntries<'f>>,
 }
 
@@ -604,12 +603,20 @@ pub type FirstEntries<'f> = &'f mut dyn FnMut(Vec<Listed>, Option<u64>);
 /// scanned each entry twice, a third of a large listing's time.
 pub fn parse_bundle_with(body: &[u8], hooks: Hooks<'_>) -> Result<Page, FhirError> {
     use serde::de::DeserializeSeed;
-    let Hooks { next: on_next, first: on_first } = hooks;
+    let Hooks { next: on_next, first: mut on_first } = hooks;
+    // How many entries `on_first` was given: a page read again leaves them out.
+    let mut given = 0;
     // Checked as UTF-8 once, whole: checking each string as it is borrowed costs more.
     if let Ok(text) = std::str::from_utf8(body) {
+        let mut counted = on_first.as_mut().map(|first| {
+            |listed: Vec<Listed>, total| {
+                given += listed.len();
+                first(listed, total)
+            }
+        });
         let seed = BundleSeed {
             on_next: &mut *on_next,
-            on_first,
+            on_first: counted.as_mut().map(|f| f as FirstEntries<'_>),
             read: Some,
             entries: Default::default(),
         };
@@ -624,7 +631,11 @@ pub fn parse_bundle_with(body: &[u8], hooks: Hooks<'_>) -> Result<Page, FhirErro
     let seed = BundleSeed { on_next, on_first: None, read, entries: Default::default() };
     let mut reader = serde_json::Deserializer::from_slice(body);
     let raw = seed.deserialize(&mut reader).and_then(|raw| reader.end().map(|()| raw));
-    take_page(raw.map_err(FhirError::json)?)
+    let mut page = take_page(raw.map_err(FhirError::json)?)?;
+    // They came first, before any deletion and before the entry that failed the one-pass
+    // reading: they are the first entries read again.
+    page.entries.drain(..given.min(page.entries.len()));
+    Ok(page)
 }
 
 /// The page of a Bundle read.
@@ -898,15 +909,16 @@ mod tests {
         let (given, page) = read(&body);
         assert!(given.is_empty());
         assert_eq!(page.unwrap().entries.len(), 10);
-        // A malformed entry later: the page is read again, whole (a listing takes ids once).
+        // A malformed entry later: the page is read again, without the entries given.
         let body = format!(
-            r#"{{"resourceType":"Bundle","entry":[{},{{"resource":7}}]}}"#,
-            entries(0..100)
+            r#"{{"resourceType":"Bundle","entry":[{},{{"resource":7}},{}]}}"#,
+            entries(0..100),
+            entries(100..102)
         );
         let (given, page) = read(&body);
-        assert_eq!(given.len(), 1);
+        assert_eq!(given, [(expected(0..FIRST_ENTRIES), None)]);
         let page = page.unwrap();
-        assert_eq!((ids(&page.entries), page.skipped), (expected(0..100), 1));
+        assert_eq!((ids(&page.entries), page.skipped), (expected(FIRST_ENTRIES..102), 1));
         // A history: versions and deletions go together, in the page.
         let body = format!(
             r#"{{"resourceType":"Bundle","type":"history","entry":[{}]}}"#,
