@@ -147,18 +147,16 @@ struct RawBundle<'a> {
 }
 
 /// Reads a [`RawBundle`] whose entries are read as `E` and made sense of by `read` (`None`: a
-/// malformed entry), each taken in as it is read. Gives the `next` link to `on_next` as soon
-/// as `Bundle.link` is read: servers send links before entries, and the next page can be asked
-/// for while the entries of this one are read.
-struct BundleSeed<'n, 'f, E, R> {
-    on_next: &'n mut dyn FnMut(&str),
-    /// Given the first entries of a searchset, as soon as they are read (see [`Hooks`]).
+/// malformed entry), each taken in as it is read.
+struct BundleSeed<'f, E, R> {
+    /// Given the first entries of a searchset, as soon as they are read (see
+    /// [`parse_bundle_with`]).
     on_first: Option<FirstEntries<'f>>,
     read: R,
     entries: std::marker::PhantomData<E>,
 }
 
-impl<'de, E, R> serde::de::DeserializeSeed<'de> for BundleSeed<'_, '_, E, R>
+impl<'de, E, R> serde::de::DeserializeSeed<'de> for BundleSeed<'_, E, R>
 where
     E: Deserialize<'de>,
     R: Fn(E) -> Option<RawEntry<'de>>,
@@ -173,7 +171,7 @@ where
     }
 }
 
-impl<'de, E, R> serde::de::Visitor<'de> for BundleSeed<'_, '_, E, R>
+impl<'de, E, R> serde::de::Visitor<'de> for BundleSeed<'_, E, R>
 where
     E: Deserialize<'de>,
     R: Fn(E) -> Option<RawEntry<'de>>,
@@ -222,9 +220,6 @@ where
                 "link" => {
                     once(3, "link")?;
                     bundle.link = map.next_value()?;
-                    if let Some(next) = next_link(&bundle.link) {
-                        (self.on_next)(next);
-                    }
                 }
                 "entry" => {
                     once(4, "entry")?;
@@ -294,7 +289,7 @@ where
     }
 }
 
-/// How many entries of a page [`Hooks::first`] is given.
+/// How many entries of a page [`parse_bundle_with`] gives early.
 const FIRST_ENTRIES: usize = 64;
 
 /// The entries of a page, taken in one by one.
@@ -524,13 +519,13 @@ pub struct Page {
 
 /// Parses one searchset Bundle page.
 pub fn parse_bundle(body: &[u8]) -> Result<Page, FhirError> {
-    parse_bundle_with(body, Hooks { next: &mut |_| {}, first: None })
+    parse_bundle_with(body, None)
 }
 
 /// The `next` link of a Bundle page, read from the part of the body before its entries; `None`
 /// when the page has no next link there (or is no Bundle). Takes microseconds where servers
 /// put the links (first), so the next page can be asked for before this one is handed to be
-/// parsed. The page's parse still decides (see [`Hooks::next`]): this is only a head start.
+/// parsed. The page's parse still decides: this is only a head start.
 pub fn next_link_ahead(body: &[u8]) -> Option<String> {
     use serde::de::DeserializeSeed;
     let mut found = None;
@@ -579,31 +574,23 @@ impl<'de> serde::de::Visitor<'de> for HeadSeed<'_> {
     }
 }
 
-/// What [`parse_bundle_with`] tells while it reads a page.
-pub struct Hooks<'f> {
-    /// Given the `next` link as soon as it is read, before the entries when the server sends
-    /// the links first (as servers do). It may be given twice (see [`parse_bundle_with`]); it
-    /// is not called when the page has no next link, and may have been called for a page that
-    /// turns out to be malformed.
-    pub next: &'f mut dyn FnMut(&str),
-    /// Given the first few Binaries of a searchset page with `Bundle.total` as soon as they
-    /// are read, which are then not in the page parsed (nor in a page read again after a
-    /// malformed entry): a first page shows that much sooner.
-    pub first: Option<FirstEntries<'f>>,
-}
-
-/// What is given the first entries of a page, and `Bundle.total` (see [`Hooks::first`]).
+/// What is given the first entries of a page, and `Bundle.total` (see [`parse_bundle_with`]).
 pub type FirstEntries<'f> = &'f mut dyn FnMut(Vec<Listed>, Option<u64>);
 
-/// Parses one searchset Bundle page, telling `hooks` what it reads as soon as it is read.
+/// Parses one searchset Bundle page. With `on_first`, the first few Binaries of a searchset
+/// page are given to it with `Bundle.total` as soon as they are read, and are then not in the
+/// page parsed (nor in a page read again after a malformed entry): a first page shows that
+/// much sooner.
 ///
 /// A page is read in one pass, entries and all. Should one entry be malformed (an `id` that is
 /// a number, a `resource` that is not an object), the page is read again with each entry on
 /// its own, and that entry is skipped without losing the others: reading every page that way
 /// scanned each entry twice, a third of a large listing's time.
-pub fn parse_bundle_with(body: &[u8], hooks: Hooks<'_>) -> Result<Page, FhirError> {
+pub fn parse_bundle_with(
+    body: &[u8],
+    mut on_first: Option<FirstEntries<'_>>,
+) -> Result<Page, FhirError> {
     use serde::de::DeserializeSeed;
-    let Hooks { next: on_next, first: mut on_first } = hooks;
     // How many entries `on_first` was given: a page read again leaves them out.
     let mut given = 0;
     // Checked as UTF-8 once, whole: checking each string as it is borrowed costs more.
@@ -615,7 +602,6 @@ pub fn parse_bundle_with(body: &[u8], hooks: Hooks<'_>) -> Result<Page, FhirErro
             }
         });
         let seed = BundleSeed {
-            on_next: &mut *on_next,
             on_first: counted.as_mut().map(|f| f as FirstEntries<'_>),
             read: Some,
             entries: Default::default(),
@@ -628,7 +614,7 @@ pub fn parse_bundle_with(body: &[u8], hooks: Hooks<'_>) -> Result<Page, FhirErro
     fn read<'a>(entry: &'a serde_json::value::RawValue) -> Option<RawEntry<'a>> {
         serde_json::from_str(entry.get()).ok()
     }
-    let seed = BundleSeed { on_next, on_first: None, read, entries: Default::default() };
+    let seed = BundleSeed { on_first: None, read, entries: Default::default() };
     let mut reader = serde_json::Deserializer::from_slice(body);
     let raw = seed.deserialize(&mut reader).and_then(|raw| reader.end().map(|()| raw));
     let mut page = take_page(raw.map_err(FhirError::json)?)?;
@@ -840,50 +826,6 @@ mod tests {
     }
 
     #[test]
-    fn the_next_link_is_told_before_the_entries_are_read() {
-        let entry = |id: &str| {
-            format!(
-                r#"{{"resource":{{"resourceType":"Binary","id":"{id}","contentType":"text/plain"}}}}"#
-            )
-        };
-        let links = r#""link":[{"relation":"self","url":"p1"},{"relation":"next","url":"p2"}]"#;
-        let first = format!(
-            r#"{{"resourceType":"Bundle",{links},"entry":[{},{}]}}"#,
-            entry("a"),
-            entry("b")
-        );
-        let mut told = Vec::new();
-        let page = parse_bundle_with(
-            first.as_bytes(),
-            Hooks { next: &mut |link| told.push(link.to_owned()), first: None },
-        )
-        .unwrap();
-        assert_eq!(told, ["p2"]);
-        assert_eq!(page.next.as_deref(), Some("p2"));
-        assert_eq!(page.entries.iter().map(|e| &*e.id).collect::<Vec<_>>(), ["a", "b"]);
-        // Links after the entries: told all the same, once they are read.
-        let last = format!(r#"{{"entry":[{}],{links},"resourceType":"Bundle"}}"#, entry("c"));
-        told.clear();
-        let page = parse_bundle_with(
-            last.as_bytes(),
-            Hooks { next: &mut |link| told.push(link.to_owned()), first: None },
-        )
-        .unwrap();
-        assert_eq!((told.as_slice(), page.next.as_deref()), (&["p2".to_owned()][..], Some("p2")));
-        // No next link: nothing told.
-        told.clear();
-        let end = format!(r#"{{"resourceType":"Bundle","entry":[{}]}}"#, entry("d"));
-        assert!(
-            parse_bundle_with(
-                end.as_bytes(),
-                Hooks { next: &mut |link| told.push(link.to_owned()), first: None }
-            )
-            .is_ok()
-        );
-        assert!(told.is_empty());
-    }
-
-    #[test]
     fn the_first_entries_are_given_before_the_rest_of_the_page_is_read() {
         let entries = |ids: std::ops::Range<usize>| {
             let entry = |i| format!(r#"{{"resource":{{"resourceType":"Binary","id":"b{i}"}}}}"#);
@@ -895,8 +837,7 @@ mod tests {
         let read = |body: &str| {
             let mut given = Vec::new();
             let mut first = |listed: Vec<Listed>, total| given.push((ids(&listed), total));
-            let hooks = Hooks { next: &mut |_| {}, first: Some(&mut first) };
-            let page = parse_bundle_with(body.as_bytes(), hooks);
+            let page = parse_bundle_with(body.as_bytes(), Some(&mut first));
             (given, page)
         };
         let body =
@@ -937,6 +878,9 @@ mod tests {
         assert_eq!(next_link_ahead(first.as_bytes()).as_deref(), Some("p2"));
         let last = format!(r#"{{"resourceType":"Bundle",{entry},{links}}}"#);
         assert_eq!(next_link_ahead(last.as_bytes()), None);
+        // The parse finds it wherever it is.
+        assert_eq!(parse_bundle(last.as_bytes()).unwrap().next.as_deref(), Some("p2"));
+        assert_eq!(parse_bundle(first.as_bytes()).unwrap().next.as_deref(), Some("p2"));
         assert_eq!(next_link_ahead(br#"{"resourceType":"Bundle","link":[]}"#), None);
         assert_eq!(next_link_ahead(b"not json"), None);
         assert_eq!(

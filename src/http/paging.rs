@@ -105,7 +105,7 @@ impl HttpSource {
 
     /// [`HttpSource::follow`] for a Bundle of Binaries, where every page is wanted. The next
     /// page is asked for as soon as a page is in, its link read here from the head of the body
-    /// (servers send links before entries; else the parser tells it), and the page is parsed
+    /// (servers send links before entries; else once the page is parsed), and the page is parsed
     /// on a thread of its own: the server makes the next page, and this task reads it, while
     /// this one is parsed and taken in. A listing of a thousand pages then costs about the
     /// server's time, not the server's time plus ours. The first page's first entries are given
@@ -121,15 +121,9 @@ impl HttpSource {
         let mut first = true;
         loop {
             let (body, date) = fetched?;
-            let (link_tx, link_rx) = tokio::sync::oneshot::channel::<String>();
             // Read here, where servers put it, the link asks for the next page before this one
-            // is handed over to be parsed; else the parse tells it.
-            let mut link_tx = Some(link_tx);
-            if let Some(link) = fhir::next_link_ahead(&body)
-                && let Some(tx) = link_tx.take()
-            {
-                let _ = tx.send(link);
-            }
+            // is handed over to be parsed; else the parsed page gives it.
+            let early = fhir::next_link_ahead(&body);
             // The first page's first entries show before the rest of it is parsed.
             let (first_tx, first_rx) = tokio::sync::oneshot::channel();
             let first_page = std::mem::take(&mut first);
@@ -140,15 +134,7 @@ impl HttpSource {
                         let _ = tx.send(fhir::Page { entries, total, ..fhir::Page::default() });
                     }
                 };
-                let hooks = fhir::Hooks {
-                    next: &mut |link| {
-                        if let Some(tx) = link_tx.take() {
-                            let _ = tx.send(link.to_owned());
-                        }
-                    },
-                    first: first_page.then_some(&mut on_first as _),
-                };
-                fhir::parse_bundle_with(&body, hooks)
+                fhir::parse_bundle_with(&body, first_page.then_some(&mut on_first as _))
             });
             let (link, ahead) = {
                 let seen = &mut seen;
@@ -156,7 +142,7 @@ impl HttpSource {
                 // The next page, from the link read early (none when the page has no next
                 // link, or its links come after its entries).
                 let ahead = async {
-                    let link = link_rx.await.ok()?;
+                    let link = early?;
                     let fetched = match follow_link(from, &link, seen) {
                         Ok(following) => Ok((self.timed_page(&following).await, following)),
                         Err(e) => Err(e),
